@@ -1,0 +1,32 @@
+# make demo   set up .venv and train the CAPTCHA solver on built-in data (CPU preset, < 15 min)
+# make test   set up .venv and run the test suite (CPU only, no network)
+# make bench  speed and quality benchmarks (print tables; slow)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip check
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train_captcha.py \
+		--config configs/captcha_demo.yaml --cpu
+
+test: $(BIN)/.installed
+	WANDB_MODE=offline $(BIN)/python -m pytest -q tests
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/captcha_step.py
+	$(BIN)/python benchmarks/captcha_data.py
+	$(BIN)/python benchmarks/captcha_latency.py
+	$(BIN)/python benchmarks/captcha_quality.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,48 @@
+"""Shared test set-up: CPU only, no network, everything written under pytest's tmp_path."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(script: str, args: list[str], nproc: int = 1) -> tuple[list[str], dict]:
+    """``accelerate launch`` command line and environment for 1 process or a 2-process gloo run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    config = "cpu.yaml" if nproc == 1 else "cpu_ddp2.yaml"
+    if nproc > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+           "--main_process_port", str(free_port()), "--num_processes", str(nproc), str(ROOT / script), *args]
+    return cmd, env
+
+
+def run_script(script: str, args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
+    cmd, env = launch_cmd(script, args, nproc)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT

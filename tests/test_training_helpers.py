@@ -1,0 +1,208 @@
+"""Unit tests of training/: config parsing, checkpoint rotation and resume choice, EMA and stopper state."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from timm.utils import ModelEmaV3
+
+from training import Checkpointer, EarlyStopping, Run, TrainState, UsageError, parse_args
+from training.checkpoint import find_latest_checkpoint
+from training.run import resolve_run
+from training.summary import append_summary
+
+
+@dataclass
+class Demo:
+    config: str | None = None     # preset
+    lr: float = 1e-3              # learning rate
+    steps: int = 10               # updates
+    name: str = "a"
+    flag: bool = False            # a switch
+    mode: Literal["x", "y"] = "x"
+    maybe: int | None = None
+    output_dir: str = "runs"
+    seed: int = 0
+    resume: str | None = None
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {self.steps}")
+
+
+def test_parse_args_yaml_defaults_and_cli_wins(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1\nsteps: 5\nflag: true\nmode: y\n")
+    args = parse_args(Demo, ["--config", str(cfg), "--steps", "7", "--maybe", "3"])
+    assert args.lr == 1.0 and isinstance(args.lr, float)
+    assert args.steps == 7 and args.flag is True and args.mode == "y" and args.maybe == 3
+    assert parse_args(Demo, ["--no-flag", "--config", str(cfg)]).flag is False
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--steps", "abc"], "--steps: expected int, got 'abc'"),
+    (["--mode", "z"], "expected one of x, y"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+])
+def test_parse_args_bad_flags_exit_2_with_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Demo, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_parse_args_unknown_yaml_key_lists_valid_keys(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lr: 0.1\nlearning_rate: 0.2\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(Demo, ["--config", str(cfg)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert str(cfg) in err[0] and "learning_rate" in err[0] and "valid keys: config, lr, steps" in err[0]
+
+
+def test_parse_args_yaml_type_errors(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("steps: 1.5\n")
+    with pytest.raises(SystemExit):
+        parse_args(Demo, ["--config", str(cfg)])
+    assert "key steps: expected int, got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(Demo, ["--config", str(tmp_path / "missing.yaml")])
+    assert "file not found" in capsys.readouterr().err
+
+
+def _fake_checkpoint(run_dir: Path, step: int, value: float | None, complete: bool = True) -> Path:
+    path = run_dir / "checkpoints" / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"global_step": step, "value": value}))
+    if complete:
+        (path / "COMPLETE").touch()
+    return path
+
+
+def test_resume_auto_skips_partial_checkpoint(tmp_path):
+    run_dir = tmp_path / "runs" / "r1"
+    _fake_checkpoint(run_dir, 2, 0.5)
+    _fake_checkpoint(run_dir, 4, 0.6, complete=False)
+    assert find_latest_checkpoint(run_dir).name == "step_00000002"
+    args = Demo(output_dir=str(tmp_path / "runs"), resume="auto")
+    assert resolve_run(args, "demo") == (run_dir, run_dir / "checkpoints" / "step_00000002")
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        resolve_run(Demo(output_dir=str(tmp_path / "runs"), resume=str(run_dir / "checkpoints" / "step_00000004")), "demo")
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        resolve_run(Demo(resume=str(tmp_path / "nope")), "demo")
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def _run(tmp_path) -> Run:
+    return Run(dir=tmp_path, name=tmp_path.name, resume_from=None, log=logging.getLogger("test"))
+
+
+def test_checkpoint_rotation_keeps_last_and_top_k(tmp_path, accelerator):
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    ckpt = Checkpointer(accelerator, _run(tmp_path), monitor="val/acc", mode="max", keep_last=2, save_top_k=2)
+    state = TrainState()
+    values = {1: 0.5, 2: 0.9, 3: 0.1, 4: 0.8, 5: 0.2, 6: 0.3}
+    for step, value in values.items():
+        state.global_step, state.last_metrics = step, {"val/acc": value}
+        ckpt.save(state)
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == [2, 4, 5, 6]  # last two (5, 6) plus the two best (2: 0.9, 4: 0.8)
+    assert all((tmp_path / "checkpoints" / f"step_{s:08d}" / "COMPLETE").exists() for s in kept)
+    assert (tmp_path / "checkpoints" / "step_00000006" / "model.safetensors").exists()
+    del model
+
+
+class _BNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_ema_round_trip_includes_batchnorm_buffers(tmp_path, accelerator):
+    torch.manual_seed(0)
+    net = _BNNet()
+    ema = ModelEmaV3(net, decay=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(1, 6):
+        net(torch.randn(4, 3, 8, 8) * 3 + 1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(net, step=step)
+    assert not torch.allclose(ema.module.bn.running_mean, torch.zeros(4)), "EMA must track BN buffers"
+    accelerator.register_for_checkpointing(ema)
+    accelerator.save_state(str(tmp_path / "ck"))
+    saved = {k: v.clone() for k, v in ema.state_dict().items()}
+    fresh = ModelEmaV3(_BNNet(), decay=0.9)
+    ema.load_state_dict(fresh.state_dict())
+    accelerator.load_state(str(tmp_path / "ck"))
+    accelerator._custom_objects.clear()
+    for key, value in saved.items():
+        assert torch.equal(ema.state_dict()[key], value), key
+    assert "module.bn.running_var" in saved and "module.bn.num_batches_tracked" in saved
+
+
+def test_best_export_writes_safetensors_and_is_best_order(tmp_path, accelerator):
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump({"lr": 1.0}))
+    net = _BNNet()
+    ema = ModelEmaV3(net, decay=0.5)
+    ckpt = Checkpointer(accelerator, _run(tmp_path), monitor="val/acc", mode="max")
+    state = TrainState(global_step=3)
+    assert ckpt.update_best(state, {"val/acc": 0.4}, net, ema)
+    assert not ckpt.update_best(state, {"val/acc": 0.4}, net, ema)  # equal is not better
+    assert ckpt.update_best(state, {"val/acc": 0.5}, net, ema) and state.best == 0.5
+    assert not ckpt.update_best(state, {"val/acc": float("nan")}, net, ema)
+    files = sorted(p.name for p in (tmp_path / "best").iterdir())
+    assert files == ["args.yaml", "metrics.json", "model.safetensors", "model_ema.safetensors"]
+    assert json.loads((tmp_path / "best" / "metrics.json").read_text())["val/acc"] == 0.5
+
+
+def test_early_stopping_patience_min_evals_and_state(tmp_path):
+    s = EarlyStopping("acc", mode="max", patience=2, min_evals=2)
+    stops = [s.step({"acc": a}) for a in [0.1, 0.0, 0.5, 0.5, 0.4, 0.9]]
+    # evals 1-2 ignored (min_evals); 0.5 best; 0.5 (no gain) -> 1; 0.4 -> 2 -> stop
+    assert stops == [False, False, False, False, True, False]
+    restored = EarlyStopping("acc", mode="max", patience=2)
+    restored.load_state_dict(s.state_dict())
+    assert restored.state_dict() == s.state_dict()
+
+
+def test_early_stopping_second_guard_reduces_patience():
+    s = EarlyStopping("hit", mode="max", patience=4, guard_monitor="mae", guard_mode="min",
+                      guard_min_delta=0.05, guard_credit=3)
+    seq = [(90, 2.0), (89, 1.99), (89, 1.98), (88, 1.90), (88, 1.89), (88, 1.88), (88, 1.87)]
+    out = []
+    for hit, mae in seq:
+        out.append((s.step({"hit": hit, "mae": mae}), s.bad_evals))
+    # (90, 2.0): both improve. Then hit stalls: 1, 2, then mae improves by 0.08 > 0.05: 3 - 3 = 0,
+    # then 1, 2, 3 with mae gains below min_delta.
+    assert [b for _, b in out] == [0, 1, 2, 0, 1, 2, 3]
+    assert not any(stop for stop, _ in out)
+    assert s.step({"hit": 80, "mae": 1.86}) is True  # fourth bad evaluation
+
+
+def test_summary_csv_union_header(tmp_path):
+    path = tmp_path / "summary.csv"
+    append_summary(path, {"step": 1, "val/a": 0.5})
+    append_summary(path, {"step": 2, "val/a": 0.6, "val/b": 1.0})
+    lines = path.read_text().splitlines()
+    assert lines == ["step,val/a,val/b", "1,0.5,", "2,0.6,1.0"]

@@ -1,0 +1,343 @@
+"""Slider-CAPTCHA localisation: Lite-HRNet-18 + LiteFPN with CenterNet heads.
+
+    accelerate launch train_captcha.py --config configs/captcha_quick.yaml --cpu   # minutes on a laptop CPU
+    accelerate launch train_captcha.py --config configs/captcha_full.yaml          # the GPU recipe
+    accelerate launch train_captcha.py --resume auto                               # continue the latest run
+
+The model finds the gap and the slider piece in a composite CAPTCHA letterboxed to
+512x256 (RGB + padding mask). Training data is generated online in the DataLoader
+workers (a fresh set every epoch); the validation set is fixed by ``--val_seed``.
+Bring your own labelled images with ``--train_dir``/``--val_dir`` (a folder with
+``labels.csv``, see ``python -m data.captcha export``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data.captcha import CATEGORIES, CaptchaFolderDataset, SyntheticCaptchaDataset
+from losses.captcha import captcha_loss, valid_cells
+from metrics.captcha import captcha_metrics, decode, point_errors
+from models.lite_hrnet import LiteHRNet18FPN
+from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
+from training.config import fail
+from training.run import log_images
+from training.summary import append_summary
+
+
+@dataclass
+class Args:
+    """Train the slider-CAPTCHA solver (Lite-HRNet-18 + LiteFPN, CenterNet heads)."""
+    config: str | None = None             # YAML preset that sets defaults; the command line wins
+    output_dir: str = "runs/captcha"      # runs live in <output_dir>/<run_name>/
+    run_name: str | None = None           # default: <date>-<time>_s<seed>
+    max_steps: int = 20_000               # optimizer updates, not micro-batches
+    batch_size: int = 32                  # per device, per micro-batch
+    grad_accum: int = 1                   # micro-batches per optimizer update
+    lr: float = 3e-4                      # peak AdamW learning rate
+    weight_decay: float = 0.05
+    warmup_steps: int = 500               # linear warm-up, in updates
+    restart_steps: int = 2_000            # first cosine cycle in updates; each next cycle is twice as long
+    min_lr: float = 3e-6                  # floor of every cosine cycle
+    clip_grad: float = 1.0                # max global gradient norm
+    ema_decay: float = 0.999              # EMA of weights and BN buffers (timm ModelEmaV3); 0 disables
+    seed: int = 42
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the accelerate config
+    cpu: bool = False                     # force CPU (with ACCELERATE_USE_CPU=1 for multi-process gloo runs)
+    num_workers: int = 4                  # DataLoader workers per process (the generator runs there)
+    log_every_steps: int = 50             # updates between train/* log lines
+    eval_every_steps: int = 1_000         # updates between evaluations
+    save_every_steps: int = 1_000         # updates between full-state checkpoints
+    keep_last: int = 3                    # newest checkpoints kept
+    save_top_k: int = 1                   # best checkpoints (by the monitored metric) kept in addition
+    resume: str | None = None             # "auto" (newest complete checkpoint) or a checkpoint/run directory
+    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
+    train_size: int = 50_000              # synthetic samples per epoch (new ones every epoch)
+    val_size: int = 2_000                 # fixed synthetic validation samples
+    val_seed: int = 1_000_003             # seed of the validation set (keep it apart from --seed)
+    train_dir: str | None = None          # folder with labels.csv + images to train on instead of synthetic data
+    val_dir: str | None = None            # folder with labels.csv + images to validate on
+    fpn_channels: int = 64
+    head_channels: int = 64
+    with_angle: bool = True               # predict the gap's rotation (sin, cos)
+    freeze_bn: bool = False               # BatchNorm in eval mode (running stats frozen), e.g. tiny per-device batches
+    channels_last: bool = False           # NHWC memory format (faster convolutions on recent GPUs)
+    compile: bool = False                 # torch.compile the model
+    focal_alpha: float = 2.0              # CenterNet focal loss exponents
+    focal_beta: float = 4.0
+    pos_threshold: float = 1.0            # heatmap cells >= this are positives (1.0 = peak cell only)
+    heatmap_sigma: float = 1.5            # Gaussian target sigma, in output cells (4 px)
+    offset_weight: float = 1.0
+    hard_negative_weight: float = 0.5     # margin loss of the true gap against fake gaps
+    hard_negative_margin: float = 0.2
+    angle_weight: float = 0.5
+    patience: int = 10                    # evaluations without improvement before stopping; 0 disables
+    min_evals: int = 5                    # evaluations before early stopping may count
+    guard_min_delta: float = 0.05         # mae_px gain (px) that credits patience back (second guard)
+    num_figures: int = 6                  # samples per figure (overlays, heatmaps, worst failures)
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every_steps", "eval_every_steps",
+                     "save_every_steps", "train_size", "val_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "restart_steps"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise UsageError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.num_workers < 0 or self.keep_last < 0 or self.save_top_k < 0:
+            raise UsageError("--warmup_steps, --num_workers, --keep_last and --save_top_k must be >= 0")
+        if self.val_seed == self.seed and self.train_dir is None and self.val_dir is None:
+            raise UsageError("--val_seed must differ from --seed, or validation samples repeat training samples")
+
+
+def build_dataloaders(args: Args):
+    try:
+        train_ds = (CaptchaFolderDataset(args.train_dir) if args.train_dir
+                    else SyntheticCaptchaDataset(args.train_size, seed=args.seed, fresh_each_epoch=True))
+        val_ds = (CaptchaFolderDataset(args.val_dir) if args.val_dir
+                  else SyntheticCaptchaDataset(args.val_size, seed=args.val_seed, fresh_each_epoch=False))
+    except ValueError as e:
+        fail(str(e))
+    # Workers are not persistent: each epoch they get a fresh copy of the dataset with the new epoch.
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+    train_dl = DataLoader(train_ds, shuffle=True, drop_last=True, **common)
+    val_dl = DataLoader(val_ds, shuffle=False, drop_last=False, **common)
+    return train_dl, val_dl
+
+
+def build_scheduler(optimizer, args: Args):
+    """Linear warm-up, then cosine annealing with warm restarts (cycles of restart_steps x 1, 2, 4, ...)."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=args.restart_steps, T_mult=2, eta_min=args.min_lr)
+    if args.warmup_steps == 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=args.warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup_steps])
+
+
+def set_train_mode(model, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def to_input(image: torch.Tensor, args: Args) -> torch.Tensor:
+    return image.contiguous(memory_format=torch.channels_last) if args.channels_last else image
+
+
+@torch.no_grad()
+def evaluate(model, val_dl, accelerator, args: Args):
+    """Gathered per-sample predictions over the whole validation set -> (metrics, arrays)."""
+    model.eval()
+    collected = {"pred": [], "true": [], "score": [], "index": [], "category": []}
+    for batch in val_dl:
+        image = to_input(batch["image"], args)
+        with accelerator.autocast():
+            outputs = model(image)
+        points, scores = decode(outputs, valid_cells(batch["image"]))
+        true = torch.stack([batch["gap"], batch["slider"]], dim=1)
+        gathered = accelerator.gather_for_metrics((points, true, scores, batch["index"], batch["category"]))
+        for key, value in zip(collected, gathered):
+            collected[key].append(value.cpu())
+    arrays = {k: torch.cat(v).numpy() for k, v in collected.items()}
+    metrics = captcha_metrics(arrays["pred"], arrays["true"])
+    return metrics, arrays
+
+
+def _draw(image: torch.Tensor, true: np.ndarray, pred: np.ndarray, text: str) -> np.ndarray:
+    """RGB uint8 canvas with truth (green) and prediction (red); circle = gap, square = slider."""
+    rgb = np.ascontiguousarray((image[:3].permute(1, 2, 0).float().cpu().numpy() * 255).astype(np.uint8))
+    for k, color in enumerate(((0, 255, 0), (255, 0, 0))):
+        points = true if k == 0 else pred
+        gx, gy, sx, sy = (int(round(float(v))) for v in points.reshape(-1))
+        cv2.circle(rgb, (gx, gy), 6, color, 1, cv2.LINE_AA)
+        cv2.rectangle(rgb, (sx - 6, sy - 6), (sx + 6, sy + 6), color, 1, cv2.LINE_AA)
+    cv2.putText(rgb, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1, cv2.LINE_AA)
+    return rgb
+
+
+def _heat(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    heat = (torch.sigmoid(logits.float()).cpu().numpy() * 255).astype(np.uint8)
+    heat = cv2.resize(heat, size, interpolation=cv2.INTER_NEAREST)
+    return cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+@torch.no_grad()
+def make_figures(model, val_ds, arrays: dict, args: Args, device) -> dict:
+    """Prediction overlays, heatmaps and the worst failures of one evaluation, as RGB arrays."""
+    k = min(args.num_figures, len(arrays["index"]))
+    errors = point_errors(arrays["pred"], arrays["true"])["combined"]
+    worst = np.argsort(-errors)[:k]
+    first = np.arange(k)
+    rows = {"vis/overlay": [], "vis/heatmaps": [], "vis/worst": []}
+    for name, picks in (("vis/overlay", first), ("vis/worst", worst)):
+        samples = [val_ds[int(arrays["index"][p])] for p in picks]
+        image = torch.stack([s["image"] for s in samples]).to(device)
+        outputs = model(to_input(image, args))
+        for row, p in enumerate(picks):
+            cat = CATEGORIES[arrays["category"][p]] if arrays["category"][p] >= 0 else "user"
+            text = f"#{arrays['index'][p]} {cat} err {errors[p]:.1f}px"
+            rows[name].append(_draw(image[row], arrays["true"][p], arrays["pred"][p], text))
+            if name == "vis/overlay":
+                size = (image.shape[-1], image.shape[-2])
+                rows["vis/heatmaps"].append(np.concatenate(
+                    [_heat(outputs["gap"][row, 0], size), _heat(outputs["slider"][row, 0], size)], axis=1))
+    return {key: np.concatenate(tiles, axis=0) for key, tiles in rows.items() if tiles}
+
+
+def main():
+    args = parse_args(Args)
+    accelerator, run = start_run(args, task="captcha")
+    train_dl, val_dl = build_dataloaders(args)
+    val_ds = val_dl.dataset
+    model = LiteHRNet18FPN(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels,
+                           with_angle=args.with_angle)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run.log.info("model: %.3f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    if args.compile:
+        model = torch.compile(model)
+    scheduler = build_scheduler(optimizer, args)  # not prepared: stepped once per real update
+    ema = (ModelEmaV3(accelerator.unwrap_model(model), decay=args.ema_decay, use_warmup=True, warmup_power=3 / 4)
+           if args.ema_decay > 0 else None)
+    monitor = "val_ema/hit_le_5px" if ema is not None else "val/hit_le_5px"
+    state = TrainState()
+    stopper = EarlyStopping(monitor, mode="max", patience=args.patience, min_evals=args.min_evals,
+                            guard_monitor=monitor.replace("hit_le_5px", "mae_px"), guard_mode="min",
+                            guard_min_delta=args.guard_min_delta)
+    ckpt = Checkpointer(accelerator, run, monitor=monitor, mode="max", keep_last=args.keep_last,
+                        save_top_k=args.save_top_k)
+    ckpt.register(scheduler, state, stopper, *([ema] if ema is not None else []))
+    ckpt.resume(state)
+    loss_kwargs = dict(alpha=args.focal_alpha, beta=args.focal_beta, pos_threshold=args.pos_threshold,
+                       sigma=args.heatmap_sigma, offset_weight=args.offset_weight,
+                       hard_negative_weight=args.hard_negative_weight,
+                       hard_negative_margin=args.hard_negative_margin, angle_weight=args.angle_weight)
+
+    progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+                    desc="updates", dynamic_ncols=True)
+    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
+    parts_sum: dict[str, torch.Tensor] = {}
+    window_start = time.perf_counter()
+    metrics: dict = {}
+    stop = False
+    set_train_mode(model, args.freeze_bn)
+    while state.global_step < args.max_steps and not stop:
+        train_dl.set_epoch(state.epoch)
+        fetch_start = time.perf_counter()
+        for batch in ckpt.remaining_batches(train_dl, state):
+            window["data_s"] += time.perf_counter() - fetch_start
+            with accelerator.accumulate(model):
+                outputs = model(to_input(batch["image"], args))
+                loss, parts = captcha_loss(outputs, batch, **loss_kwargs)
+                finite = torch.isfinite(loss.detach())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["loss"] += loss.detach()
+            window["micro"] += 1
+            window["samples"] += batch["image"].shape[0] * accelerator.num_processes
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0) + value
+
+            if accelerator.reduce(finite.float().logical_not().float(), "sum").item() > 0:
+                run.log.error("non-finite loss at update %d (micro-batch %d of epoch %d); stopping. "
+                              "The last good checkpoint is kept in %s", state.global_step + 1, state.step_in_epoch,
+                              state.epoch, run.dir / "checkpoints")
+                accelerator.end_training()
+                raise SystemExit(1)
+            if not accelerator.sync_gradients:
+                fetch_start = time.perf_counter()
+                continue
+
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            state.global_step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=state.global_step)
+            progress.update(1)
+
+            if state.global_step % args.log_every_steps == 0:
+                elapsed = time.perf_counter() - window_start
+                logs = {"train/loss": accelerator.reduce(window["loss"], "mean").item() / window["micro"],
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm),
+                        "perf/samples_per_s": window["samples"] / elapsed,
+                        "perf/data_time_frac": window["data_s"] / elapsed}
+                logs.update({k.replace("loss/", "train/"): accelerator.reduce(v, "mean").item() / window["micro"]
+                             for k, v in parts_sum.items()})
+                accelerator.log(logs, step=state.global_step)
+                run.log.info("update %d  loss %.4f  lr %.2e  grad %.3f  %.1f samples/s  data %.0f%%",
+                             state.global_step, logs["train/loss"], logs["train/lr"], logs["train/grad_norm"],
+                             logs["perf/samples_per_s"], 100 * logs["perf/data_time_frac"])
+                window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
+                parts_sum = {}
+                window_start = time.perf_counter()
+
+            last_step = state.global_step >= args.max_steps
+            if state.global_step % args.eval_every_steps == 0 or last_step:
+                metrics, arrays = evaluate(model, val_dl, accelerator, args)
+                metrics = {f"val/{k}": v for k, v in metrics.items()}
+                selected_model = model
+                if ema is not None:
+                    ema_metrics, arrays = evaluate(ema.module, val_dl, accelerator, args)
+                    metrics.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
+                    selected_model = ema.module
+                state.last_metrics = metrics
+                accelerator.log(metrics, step=state.global_step)
+                run.log.info("eval %d  %s", state.global_step,
+                             "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "hit" in k or "mae_px" in k))
+                if accelerator.is_main_process:
+                    append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch,
+                                                      "train/lr": scheduler.get_last_lr()[0], **metrics})
+                    if args.num_figures > 0:
+                        figure_model = accelerator.unwrap_model(selected_model)
+                        log_images(accelerator, run, make_figures(figure_model, val_ds, arrays, args,
+                                                                  accelerator.device), state.global_step)
+                ckpt.update_best(state, metrics, model, ema)
+                if stopper.step(metrics):
+                    accelerator.set_trigger()
+                if accelerator.check_trigger():
+                    run.log.info("early stopping at update %d: %s has not improved for %d evaluations",
+                                 state.global_step, monitor, stopper.bad_evals)
+                    stop = True
+                set_train_mode(model, args.freeze_bn)
+            if state.global_step % args.save_every_steps == 0:
+                ckpt.save(state)
+            if stop or last_step:
+                break
+            fetch_start = time.perf_counter()
+        else:
+            state.epoch += 1
+    progress.close()
+
+    ckpt.export_final(model, ema, metrics, state)
+    if accelerator.is_main_process:
+        best = f"{state.best:.2f}" if state.best is not None else "n/a"
+        print(f"\nvalidation after {state.global_step} updates:")
+        for key, value in metrics.items():
+            print(f"  {key:28s} {value:10.4f}")
+        print(f"best {monitor} = {best} at update {state.best_step}")
+        print(f"run directory: {run.dir}  (best/ and final/ hold model.safetensors and model_ema.safetensors)")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""Task-agnostic bookkeeping around the training loops in ``train_*.py``.
+
+Nothing here knows any task: configuration (``config``), run set-up (``run``),
+checkpoints (``checkpoint``), early stopping (``early_stopping``) and the
+per-evaluation CSV log (``summary``).
+"""
+from training.checkpoint import Checkpointer, TrainState
+from training.config import UsageError, parse_args
+from training.early_stopping import EarlyStopping
+from training.run import Run, start_run
+
+__all__ = ["Checkpointer", "EarlyStopping", "Run", "TrainState", "UsageError", "parse_args", "start_run"]

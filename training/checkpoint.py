@@ -1,0 +1,173 @@
+"""Full-state checkpoints with ``accelerator.save_state``, rotation, best/final exports, exact resume.
+
+Layout: ``<run>/checkpoints/step_XXXXXXXX/`` holds what ``save_state`` writes (model,
+optimizer, RNG states of every rank, the registered objects as ``custom_checkpoint_i.pkl``)
+plus ``meta.json`` and, written last, an empty ``COMPLETE`` marker: a folder without it
+was interrupted while saving and is never resumed from. ``best/`` and ``final/`` hold
+``model.safetensors``, ``model_ema.safetensors``, ``metrics.json`` and ``args.yaml``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / "COMPLETE").is_file()
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """All ``step_*`` folders of a run (complete or not), oldest step first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), key=lambda p: p.name)
+
+
+def find_latest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest-step complete checkpoint of a run; partial folders are skipped."""
+    complete = [p for p in list_checkpoints(run_dir) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+@dataclass
+class TrainState:
+    """Loop position and selection state; registered for checkpointing so resume is exact."""
+    epoch: int = 0
+    step_in_epoch: int = 0      # micro-batches of the current epoch already consumed (per process)
+    global_step: int = 0        # optimizer updates
+    best: float | None = None   # best monitored value so far
+    best_step: int = -1
+    last_metrics: dict = field(default_factory=dict)  # the latest evaluation, used to rank checkpoints
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class Checkpointer:
+    """Saves and rotates full-state checkpoints, exports best/final weights, resumes exactly.
+
+    Rotation keeps the ``keep_last`` newest checkpoints plus the ``save_top_k`` best by
+    ``monitor`` (the metric of the evaluation preceding each save); the rest are deleted.
+    Register the same objects in the same order in every run: Accelerate restores them by
+    position.
+    """
+
+    def __init__(self, accelerator, run, monitor: str, mode: str = "max", keep_last: int = 3, save_top_k: int = 1):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.accelerator, self.run = accelerator, run
+        self.monitor, self.mode = monitor, mode
+        self.keep_last, self.save_top_k = keep_last, save_top_k
+
+    def register(self, *objects) -> None:
+        self.accelerator.register_for_checkpointing(*objects)
+
+    def resume(self, state: TrainState) -> None:
+        """Load the checkpoint chosen by ``start_run`` (``--resume``), if any."""
+        if self.run.resume_from is None:
+            return
+        self.accelerator.load_state(str(self.run.resume_from))
+        self.run.log.info("resumed at update %d (epoch %d, %d batches into it)",
+                          state.global_step, state.epoch, state.step_in_epoch)
+
+    def remaining_batches(self, dataloader, state: TrainState):
+        """Iterate the rest of the current epoch, skipping batches a resumed run already used.
+
+        Call ``dataloader.set_epoch(state.epoch)`` first: with the seedable sampler the order
+        then depends only on (seed, epoch), so skipping reproduces the interrupted epoch.
+        """
+        skip = state.step_in_epoch
+        loader = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch in loader:
+            state.step_in_epoch += 1
+            yield batch
+        state.step_in_epoch = 0
+
+    def is_better(self, value: float, reference: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if reference is None:
+            return True
+        return value > reference if self.mode == "max" else value < reference
+
+    def save(self, state: TrainState) -> Path:
+        """``save_state`` into ``checkpoints/step_XXXXXXXX/``, mark it complete, rotate. All ranks call this."""
+        path = self.run.dir / "checkpoints" / f"step_{state.global_step:08d}"
+        if self.accelerator.is_main_process and path.exists():
+            shutil.rmtree(path)  # a partial folder left by an interrupted save of this step
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(path))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            meta = {"global_step": state.global_step, "epoch": state.epoch, "monitor": self.monitor,
+                    "value": state.last_metrics.get(self.monitor)}
+            (path / "meta.json").write_text(json.dumps(meta, indent=1))
+            (path / "COMPLETE").touch()
+            self._rotate()
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _rotate(self) -> None:
+        checkpoints = list_checkpoints(self.run.dir)
+        complete = [p for p in checkpoints if is_complete(p)]
+        keep = set(complete[-self.keep_last:]) if self.keep_last > 0 else set()
+        scored = []
+        for p in complete:
+            value = json.loads((p / "meta.json").read_text()).get("value")
+            if value is not None and math.isfinite(value):
+                scored.append((value, p))
+        scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
+        keep |= {p for _, p in scored[: self.save_top_k]}
+        for p in checkpoints:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def update_best(self, state: TrainState, metrics: dict, model, ema=None) -> bool:
+        """Export ``best/`` when ``metrics[monitor]`` beats the best so far. All ranks call this."""
+        value = metrics.get(self.monitor)
+        is_best = self.is_better(value, state.best)  # decided before the best is overwritten
+        if is_best:
+            state.best, state.best_step = float(value), state.global_step
+            self.export("best", model, ema, metrics, state)
+        return is_best
+
+    def export(self, name: str, model, ema, metrics: dict, state: TrainState) -> Path:
+        """Write ``<run>/<name>/`` atomically: weights (raw and EMA) as safetensors, metrics, args."""
+        weights = self.accelerator.get_state_dict(model)  # gathers FSDP shards; every rank must call it
+        target = self.run.dir / name
+        if self.accelerator.is_main_process:
+            tmp = self.run.dir / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
+            if ema is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()},
+                          tmp / "model_ema.safetensors")
+            record = {"global_step": state.global_step, "epoch": state.epoch, **metrics}
+            (tmp / "metrics.json").write_text(json.dumps(record, indent=1))
+            if (self.run.dir / "args.yaml").exists():
+                shutil.copy(self.run.dir / "args.yaml", tmp / "args.yaml")
+            old = self.run.dir / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def export_final(self, model, ema, metrics: dict, state: TrainState) -> Path:
+        return self.export("final", model, ema, metrics, state)

@@ -1,0 +1,214 @@
+"""Run set-up: the Accelerator, seeding, the run directory, trackers and the run's logger.
+
+Layout of a run (``runs/<task>/<run_name>/``): ``args.yaml`` (the resolved arguments,
+loadable again with ``--config``), ``env.yaml`` (git commit, versions, command line,
+processes), ``train.log``, ``summary.csv``, ``checkpoints/``, ``best/``, ``final/``,
+``figures/`` and the tracker's files (``wandb/`` or ``tensorboard/``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+from training.checkpoint import find_latest_checkpoint, is_complete
+from training.config import UsageError, as_dict, fail
+
+
+@dataclass
+class Run:
+    dir: Path                  # runs/<task>/<run_name>
+    name: str
+    resume_from: Path | None   # a complete checkpoint directory, or None for a fresh start
+    log: logging.Logger        # console + train.log on the main process, warnings only elsewhere
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.dir / "figures"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.dir / "summary.csv"
+
+
+def _latest_run_checkpoint(output_dir: Path) -> Path | None:
+    """The most recently completed checkpoint over all runs in ``output_dir``."""
+    candidates = [find_latest_checkpoint(d) for d in output_dir.glob("*") if d.is_dir()] if output_dir.is_dir() else []
+    candidates = [c for c in candidates if c is not None]
+    return max(candidates, key=lambda c: (c / "COMPLETE").stat().st_mtime, default=None)
+
+
+def resolve_run(args, task: str) -> tuple[Path, Path | None]:
+    """Pick the run directory and the checkpoint to resume from; raise UsageError on a bad ``--resume``."""
+    output_dir = Path(args.output_dir)
+    run_name = getattr(args, "run_name", None)
+    if args.resume is None:
+        name = run_name or time.strftime("%Y%m%d-%H%M%S") + f"_s{args.seed}"
+        return output_dir / name, None
+    if args.resume == "auto":
+        if run_name:
+            run_dir = output_dir / run_name
+            return run_dir, find_latest_checkpoint(run_dir)
+        ckpt = _latest_run_checkpoint(output_dir)
+        if ckpt is None:
+            return output_dir / (time.strftime("%Y%m%d-%H%M%S") + f"_s{args.seed}"), None
+        return ckpt.parent.parent, ckpt
+    path = Path(args.resume)
+    if not path.is_dir():
+        raise UsageError(f"--resume {path}: no such checkpoint or run directory")
+    if (path / "checkpoints").is_dir():
+        ckpt = find_latest_checkpoint(path)
+        if ckpt is None:
+            raise UsageError(f"--resume {path}: no complete checkpoint (checkpoints/step_*/ with a COMPLETE marker) inside")
+        return path, ckpt
+    if not is_complete(path):
+        raise UsageError(f"--resume {path}: not a complete checkpoint (no COMPLETE marker: interrupted while saving, "
+                         "or not a checkpoint/run directory)")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else output_dir / (run_name or path.name)
+    return run_dir, path
+
+
+def _git_commit(repo: Path) -> dict:
+    def git(*cmd):
+        out = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit, dirty = None, None
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def _make_logger(run_dir: Path, is_main: bool) -> logging.Logger:
+    log = logging.getLogger("train")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if is_main:
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+    return log
+
+
+def _wandb_init_kwargs(run_dir: Path, run_name: str) -> dict:
+    """W&B offline unless the user chose a mode or is logged in; all its files inside the run."""
+    if "WANDB_MODE" in os.environ:
+        mode = os.environ["WANDB_MODE"]
+    else:
+        netrc = Path.home() / ".netrc"
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+        mode = "online" if logged_in else "offline"
+    os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / ".cache"))
+    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / ".data"))
+    if mode != "online":
+        os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / "wandb" / ".config"))
+    return {"wandb": {"name": run_name, "dir": str(run_dir), "mode": mode, "id": run_name.replace("/", "-"), "resume": "allow"}}
+
+
+def start_run(args, task: str) -> tuple[Accelerator, Run]:
+    """Create the Accelerator and the run directory; write ``args.yaml``/``env.yaml``; start trackers.
+
+    ``args`` must have: output_dir, seed, resume, cpu, mixed_precision, grad_accum, batch_size,
+    report_to (and optionally run_name). Bad ``--resume`` values end the program (exit 2)
+    before anything is written.
+    """
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        log_with=None if args.report_to == "none" else args.report_to,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        fail(f"launched with WORLD_SIZE={world_size} but Accelerate sees 1 process; on a machine without GPUs "
+             "pass --cpu or set ACCELERATE_USE_CPU=1 (otherwise every process trains alone as rank 0)")
+    set_seed(args.seed)
+
+    # The main process decides (timestamps differ between ranks); everyone gets the same answer.
+    decision = [None]
+    if accelerator.is_main_process:
+        try:
+            decision = [resolve_run(args, task)]
+        except UsageError as e:
+            decision = [str(e)]
+    decision = broadcast_object_list(decision) if accelerator.num_processes > 1 else decision
+    if isinstance(decision[0], str):
+        fail(decision[0])
+    run_dir, resume_from = decision[0]
+
+    if accelerator.is_main_process:
+        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    log = _make_logger(run_dir, accelerator.is_main_process)
+    run = Run(dir=run_dir, name=run_dir.name, resume_from=resume_from, log=log)
+
+    config = as_dict(args)
+    derived = {
+        "effective_batch_size": args.batch_size * args.grad_accum * accelerator.num_processes,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "mixed_precision_resolved": accelerator.mixed_precision,
+    }
+    if accelerator.is_main_process:
+        args_path = run_dir / "args.yaml"
+        if resume_from is not None and args_path.exists():
+            previous = yaml.safe_load(args_path.read_text()) or {}
+            changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v and k != "resume"}
+            if changed:
+                log.warning("resuming with changed arguments (old, new): %s", changed)
+        else:
+            args_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        env = {
+            "task": task, **_git_commit(Path(sys.argv[0]).resolve().parent), "command": sys.argv,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "accelerate": sys.modules["accelerate"].__version__, "host": platform.node(), **derived,
+        }
+        (run_dir / "env.yaml").write_text(yaml.safe_dump(env, sort_keys=False))
+
+    if args.report_to != "none":
+        accelerator.project_configuration = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
+        init_kwargs = _wandb_init_kwargs(run_dir, run.name) if args.report_to == "wandb" else {}
+        accelerator.init_trackers(task, config={**config, **derived}, init_kwargs=init_kwargs)
+
+    log.info("run %s: %d process(es) (%s), device %s, mixed precision %s, effective batch %d",
+             run_dir, accelerator.num_processes, derived["distributed_type"], accelerator.device,
+             accelerator.mixed_precision, derived["effective_batch_size"])
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    return accelerator, run
+
+
+def log_images(accelerator, run: Run, images: dict, step: int) -> None:
+    """Save RGB uint8 arrays (H, W, 3) as ``figures/<name>_step<step>.png`` and send them to the tracker.
+
+    Main process only. ``images`` maps a tracker key such as ``"vis/overlay"`` to an array.
+    """
+    import cv2
+
+    for key, image in images.items():
+        path = run.figures_dir / f"{key.replace('/', '_')}_step{step:08d}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+            tracker.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+        elif tracker.name == "tensorboard":
+            for k, v in images.items():
+                tracker.writer.add_image(k, v, global_step=step, dataformats="HWC")
