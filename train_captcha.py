@@ -153,7 +153,7 @@ def evaluate(model, val_dl, accelerator, args: Args):
         for key, value in zip(collected, gathered):
             collected[key].append(value.cpu())
     arrays = {k: torch.cat(v).numpy() for k, v in collected.items()}
-    metrics = captcha_metrics(arrays["pred"], arrays["true"])
+    metrics = {**captcha_metrics(arrays["pred"], arrays["true"]), "num_samples": float(len(arrays["pred"]))}
     return metrics, arrays
 
 
@@ -239,6 +239,9 @@ def main():
     set_train_mode(model, args.freeze_bn)
     while state.global_step < args.max_steps and not stop:
         train_dl.set_epoch(state.epoch)
+        # Accelerate forwards set_epoch to the dataset only in some sampler layouts (not in
+        # multi-process runs): without this line every epoch would repeat the same samples.
+        train_dl.dataset.set_epoch(state.epoch)
         fetch_start = time.perf_counter()
         for batch in ckpt.remaining_batches(train_dl, state):
             window["data_s"] += time.perf_counter() - fetch_start

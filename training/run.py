@@ -177,8 +177,8 @@ def start_run(args, task: str) -> tuple[Accelerator, Run]:
             args_path.write_text(yaml.safe_dump(config, sort_keys=False))
         env = {
             "task": task, **_git_commit(Path(sys.argv[0]).resolve().parent), "command": sys.argv,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "accelerate": sys.modules["accelerate"].__version__, "host": platform.node(), **derived,
+            "python": platform.python_version(), "torch": str(torch.__version__),
+            "accelerate": str(sys.modules["accelerate"].__version__), "host": platform.node(), **derived,
         }
         (run_dir / "env.yaml").write_text(yaml.safe_dump(env, sort_keys=False))
 

@@ -1,0 +1,859 @@
+"""Slider-CAPTCHA data: a deterministic synthetic generator, letterboxing to the model
+canvas, a synthetic and a folder dataset, and a PNG + labels.csv exporter.
+
+    python -m data.captcha export --out DIR --n N [--seed S]
+
+Coordinates are continuous pixels: pixel (col, row) covers [col, col+1) x [row, row+1), so
+its centre is (col + 0.5, row + 0.5). This is the convention of the stride-4 decode
+x = (j + 0.5 + du) * 4 and it makes letterboxing an exact affine map,
+canvas = source * scale + pad. Labels are alpha-weighted centroids (image moments) of the
+anti-aliased piece masks, kept as floats (the original truncated them to ints: bug #15).
+
+A sample is a pure function of its seed (np.random.SeedSequence), so training data is
+generated online in DataLoader workers and the validation set is fixed by its seed alone.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+CANVAS_W, CANVAS_H = 512, 256
+CATEGORIES = ("none", "rotation", "perlin_noise", "highlight", "confusing_gap", "hollow_center",
+              "gap_edge_highlight", "combined")
+CATEGORY_PROBS = (0.30, 0.10, 0.05, 0.10, 0.20, 0.05, 0.10, 0.10)
+COMBINABLE = ("rotation", "perlin_noise", "highlight", "confusing_gap", "hollow_center", "gap_edge_highlight")
+SHAPES = ("jigsaw", "circle", "square", "triangle", "hexagon", "pentagon", "star", "rounded_rect")
+SHAPE_PROBS = (0.44,) + (0.08,) * 7
+LABEL_COLUMNS = ("filename", "gap_x", "gap_y", "slider_x", "slider_y")
+MAX_FAKE_GAPS = 2
+
+_COMMON_SIZES = ((320, 160), (360, 180), (400, 200), (384, 192))
+# skimage.data photographs stored inside the wheel; the others need a network download
+_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+           "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket")
+_PROCEDURAL = ("gradient", "noise", "stripes", "clutter")
+_PROCEDURAL_PROBS = (0.2, 0.3, 0.15, 0.35)
+_SS = 4               # supersampling of piece masks: 16 sub-samples per pixel of anti-aliased alpha
+_SHIFT = 4            # fixed-point fraction bits of cv2 drawing coordinates (1/16 supersampled px)
+_SLIDER_X_MAX = 10    # px: the slider's bbox starts in [0, 10], so its centre is in [half, half + 10]
+_GAP_MARGIN = 10      # px between the real gap and the image border or the slider area
+_FAKE_MARGIN = 4      # px between a fake gap and the image border
+_FAKE_MIN_DIST = 10   # px of clear space between the bboxes of a fake gap and the real gap
+_ROT_PAD = 3          # px around a rotated gap: 1.8 deg moves a 75 px piece's corners by < 2 px
+
+
+# ---------------------------------------------------------------------------- backgrounds
+
+def _sample_size(rng) -> tuple[int, int]:
+    if rng.random() < 0.3:
+        return _COMMON_SIZES[int(rng.integers(len(_COMMON_SIZES)))]
+    w = 2 * int(rng.integers(140, 241))
+    # half-heights whose aspect w/h stays within [1.8, 2.4]
+    lo, hi = max(70, math.ceil(w / 2.4 / 2)), min(120, math.floor(w / 1.8 / 2))
+    return w, 2 * int(rng.integers(lo, hi + 1))
+
+
+def _random_colours(rng, n: int, sat=(0.15, 1.0), val=(0.1, 1.0)) -> np.ndarray:
+    """(n, 3) uint8 RGB, uniform in HSV."""
+    hsv = np.empty((1, n, 3), np.uint8)
+    hsv[0, :, 0] = rng.uniform(0, 180, n)          # OpenCV hue range
+    hsv[0, :, 1] = rng.uniform(*sat, n) * 255
+    hsv[0, :, 2] = rng.uniform(*val, n) * 255
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+def _palette(rng, n_stops: int, **colour_range) -> np.ndarray:
+    """(256, 1, 3) uint8 colour ramp through n_stops random colours, a cv2.LUT table."""
+    colours = _random_colours(rng, n_stops, **colour_range).astype(np.float64)
+    stops = np.concatenate([[0.0], np.sort(rng.random(n_stops - 2)), [1.0]])
+    t = np.linspace(0.0, 1.0, 256)
+    ramp = np.stack([np.interp(t, stops, colours[:, c]) for c in range(3)], axis=-1)
+    return ramp.astype(np.uint8)[:, None, :]
+
+
+def _colourise(field: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """field (h, w) float32 in [0, 1] -> (h, w, 3) uint8 through a palette."""
+    index = cv2.convertScaleAbs(field, alpha=255.0)
+    return cv2.LUT(cv2.merge([index, index, index]), palette)
+
+
+def _normalise(field: np.ndarray) -> np.ndarray:
+    return cv2.normalize(field, None, 0.0, 1.0, cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+
+
+def _axes(h: int, w: int):
+    """Pixel-centre coordinates, shaped (1, w) and (h, 1) for broadcasting."""
+    return (np.arange(w, dtype=np.float32) + 0.5)[None, :], (np.arange(h, dtype=np.float32) + 0.5)[:, None]
+
+
+def _along(rng, h: int, w: int, angle: float | None = None) -> np.ndarray:
+    """Signed distance (h, w) float32 along a random direction, in px."""
+    a = rng.uniform(0, 2 * np.pi) if angle is None else angle
+    xs, ys = _axes(h, w)
+    return np.float32(np.cos(a)) * xs + np.float32(np.sin(a)) * ys
+
+
+def _field_radial(rng, h: int, w: int) -> np.ndarray:
+    xs, ys = _axes(h, w)
+    cx, cy = rng.uniform(-0.2, 1.2) * w, rng.uniform(-0.2, 1.2) * h
+    r = np.sqrt((xs - np.float32(cx)) ** 2 + (ys - np.float32(cy)) ** 2)
+    r *= np.float32(1.0 / (rng.uniform(0.5, 1.3) * math.hypot(w, h)))
+    return np.minimum(r, 1.0, out=r)
+
+
+def _value_noise(rng, h: int, w: int, cells: int, octaves: int, persistence: float = 0.5) -> np.ndarray:
+    """Fractal value noise (h, w) float32 in [0, 1]; cells = lattice cells along the short side at octave 0."""
+    field = np.zeros((h, w), np.float32)
+    amp = 1.0
+    for octave in range(octaves):
+        n = cells * 2**octave
+        lattice = rng.random((n + 1, max(2, round(n * w / h)) + 1), dtype=np.float32)
+        field += np.float32(amp) * cv2.resize(lattice, (w, h), interpolation=cv2.INTER_CUBIC)
+        amp *= persistence
+    return _normalise(field)
+
+
+def _perlin(rng, h: int, w: int, cell: float) -> np.ndarray:
+    """Gradient (Perlin) noise (h, w) float32, roughly in [-1, 1]; cell = lattice spacing in px."""
+    theta = rng.uniform(0, 2 * np.pi, (int(h / cell) + 2, int(w / cell) + 2))
+    gx, gy = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    u = (np.arange(w, dtype=np.float32) + 0.5) / np.float32(cell)
+    v = (np.arange(h, dtype=np.float32) + 0.5) / np.float32(cell)
+    j, i = u.astype(np.int32), v.astype(np.int32)
+    fu, fv = (u - j)[None, :], (v - i)[:, None]
+
+    def corner(di: int, dj: int) -> np.ndarray:
+        rows, cols = (i + di)[:, None], (j + dj)[None, :]
+        return gx[rows, cols] * (fu - dj) + gy[rows, cols] * (fv - di)
+
+    su = fu * fu * fu * (fu * (fu * 6 - 15) + 10)  # quintic fade: C2-continuous across cells
+    sv = fv * fv * fv * (fv * (fv * 6 - 15) + 10)
+    n00, n10 = corner(0, 0), corner(1, 0)
+    top = n00 + su * (corner(0, 1) - n00)
+    bottom = n10 + su * (corner(1, 1) - n10)
+    return (top + sv * (bottom - top)) * np.float32(math.sqrt(2))
+
+
+def _field_noise(rng, h: int, w: int) -> np.ndarray:
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return _value_noise(rng, h, w, cells=int(rng.integers(2, 6)), octaves=int(rng.integers(2, 5)))
+    if kind == 1:
+        # computed at half resolution: the lowest octave has cells of >= 8 px there anyway
+        hh, hw = h // 2, w // 2
+        cell = rng.uniform(20, 60)
+        field = sum(np.float32(0.5**o) * _perlin(rng, hh, hw, cell / 2**o) for o in range(3))
+        return _normalise(cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR))
+    # marble: sine bands bent by turbulence
+    turbulence = _value_noise(rng, h, w, cells=int(rng.integers(2, 5)), octaves=3)
+    phase = _along(rng, h, w) / np.float32(rng.uniform(20, 80)) + np.float32(rng.uniform(1.0, 4.0)) * turbulence
+    return np.float32(0.5) + np.float32(0.5) * np.sin(np.float32(2 * np.pi) * phase)
+
+
+def _field_stripes(rng, h: int, w: int) -> np.ndarray:
+    angle = rng.choice([0.0, np.pi / 2]) if rng.random() < 0.5 else rng.uniform(0, np.pi)
+    u = _along(rng, h, w, angle)
+    u -= u.min()
+    length = int(u.max()) + 2
+    widths = rng.uniform(3, rng.uniform(8, 40), length)  # more bands than needed: each >= 3 px
+    band = np.searchsorted(np.cumsum(widths), np.arange(length))
+    if rng.random() < 0.5:
+        values = np.where(np.arange(length) % 2 == 0, 0.15, 0.85).astype(np.float32)
+    else:
+        values = rng.random(length, dtype=np.float32)
+    field = values[band][u.astype(np.int32)]
+    return cv2.GaussianBlur(field, (3, 3), 0.7)
+
+
+def _background_clutter(rng, h: int, w: int) -> np.ndarray:
+    """Dark radial gradient under layers of semi-transparent circles, polygons and lines."""
+    img = _colourise(_field_radial(rng, h, w), _palette(rng, 2, val=(0.05, 0.5)))
+    for _ in range(int(rng.integers(3, 6))):
+        overlay = img.copy()
+        n = int(rng.integers(8, 30))
+        kinds = rng.integers(0, 6, n)  # 0 circle, 1 line, 2..5 polygon with kind+1 sides
+        centres = rng.uniform(0, 1, (n, 2)) * (w, h)
+        radii = rng.uniform(3, 0.3 * h, n)
+        angles = rng.uniform(0, 2 * np.pi, n)
+        thickness = rng.integers(1, 4, n)
+        colours = _random_colours(rng, n, sat=(0.3, 1.0), val=(0.4, 1.0)).tolist()
+        for k in range(n):
+            colour, (cx, cy), r, a = tuple(colours[k]), centres[k], radii[k], angles[k]
+            if kinds[k] == 0:
+                cv2.circle(overlay, (int(cx), int(cy)), int(r), colour, -1, cv2.LINE_AA)
+            elif kinds[k] == 1:
+                dx, dy = r * math.cos(a), r * math.sin(a)
+                cv2.line(overlay, (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy)), colour,
+                         int(thickness[k]), cv2.LINE_AA)
+            else:
+                t = a + 2 * np.pi * np.arange(kinds[k] + 1) / (kinds[k] + 1)
+                pts = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=-1).astype(np.int32)
+                cv2.fillPoly(overlay, [pts], colour, cv2.LINE_AA)
+        opacity = rng.uniform(0.25, 0.7)
+        cv2.addWeighted(overlay, opacity, img, 1 - opacity, 0, dst=img)
+    return img
+
+
+_PHOTO_CACHE: dict[str, tuple[np.ndarray, bool]] = {}
+
+
+def _photo(name: str) -> tuple[np.ndarray, bool]:
+    """(RGB uint8 photograph, was grey), loaded from skimage.data once per process."""
+    if name not in _PHOTO_CACHE:
+        import skimage.data  # slow import, only paid by processes that draw a photo
+
+        img = np.asarray(getattr(skimage.data, name)())
+        grey = img.ndim == 2
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if grey else np.ascontiguousarray(img[..., :3])
+        # crops are >= 35 % of the photo, so 1024 px keeps detail at 480 px outputs and resizes cheap
+        shrink = 1024 / max(img.shape[:2])
+        if shrink < 1:
+            img = cv2.resize(img, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        _PHOTO_CACHE[name] = (img, grey)
+    return _PHOTO_CACHE[name]
+
+
+def _colour_jitter(rng, img: np.ndarray, grey: bool) -> np.ndarray:
+    # grey photos get strongly unequal channel gains, i.e. a random tint
+    gain = rng.uniform(0.7, 1.3) * rng.uniform(0.55 if grey else 0.9, 1.0 if grey else 1.1, 3)
+    ramp = (np.arange(256) / 255.0) ** rng.uniform(0.75, 1.35) * 255
+    lut = np.clip(ramp[:, None] * gain[None, :] + rng.uniform(-30, 30), 0, 255).astype(np.uint8)
+    img = cv2.LUT(img, lut[:, None, :])
+    if not grey:
+        s = rng.uniform(0.5, 1.4)
+        luma = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        img = cv2.addWeighted(img, s, luma, 1 - s, 0)
+        if rng.random() < 0.25:
+            img = np.ascontiguousarray(img[..., rng.permutation(3)])
+    return img
+
+
+def _background_photo(rng, h: int, w: int) -> np.ndarray:
+    src, grey = _photo(_PHOTOS[int(rng.integers(len(_PHOTOS)))])
+    sh, sw = src.shape[:2]
+    cw = min(sw, sh * w / h) * rng.uniform(0.35, 1.0)
+    ch = cw * h / w
+    x0, y0 = int(rng.uniform(0, sw - cw)), int(rng.uniform(0, sh - ch))
+    crop = src[y0:y0 + max(1, int(ch)), x0:x0 + max(1, int(cw))]
+    img = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA if crop.shape[1] > w else cv2.INTER_LINEAR)
+    if rng.random() < 0.5:
+        img = cv2.flip(img, 1)
+    if rng.random() < 0.2:
+        img = cv2.flip(img, 0)
+    return _colour_jitter(rng, img, grey)
+
+
+def _background(rng, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 RGB: a skimage photograph or a procedural image, about half each."""
+    if rng.random() < 0.5:
+        img = _background_photo(rng, h, w)
+    else:
+        kind = _PROCEDURAL[rng.choice(len(_PROCEDURAL), p=_PROCEDURAL_PROBS)]
+        if kind == "gradient":
+            field = _normalise(_along(rng, h, w)) if rng.random() < 0.6 else _field_radial(rng, h, w)
+            if rng.random() < 0.5:
+                field = 0.8 * field + 0.2 * _value_noise(rng, h, w, cells=int(rng.integers(3, 8)), octaves=3)
+            img = _colourise(field, _palette(rng, int(rng.integers(2, 4))))
+        elif kind == "noise":
+            img = _colourise(_field_noise(rng, h, w), _palette(rng, int(rng.integers(2, 5))))
+        elif kind == "stripes":
+            field = _field_stripes(rng, h, w)
+            if rng.random() < 0.3:
+                field = 0.5 * (field + _field_stripes(rng, h, w))
+            img = _colourise(field, _palette(rng, int(rng.integers(2, 6))))
+        else:
+            img = _background_clutter(rng, h, w)
+    if rng.random() < 0.3:
+        noise = rng.standard_normal((h, w), dtype=np.float32) * np.float32(rng.uniform(2, 10))
+        img = cv2.add(img, cv2.merge([noise, noise, noise]), dtype=cv2.CV_8U)
+    if rng.random() < 0.15:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.2))
+    return img
+
+
+# ---------------------------------------------------------------------------- piece shapes
+
+def _regular_polygon(n: int, radius: float, rotation: float) -> np.ndarray:
+    t = rotation - np.pi / 2 + 2 * np.pi * np.arange(n) / n
+    return radius * np.stack([np.cos(t), np.sin(t)], axis=-1)
+
+
+def _shape_primitives(rng, shape: str, size: float) -> list:
+    """A piece outline around (0, 0) in px, as drawing primitives in order:
+    ("poly", (k, 2) points, fill) or ("circle", (cx, cy, r), fill); fill 255 adds, 0 cuts."""
+    rotation = rng.uniform(0, 2 * np.pi)
+    if shape == "jigsaw":
+        side = size / 1.4                  # a square plus a knob of radius 0.2 * side on each side
+        r, half = 0.2 * side, side / 2
+        knobs = rng.integers(0, 3, 4)      # top, right, bottom, left: 0 concave, 1 flat, 2 convex
+        while (knobs == 1).all():
+            knobs = rng.integers(0, 3, 4)
+        mids = ((0.0, -half), (half, 0.0), (0.0, half), (-half, 0.0))
+        square = np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
+        convex = [("circle", (*m, r), 255) for m, k in zip(mids, knobs) if k == 2]
+        concave = [("circle", (*m, r), 0) for m, k in zip(mids, knobs) if k == 0]
+        return [("poly", square, 255), *convex, *concave]
+    if shape == "circle":
+        return [("circle", (0.0, 0.0, 0.425 * size), 255)]
+    if shape == "square":
+        s = 0.4 * size
+        return [("poly", np.array([[-s, -s], [s, -s], [s, s], [-s, s]]), 255)]
+    if shape == "triangle":
+        return [("poly", _regular_polygon(3, 0.95 * size / math.sqrt(3), rotation), 255)]
+    if shape == "hexagon":
+        return [("poly", _regular_polygon(6, size / 2, rotation), 255)]
+    if shape == "pentagon":
+        return [("poly", _regular_polygon(5, size / 2, rotation), 255)]
+    if shape == "star":
+        pts = _regular_polygon(10, size / 2, rotation)
+        pts[1::2] *= rng.uniform(0.45, 0.55)
+        return [("poly", pts, 255)]
+    if shape == "rounded_rect":
+        hw, hh = 0.425 * size, 0.5 * size * rng.uniform(0.6, 0.85)
+        rc = 0.25 * min(hw, hh) * 2
+        arcs = []
+        for (sx, sy), start in zip(((1, 1), (-1, 1), (-1, -1), (1, -1)), (0.0, 0.5, 1.0, 1.5)):
+            t = np.pi * (start + np.linspace(0, 0.5, 8))
+            arcs.append(np.stack([sx * (hw - rc) + rc * np.cos(t), sy * (hh - rc) + rc * np.sin(t)], axis=-1))
+        pts = np.concatenate(arcs)
+        if rng.random() < 0.5:
+            pts = pts[:, ::-1].copy()
+        return [("poly", pts, 255)]
+    raise ValueError(f"unknown piece shape {shape!r}; expected one of {SHAPES}")
+
+
+def _transform(points: np.ndarray, angle: float, scale: float, centre) -> np.ndarray:
+    """Rotate by angle (radians, counter-clockwise on screen as cv2.getRotationMatrix2D), scale, then
+    move (0, 0) to centre."""
+    c, s = math.cos(angle) * scale, math.sin(angle) * scale
+    x, y = points[:, 0], points[:, 1]
+    return np.stack([centre[0] + c * x + s * y, centre[1] - s * x + c * y], axis=-1)
+
+
+def _draw(prims: list, angle: float, scale: float, centre, hw: tuple[int, int]) -> np.ndarray:
+    """(h*SS, w*SS) uint8 coverage of the primitives; centre in px of the (h, w) patch."""
+    canvas = np.zeros((hw[0] * _SS, hw[1] * _SS), np.uint8)
+    one = 1 << _SHIFT
+    for kind, geom, fill in prims:
+        if kind == "poly":
+            p = _transform(np.asarray(geom, np.float64), angle, scale, centre)
+            # px -> supersampled pixel-centre coordinates -> cv2 fixed point
+            q = np.round((p * _SS - 0.5) * one).astype(np.int32)
+            cv2.fillPoly(canvas, [q], fill, cv2.LINE_AA, _SHIFT)
+        else:
+            cx, cy, r = geom
+            p = _transform(np.array([[cx, cy]]), angle, scale, centre)[0]
+            q = np.round((p * _SS - 0.5) * one).astype(np.int64)
+            cv2.circle(canvas, (int(q[0]), int(q[1])), int(round(r * scale * _SS * one)), fill, -1,
+                       cv2.LINE_AA, _SHIFT)
+    return canvas
+
+
+def _rasterise(prims: list, hole: float, angle: float, scale: float, centre, hw) -> np.ndarray:
+    """Supersampled (h*SS, w*SS) uint8 coverage; hole > 0 cuts the same shape scaled by hole about (0, 0)."""
+    hr = _draw(prims, angle, scale, centre, hw)
+    if hole > 0:
+        hr = cv2.multiply(hr, cv2.bitwise_not(_draw(prims, angle, scale * hole, centre, hw)), scale=1 / 255)
+    return hr
+
+
+def _downsample(hr: np.ndarray) -> np.ndarray:
+    """Supersampled coverage -> anti-aliased alpha; an exact SS x SS box average, so centroids carry over."""
+    return cv2.resize(hr, (hr.shape[1] // _SS, hr.shape[0] // _SS), interpolation=cv2.INTER_AREA)
+
+
+def _extent(prims: list) -> float:
+    """Radius around (0, 0) that contains every primitive, px."""
+    reach = [np.hypot(*np.asarray(g, np.float64).T).max() if k == "poly" else math.hypot(g[0], g[1]) + g[2]
+             for k, g, _ in prims]
+    return float(max(reach))
+
+
+def _centre_on_centroid(prims: list) -> list:
+    """Shift primitives so that the area centroid of the shape sits at (0, 0), so that holes,
+    rotations and scalings about (0, 0) keep the centroid in place."""
+    n = int(math.ceil(2 * _extent(prims))) + 4
+    m = cv2.moments(_draw(prims, 0.0, 1.0, (n / 2, n / 2), (n, n)))
+    dx = (m["m10"] / m["m00"] + 0.5) / _SS - n / 2
+    dy = (m["m01"] / m["m00"] + 0.5) / _SS - n / 2
+    shifted = []
+    for kind, geom, fill in prims:
+        if kind == "poly":
+            shifted.append((kind, np.asarray(geom, np.float64) - (dx, dy), fill))
+        else:
+            shifted.append((kind, (geom[0] - dx, geom[1] - dy, geom[2]), fill))
+    return shifted
+
+
+def _tight(alpha: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Crop alpha to the bbox of its non-zero pixels -> (crop, x0, y0)."""
+    x, y, w, h = cv2.boundingRect(alpha)
+    return np.ascontiguousarray(alpha[y:y + h, x:x + w]), x, y
+
+
+def _centroid(alpha: np.ndarray) -> tuple[float, float]:
+    """Alpha-weighted centroid in px (pixel centres at +0.5)."""
+    m = cv2.moments(alpha)
+    return m["m10"] / m["m00"] + 0.5, m["m01"] / m["m00"] + 0.5
+
+
+def _render_piece(rng, prims: list, hole: float, angle: float = 0.0, scale: float = 1.0):
+    """Tight alpha of the piece at a random sub-pixel position -> (alpha, (cx, cy) centroid in it,
+    its supersampled coverage)."""
+    n = int(math.ceil(2 * _extent(prims) * scale)) + 4
+    hr = _rasterise(prims, hole, angle, scale, (n / 2 + rng.random(), n / 2 + rng.random()), (n, n))
+    alpha, x0, y0 = _tight(_downsample(hr))
+    hr = hr[y0 * _SS:(y0 + alpha.shape[0]) * _SS, x0 * _SS:(x0 + alpha.shape[1]) * _SS]
+    return alpha, _centroid(alpha), hr
+
+
+def _rotate_about_centroid(hr: np.ndarray, angle: float, pad: int) -> tuple[np.ndarray, int, int]:
+    """Rotate a piece's supersampled coverage about its centroid -> (tight alpha, x0, y0 of it relative
+    to the unrotated alpha). Warping the coverage keeps the centroid to ~0.01 px; re-drawing the
+    rotated outline would not, because cv2's polygon fill has an orientation-dependent bias of ~0.1 px."""
+    hr = cv2.copyMakeBorder(hr, *(pad * _SS,) * 4, cv2.BORDER_CONSTANT, value=0)
+    m = cv2.moments(hr)
+    rot = cv2.getRotationMatrix2D((m["m10"] / m["m00"], m["m01"] / m["m00"]), math.degrees(angle), 1.0)
+    hr = cv2.warpAffine(hr, rot, (hr.shape[1], hr.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
+    alpha, x0, y0 = _tight(_downsample(hr))
+    return alpha, x0 - pad, y0 - pad
+
+
+# ---------------------------------------------------------------------------- lighting
+
+def _rim(dist: np.ndarray, width: float, decay: float) -> np.ndarray:
+    """1 at the edge falling to 0 about width/2 px inside: (1 - tanh((d/width - 0.5) * 4 decay)) / 2."""
+    curve = 0.5 * (1 - np.tanh((dist / np.float32(width) - np.float32(0.5)) * np.float32(4 * decay)))
+    return np.where(dist <= width, curve, np.float32(0)).astype(np.float32)
+
+
+def _inner_distance(alpha: np.ndarray) -> np.ndarray:
+    """Distance (px) from each pixel of the solid piece to its outline (including holes)."""
+    solid = cv2.copyMakeBorder((alpha > 127).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    return cv2.distanceTransform(solid, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+
+
+def _direction_cosine(alpha: np.ndarray, light_angle: float) -> np.ndarray:
+    """(h, w) float32 cosine between each pixel's direction from the alpha centroid and the light
+    direction (radians, y down: pi/4 points to the bottom-right)."""
+    cx, cy = _centroid(alpha)
+    xs, ys = _axes(*alpha.shape)
+    dx, dy = xs - np.float32(cx), ys - np.float32(cy)
+    r = np.sqrt(dx * dx + dy * dy) + np.float32(1e-6)
+    return (dx * np.float32(math.cos(light_angle)) + dy * np.float32(math.sin(light_angle))) / r
+
+
+def _sample_light(rng, effects: set) -> dict:
+    """Gap lighting, in grey levels; shared by the real gap and its fakes."""
+    light = {"angle": np.pi / 4 + rng.uniform(-0.3, 0.3), "rim_opacity": 0.0, "rim_width": 6.0, "rim_decay": 2.0}
+    if "highlight" in effects:
+        light.update(sign=1.0, base=rng.uniform(20, 40), edge=rng.uniform(40, 60), directional=rng.uniform(15, 30))
+    else:
+        light.update(sign=-1.0, base=rng.uniform(30, 50), edge=rng.uniform(40, 60), directional=rng.uniform(15, 25))
+    if "gap_edge_highlight" in effects:
+        # the white rim replaces the edge shadow; lightness 90-100 of the original maps to opacity <= 0.7
+        light.update(edge=0.0, rim_opacity=0.7 * rng.uniform(0.9, 1.0), rim_width=rng.uniform(6, 7),
+                     rim_decay=rng.uniform(2.0, 2.5))
+        if "highlight" not in effects:
+            light.update(base=rng.uniform(35, 45))
+    return light
+
+
+def _shade_gap(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, light: dict) -> None:
+    """Darken (or brighten) img in place under alpha placed at (x0, y0), then blur it slightly."""
+    ph, pw = alpha.shape
+    # one px of context around the piece so the blur also softens the outline
+    y_lo, x_lo = y0 - 1, x0 - 1
+    if y_lo < 0 or x_lo < 0 or y0 + ph + 1 > img.shape[0] or x0 + pw + 1 > img.shape[1]:
+        raise ValueError(f"gap at ({x0}, {y0}) of size {pw}x{ph} does not fit in the "
+                         f"{img.shape[1]}x{img.shape[0]} image")
+    a8 = cv2.copyMakeBorder(alpha, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    a = a8.astype(np.float32) * np.float32(1 / 255)
+    dist = _inner_distance(a8)
+    edge = 1 - dist / max(float(dist.max()), 1.0)
+    # strongest along the light axis, both towards and away from the light (top-left and bottom-right)
+    along = np.abs(_direction_cosine(a8, light["angle"]))
+    shade = light["base"] + light["edge"] * edge + light["directional"] * (0.5 + 0.5 * along)
+    region = img[y_lo:y0 + ph + 1, x_lo:x0 + pw + 1].astype(np.float32)
+    region += (np.float32(light["sign"]) * shade * a)[..., None]
+    if light["rim_opacity"] > 0:
+        opacity = _rim(dist, light["rim_width"], light["rim_decay"]) * np.float32(light["rim_opacity"]) * a
+        region += (255 - region) * opacity[..., None]
+    np.clip(region, 0, 255, out=region)
+    region += (cv2.GaussianBlur(region, (3, 3), 0.8) - region) * a[..., None]
+    img[y_lo:y0 + ph + 1, x_lo:x0 + pw + 1] = (region + 0.5).astype(np.uint8)
+
+
+def _slider_pixels(rng, texture: np.ndarray, alpha: np.ndarray, noise: bool) -> np.ndarray:
+    """(ph, pw, 3) float32 slider colours: the un-darkened patch, optional Perlin noise, light rim."""
+    pixels = texture.astype(np.float32)
+    ph, pw = alpha.shape
+    if noise:
+        n = _perlin(rng, ph, pw, cell=10.0)  # scale 0.1 of the original
+        n *= np.float32(rng.uniform(0.2, 0.5) * 50 / max(float(np.abs(n).max()), 1e-6))  # grey levels
+        pixels += (n * (alpha > 127))[..., None]
+    dist = _inner_distance(alpha)
+    max_opacity = rng.uniform(0.55, 0.7)
+    curve = _rim(dist, rng.uniform(5, 7), 2.0)
+    # stronger rim towards the top-left and bottom-right, as if lit along that diagonal
+    diag = _direction_cosine(alpha, np.pi / 4)
+    boost = np.minimum(1.0, np.maximum(-diag, 0) ** 3 + 1.2 * np.maximum(diag, 0) ** 3)
+    opacity = np.minimum(curve * (1 + 0.5 * rng.uniform(0.2, 0.4) * boost), 1.0) * np.float32(max_opacity)
+    pixels += (255 - pixels) * opacity[..., None]
+    return np.clip(pixels, 0, 255, out=pixels)
+
+
+# ---------------------------------------------------------------------------- generator
+
+def _clearance(a: tuple, b: tuple) -> int:
+    """Largest axis gap (px) between boxes (x0, y0, x1, y1); negative when they overlap."""
+    return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+
+
+def _fake_transforms(rng, n: int) -> list[tuple[float, float]]:
+    """(extra rotation in radians, scale) of each fake gap: +-10-30 deg, 0.7-1.3."""
+    return [(math.radians(rng.uniform(10, 30)) * rng.choice([-1.0, 1.0]), rng.uniform(0.7, 1.3)) for _ in range(n)]
+
+
+def _place_fakes(rng, fakes: list, gap_box: tuple, gap_row: int, piece_h: int, x_lo: int, w: int, h: int) -> list:
+    """Integer top-left corners for as many fake alphas as fit; same-row placement half the time."""
+    boxes = []
+    for alpha in fakes:
+        fh, fw = alpha.shape
+        x_hi, y_lo, y_hi = w - fw - _FAKE_MARGIN, _FAKE_MARGIN, h - fh - _FAKE_MARGIN
+        if x_hi < x_lo or y_hi < y_lo:
+            break
+        for _ in range(10):
+            x = int(rng.integers(x_lo, x_hi + 1))
+            if rng.random() < 0.5:
+                y = int(np.clip(gap_row + (piece_h - fh) // 2 + rng.integers(-3, 4), y_lo, y_hi))
+            else:
+                y = int(rng.integers(y_lo, y_hi + 1))
+            box = (x, y, x + fw, y + fh)
+            if _clearance(box, gap_box) >= _FAKE_MIN_DIST and all(_clearance(box, b) >= 4 for b in boxes):
+                boxes.append(box)
+                break
+        else:
+            break
+    return boxes
+
+
+def _layout(rng, prims, hole, angle, piece_hw, gap_hw, rot_offset, n_fakes: int, w: int, h: int):
+    """Top-left corner (gx, gy) of the unrotated gap and up to n_fakes fake gaps with their corners.
+
+    The real gap's position is drawn again while the fakes do not fit (and their rotations and
+    scales every 10 tries), so small images still get fakes; the real gap stays uniform otherwise.
+    Returns gx, gy, fakes [(alpha, centroid, coverage)], boxes [(x0, y0, x1, y1)]."""
+    (ph, pw), (rh, rw), (rot_dx, rot_dy) = piece_hw, gap_hw, rot_offset
+    x_lo = _SLIDER_X_MAX + pw + _GAP_MARGIN
+    gx_hi, gy_hi = w - pw - _GAP_MARGIN, h - ph - _GAP_MARGIN
+    fakes, best = [], None
+    for attempt in range(40 if n_fakes else 1):
+        if n_fakes and attempt % 10 == 0:
+            fakes = [_render_piece(rng, prims, hole, angle + a, s) for a, s in _fake_transforms(rng, n_fakes)]
+        gx, gy = int(rng.integers(x_lo, gx_hi + 1)), int(rng.integers(_GAP_MARGIN, gy_hi + 1))
+        gap_box = (gx + rot_dx, gy + rot_dy, gx + rot_dx + rw, gy + rot_dy + rh)
+        boxes = _place_fakes(rng, [f[0] for f in fakes], gap_box, gy, ph, x_lo, w, h)
+        if best is None or len(boxes) > len(best[3]):
+            best = (gx, gy, fakes, boxes)
+        if len(boxes) == n_fakes:
+            return best
+    gx, gy, fakes, boxes = best
+    if boxes:
+        return gx, gy, fakes[:len(boxes)], boxes
+    # small image and large piece: the gap at its leftmost and the smallest, least rotated fake at
+    # the far right always fit (>= 49 px apart for 280 px wide images and 70 px pieces)
+    fake = _render_piece(rng, prims, hole, angle + math.radians(10) * rng.choice([-1.0, 1.0]), 0.7)
+    fh, fw = fake[0].shape
+    fx, fy = w - fw - _FAKE_MARGIN, int(np.clip(gy + (ph - fh) // 2, _FAKE_MARGIN, h - fh - _FAKE_MARGIN))
+    gap_box = (x_lo + rot_dx, gy + rot_dy, x_lo + rot_dx + rw, gy + rot_dy + rh)
+    if _clearance((fx, fy, fx + fw, fy + fh), gap_box) < _FAKE_MIN_DIST:
+        raise RuntimeError(f"no room for a fake gap in a {w}x{h} image with a {pw}x{ph} piece")
+    return x_lo, gy, [fake], [(fx, fy, fx + fw, fy + fh)]
+
+
+def generate_captcha(seed, return_layers: bool = False) -> dict:
+    """One composite slider CAPTCHA, a pure function of seed (int or tuple of non-negative ints).
+
+    Returns "image" (h, w, 3) uint8 RGB at its source size (280-480 x 140-240); "gap", "slider":
+    (x, y) float centroids in source px; "fake_gaps": list of (x, y); "angle": the gap's rotation
+    in radians (counter-clockwise on screen, 0 unless rotated); "category"; "shape";
+    "piece_alpha": (ph, pw) uint8 alpha of the unrotated piece, whose centroid plus the corner of
+    "slider_box" (x0, y0, x1, y1) is the slider label. The gap's centroid is the slider's moved
+    by a whole number of px (the gap is rotated about it), so gap_y == slider_y exactly.
+    return_layers=True adds "background" (the image before the gap and slider were drawn),
+    "gap_alpha" and "fake_alpha" ((h, w) uint8 alpha of the real and the fake gaps).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    category = CATEGORIES[rng.choice(len(CATEGORIES), p=CATEGORY_PROBS)]
+    if category == "combined":
+        effects = set(rng.choice(COMBINABLE, size=int(rng.integers(2, 4)), replace=False).tolist())
+    else:
+        effects = set() if category == "none" else {category}
+    w, h = _sample_size(rng)
+    background = _background(rng, h, w)
+
+    shape = SHAPES[rng.choice(len(SHAPES), p=SHAPE_PROBS)]
+    prims = _centre_on_centroid(_shape_primitives(rng, shape, rng.uniform(40, 70)))
+    hole = rng.uniform(0.3, 0.4) if "hollow_center" in effects else 0.0
+    piece, (cx, cy), piece_hr = _render_piece(rng, prims, hole)
+    ph, pw = piece.shape
+    angle = float(math.radians(rng.uniform(0.5, 1.8)) * rng.choice([-1.0, 1.0])) if "rotation" in effects else 0.0
+    if angle:
+        # rot_dx, rot_dy: corner of the rotated alpha relative to the piece's corner
+        gap_alpha, rot_dx, rot_dy = _rotate_about_centroid(piece_hr, angle, _ROT_PAD)
+    else:
+        gap_alpha, rot_dx, rot_dy = piece, 0, 0
+    light = _sample_light(rng, effects)
+
+    slider_x = int(rng.integers(0, _SLIDER_X_MAX + 1))
+    n_fakes = int(rng.integers(1, MAX_FAKE_GAPS + 1)) if "confusing_gap" in effects else 0
+    gx, gy, fakes, boxes = _layout(rng, prims, hole, angle, piece.shape, gap_alpha.shape, (rot_dx, rot_dy),
+                                   n_fakes, w, h)
+
+    img = background.copy()
+    texture = background[gy:gy + ph, gx:gx + pw]
+    _shade_gap(img, gap_alpha, gx + rot_dx, gy + rot_dy, light)
+    fake_gaps = []
+    for (fake_alpha, (fcx, fcy), _), box in zip(fakes, boxes):
+        _shade_gap(img, fake_alpha, box[0], box[1], light)
+        fake_gaps.append((box[0] + fcx, box[1] + fcy))
+    slider = _slider_pixels(rng, texture, piece, "perlin_noise" in effects)
+    a = (piece.astype(np.float32) * np.float32(1 / 255))[..., None]
+    region = img[gy:gy + ph, slider_x:slider_x + pw].astype(np.float32)
+    img[gy:gy + ph, slider_x:slider_x + pw] = (region + (slider - region) * a + 0.5).astype(np.uint8)
+
+    out = {"image": img, "gap": (gx + cx, gy + cy), "slider": (slider_x + cx, gy + cy), "fake_gaps": fake_gaps,
+           "angle": angle, "category": category, "shape": shape, "piece_alpha": piece,
+           "slider_box": (slider_x, gy, slider_x + pw, gy + ph)}
+    if return_layers:
+        out["background"] = background
+        out["gap_alpha"] = np.zeros((h, w), np.uint8)
+        x0, y0 = gx + rot_dx, gy + rot_dy
+        out["gap_alpha"][y0:y0 + gap_alpha.shape[0], x0:x0 + gap_alpha.shape[1]] = gap_alpha
+        out["fake_alpha"] = np.zeros((h, w), np.uint8)
+        for (fake_alpha, _, _), box in zip(fakes, boxes):
+            out["fake_alpha"][box[1]:box[3], box[0]:box[2]] = fake_alpha
+    return out
+
+
+# ---------------------------------------------------------------------------- model input
+
+def letterbox(image_rgb_uint8: np.ndarray, out_w: int = CANVAS_W, out_h: int = CANVAS_H):
+    """Fit an image into (out_h, out_w), centred, padding filled with 0.
+
+    Returns canvas (out_h, out_w, 3) uint8, mask (out_h, out_w) uint8 (1 = image, 0 = padding),
+    scale and pad (pad_x, pad_y) such that canvas px = source px * scale + pad exactly.
+    """
+    image = image_rgb_uint8
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"letterbox expects an (h, w, 3) uint8 RGB array, got {got}")
+    h, w = image.shape[:2]
+    scale = min(out_w / w, out_h / h)
+    pad_x, pad_y = (out_w - w * scale) / 2, (out_h - h * scale) / 2
+    sx = sy = scale
+    if scale < 1:
+        # shrink by area averaging first (bilinear warping alone would alias); the warp below
+        # then applies the small remaining factors so the overall map stays exactly `scale`
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+        sx, sy = scale * w / nw, scale * h / nh
+    # cv2 maps pixel-centre indices, hence the half-pixel terms
+    m = np.array([[sx, 0.0, pad_x + 0.5 * sx - 0.5], [0.0, sy, pad_y + 0.5 * sy - 0.5]])
+    canvas = cv2.warpAffine(image, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    cols, rows = np.arange(out_w) + 0.5, np.arange(out_h) + 0.5
+    inside_x = (cols > pad_x) & (cols < pad_x + w * scale)
+    inside_y = (rows > pad_y) & (rows < pad_y + h * scale)
+    canvas[~inside_y] = 0
+    canvas[:, ~inside_x] = 0
+    mask = (inside_y[:, None] & inside_x[None, :]).astype(np.uint8)
+    return canvas, mask, float(scale), (float(pad_x), float(pad_y))
+
+
+def to_input_tensor(canvas: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 canvas + (H, W) padding mask -> (4, H, W) float32: RGB / 255 and the mask."""
+    if canvas.ndim != 3 or canvas.shape[2] != 3 or mask.shape != canvas.shape[:2]:
+        raise ValueError(f"expected canvas (H, W, 3) and mask (H, W), got {canvas.shape} and {mask.shape}")
+    x = torch.empty((4, *mask.shape), dtype=torch.float32)
+    x[:3] = torch.from_numpy(canvas).permute(2, 0, 1)
+    x[:3].div_(255)
+    x[3] = torch.from_numpy(mask)
+    return x
+
+
+def load_image(path) -> np.ndarray:
+    """(h, w, 3) uint8 RGB; ValueError naming the file if it is missing or not a decodable image."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # with imdecode: works for non-ASCII paths too
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image ({e.strerror or e})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ValueError(f"{path}: not a decodable image (expected PNG, JPEG, BMP, WebP, ...)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _pack(image: np.ndarray, gap, slider, fake_gaps, angle: float, category: int, index: int) -> dict:
+    """Letterbox one sample and turn its labels into canvas-px tensors."""
+    canvas, mask, scale, (pad_x, pad_y) = letterbox(image)
+    fakes = np.zeros((MAX_FAKE_GAPS, 2), np.float32)
+    fake_mask = np.zeros(MAX_FAKE_GAPS, bool)
+    for k, (x, y) in enumerate(fake_gaps[:MAX_FAKE_GAPS]):
+        fakes[k] = (x * scale + pad_x, y * scale + pad_y)
+        fake_mask[k] = True
+    point = lambda p: torch.tensor((p[0] * scale + pad_x, p[1] * scale + pad_y), dtype=torch.float32)
+    return {"image": to_input_tensor(canvas, mask), "gap": point(gap), "slider": point(slider),
+            "fake_gaps": torch.from_numpy(fakes), "fake_mask": torch.from_numpy(fake_mask),
+            "angle": torch.tensor(angle, dtype=torch.float32), "category": torch.tensor(category, dtype=torch.int64),
+            "scale": torch.tensor(scale, dtype=torch.float32), "pad": torch.tensor((pad_x, pad_y), dtype=torch.float32),
+            "index": torch.tensor(index, dtype=torch.int64)}
+
+
+# ---------------------------------------------------------------------------- datasets
+
+class SyntheticCaptchaDataset(Dataset):
+    """Online synthetic CAPTCHAs letterboxed to the canvas; labels in canvas px.
+
+    Item i of epoch e is generate_captcha((seed, e, i)) when fresh_each_epoch (training: new
+    samples every epoch, reproducible from the seed), else always (seed, 0, i) (a fixed
+    validation set, the same samples `export(dir, n, seed)` writes). Call set_epoch before the
+    epoch's DataLoader iterator is created: workers copy the dataset when the iterator starts,
+    so persistent_workers=True would keep them on the old epoch.
+    """
+
+    def __init__(self, size: int, seed: int, fresh_each_epoch: bool = True):
+        if size < 1 or seed < 0:
+            raise ValueError(f"SyntheticCaptchaDataset needs size >= 1 and seed >= 0, got size={size}, seed={seed}")
+        self.size, self.seed, self.fresh_each_epoch, self.epoch = int(size), int(seed), fresh_each_epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {i} out of range for {self.size} samples")
+        s = generate_captcha((self.seed, self.epoch if self.fresh_each_epoch else 0, int(i)))
+        return _pack(s["image"], s["gap"], s["slider"], s["fake_gaps"], s["angle"],
+                     CATEGORIES.index(s["category"]), i)
+
+
+def _read_labels(csv_path: Path) -> list[tuple[str, float, float, float, float]]:
+    expected = ",".join(LABEL_COLUMNS)
+    if not csv_path.is_file():
+        raise ValueError(f"{csv_path}: not found; expected a CSV with header {expected} next to the images")
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader, [])]
+        missing = [c for c in LABEL_COLUMNS if c not in header]
+        extra = [c for c in header if c not in LABEL_COLUMNS]
+        if missing or extra or len(header) != len(set(header)):
+            raise ValueError(f"{csv_path}: header {','.join(header) or '(empty)'} does not match {expected} "
+                             f"(missing: {missing or 'none'}, extra: {extra or 'none'})")
+        columns = [header.index(c) for c in LABEL_COLUMNS]
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{csv_path}: line {line} has {len(row)} fields, expected {len(header)} ({expected})")
+            name, *texts = (row[k].strip() for k in columns)
+            values = []
+            for column, text in zip(LABEL_COLUMNS[1:], texts):
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = math.nan
+                if not math.isfinite(value):
+                    raise ValueError(f"{csv_path}: line {line}: {column}={text!r} is not a finite number "
+                                     f"(expected pixel coordinates in the original image)")
+                values.append(value)
+            if not name:
+                raise ValueError(f"{csv_path}: line {line}: empty filename")
+            rows.append((name, *values))
+    if not rows:
+        raise ValueError(f"{csv_path}: no label rows below the header {expected}")
+    absent = [r[0] for r in rows if not (csv_path.parent / r[0]).is_file()]
+    if absent:
+        shown = ", ".join(absent[:5]) + (", ..." if len(absent) > 5 else "")
+        raise ValueError(f"{csv_path}: {len(absent)} listed image file(s) missing from {csv_path.parent}: {shown}")
+    return rows
+
+
+class CaptchaFolderDataset(Dataset):
+    """User images: DIR/labels.csv (filename,gap_x,gap_y,slider_x,slider_y in original px) plus
+    the images in DIR. Same items as SyntheticCaptchaDataset, with no fake gaps, angle 0 and
+    category -1. The folder is validated up front; any problem is one ValueError naming the file."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root}: not a directory; expected a folder with labels.csv and images")
+        self.rows = _read_labels(self.root / "labels.csv")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        name, gx, gy, sx, sy = self.rows[i]
+        image = load_image(self.root / name)
+        h, w = image.shape[:2]
+        if not all(0 <= x <= w and 0 <= y <= h for x, y in ((gx, gy), (sx, sy))):
+            raise ValueError(f"{self.root / 'labels.csv'}: labels of {name} lie outside its {w}x{h} image")
+        return _pack(image, (gx, gy), (sx, sy), [], 0.0, -1, i)
+
+
+# ---------------------------------------------------------------------------- export
+
+def export(out_dir, n: int, seed: int = 0) -> Path:
+    """Write n CAPTCHAs as PNGs plus labels.csv (original px, 3 decimals) into an empty or new
+    directory; sample i is generate_captcha((seed, 0, i)), i.e. the validation set of that seed."""
+    out = Path(out_dir)
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty directory; refusing to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [LABEL_COLUMNS]
+    for i in range(n):
+        s = generate_captcha((seed, 0, i))
+        name = f"captcha_{i:06d}.png"
+        if not cv2.imwrite(str(out / name), cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR)):
+            raise OSError(f"{out / name}: could not write PNG")
+        rows.append((name, *(f"{v:.3f}" for v in (*s["gap"], *s["slider"]))))
+    with open(out / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return out / "labels.csv"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.captcha", description="Synthetic slider-CAPTCHA tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("export", help="write N synthetic CAPTCHAs as PNGs plus labels.csv")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="sample i is generated from (seed, 0, i)")
+    args = parser.parse_args(argv)
+    try:
+        labels = export(args.out, args.n, args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.n} CAPTCHAs and {labels}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

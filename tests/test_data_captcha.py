@@ -1,0 +1,300 @@
+"""Synthetic slider-CAPTCHA generator, letterboxing, datasets and the export CLI (data/captcha.py)."""
+import csv
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, CATEGORY_PROBS, LABEL_COLUMNS, CaptchaFolderDataset,
+                          SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def centroid(alpha: np.ndarray) -> tuple[float, float]:
+    """Alpha-weighted centroid with pixel centres at +0.5 (the module's coordinate convention)."""
+    m = cv2.moments(alpha.astype(np.float64))
+    return m["m10"] / m["m00"] + 0.5, m["m01"] / m["m00"] + 0.5
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """The first 300 seeds with their intermediate layers, shared by the statistical tests."""
+    return [generate_captcha(seed, return_layers=True) for seed in range(300)]
+
+
+def by_category(samples, category):
+    found = [s for s in samples if s["category"] == category]
+    assert found, f"no {category} sample in the first {len(samples)} seeds"
+    return found
+
+
+def test_same_seed_same_sample_bit_for_bit():
+    a, b = generate_captcha(123), generate_captcha(123)
+    assert a["image"].dtype == np.uint8 and a["image"].ndim == 3 and a["image"].shape[2] == 3
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["piece_alpha"], b["piece_alpha"])
+    for key in ("gap", "slider", "fake_gaps", "angle", "category", "shape", "slider_box"):
+        assert a[key] == b[key]
+    assert np.array_equal(generate_captcha((4, 0, 9))["image"], generate_captcha((4, 0, 9))["image"])
+    c = generate_captcha(124)
+    assert c["image"].shape != a["image"].shape or not np.array_equal(c["image"], a["image"])
+    assert c["gap"] != a["gap"]
+
+
+def test_training_set_is_fresh_each_epoch_and_validation_is_fixed():
+    train = SyntheticCaptchaDataset(4, seed=11, fresh_each_epoch=True)
+    first = train[2]
+    train.set_epoch(1)
+    second = train[2]
+    assert not torch.equal(first["image"], second["image"])
+    train.set_epoch(0)
+    assert torch.equal(train[2]["image"], first["image"]) and torch.equal(train[2]["gap"], first["gap"])
+
+    val = SyntheticCaptchaDataset(4, seed=11, fresh_each_epoch=False)
+    before = val[2]
+    val.set_epoch(5)
+    assert torch.equal(val[2]["image"], before["image"]) and torch.equal(val[2]["gap"], before["gap"])
+    assert torch.equal(before["image"], first["image"])  # validation item i is (seed, 0, i)
+    assert len(val) == 4
+    with pytest.raises(IndexError):
+        val[4]
+
+
+def test_dataset_item_shapes_and_dtypes():
+    item = SyntheticCaptchaDataset(2, seed=3, fresh_each_epoch=False)[1]
+    expected = {"image": ((4, CANVAS_H, CANVAS_W), torch.float32), "gap": ((2,), torch.float32),
+                "slider": ((2,), torch.float32), "fake_gaps": ((2, 2), torch.float32),
+                "fake_mask": ((2,), torch.bool), "angle": ((), torch.float32), "category": ((), torch.int64),
+                "scale": ((), torch.float32), "pad": ((2,), torch.float32), "index": ((), torch.int64)}
+    assert set(item) == set(expected)
+    for key, (shape, dtype) in expected.items():
+        assert tuple(item[key].shape) == shape and item[key].dtype == dtype, key
+    assert item["index"].item() == 1 and 0 <= item["category"].item() < len(CATEGORIES)
+    assert 0 <= item["image"][:3].min() and item["image"][:3].max() <= 1
+    assert set(item["image"][3].unique().tolist()) <= {0.0, 1.0}
+    batch = torch.utils.data.default_collate([item, item])
+    assert batch["image"].shape == (2, 4, CANVAS_H, CANVAS_W)
+
+
+def test_labels_are_float_centroids_inside_the_image(samples):
+    for s in samples[:80]:
+        h, w = s["image"].shape[:2]
+        assert 280 <= w <= 480 and 140 <= h <= 240 and w % 2 == 0 and h % 2 == 0 and 1.8 <= w / h <= 2.4
+        for x, y in (s["gap"], s["slider"], *s["fake_gaps"]):
+            assert isinstance(x, float) and isinstance(y, float)
+            assert 0 < x < w and 0 < y < h
+        assert s["slider"][1] == s["gap"][1]
+        x0, y0, x1, y1 = s["slider_box"]
+        assert s["piece_alpha"].shape == (y1 - y0, x1 - x0) and s["piece_alpha"].dtype == np.uint8
+        cx, cy = centroid(s["piece_alpha"])
+        assert s["slider"] == pytest.approx((x0 + cx, y0 + cy), abs=1e-6)
+        assert 0 <= x0 <= 10  # slider centre in [half, half + 10]
+        # the gap is the same alpha (rotated about this centroid), right of the slider area
+        assert centroid(s["gap_alpha"]) == pytest.approx(s["gap"], abs=0.02)
+        gap_cols = np.nonzero(s["gap_alpha"].any(axis=0))[0]
+        gap_rows = np.nonzero(s["gap_alpha"].any(axis=1))[0]
+        assert gap_cols[0] >= 10 + (x1 - x0) + 10 - 3 and gap_cols[-1] < w and gap_rows[0] >= 0 and gap_rows[-1] < h
+    labels_fraction = [math.modf(s["gap"][0])[0] for s in samples]
+    assert np.std(labels_fraction) > 0.2  # sub-pixel positions are spread, not on a grid
+
+
+def test_angle_is_signed_radians_only_for_rotated_gaps(samples):
+    rotated = by_category(samples, "rotation")
+    for s in rotated:
+        assert math.radians(0.5) - 1e-9 <= abs(s["angle"]) <= math.radians(1.8) + 1e-9
+    assert {np.sign(s["angle"]) for s in samples if s["angle"]} == {-1.0, 1.0}
+    assert all(s["angle"] == 0.0 for s in by_category(samples, "none"))
+
+
+def _gap_shift(s):
+    """Mean change of grey level inside the gap (at least 4 px from its outline) and the background there."""
+    solid = (s["gap_alpha"] > 250).astype(np.uint8)
+    inner = cv2.erode(solid, np.ones((9, 9), np.uint8)).astype(bool)
+    grey = lambda img: img.astype(np.float64).mean(axis=2)
+    return (grey(s["image"]) - grey(s["background"]))[inner].mean(), grey(s["background"])[inner].mean()
+
+
+def test_gap_is_darkened_or_brightened_in_place(samples):
+    for category in ("none", "rotation", "gap_edge_highlight", "hollow_center"):
+        for s in by_category(samples, category):
+            shift, level = _gap_shift(s)
+            if level > 60:  # darker backgrounds clip at 0
+                assert shift < -15, (category, shift, level)
+    for s in by_category(samples, "highlight"):
+        shift, level = _gap_shift(s)
+        if level < 190:
+            assert shift > 15, (shift, level)
+    # outside the gap, the fakes and the slider, the background is untouched
+    s = by_category(samples, "none")[0]
+    x0, y0, x1, y1 = s["slider_box"]
+    untouched = cv2.dilate((s["gap_alpha"] > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    untouched[y0:y1, x0:x1] = False
+    assert np.array_equal(s["image"][untouched], s["background"][untouched])
+
+
+def test_slider_is_the_original_patch_with_a_light_rim(samples):
+    for s in by_category(samples, "none")[:10]:
+        x0, y0, x1, y1 = s["slider_box"]
+        alpha = s["piece_alpha"]
+        gap_x0 = int(round(s["gap"][0] - s["slider"][0])) + x0  # the gap's patch is the slider's, moved along x
+        original = s["background"][y0:y1, gap_x0:gap_x0 + (x1 - x0)].astype(np.float64)
+        slider = s["image"][y0:y1, x0:x1].astype(np.float64)
+        solid = alpha == 255
+        inner = cv2.erode(solid.astype(np.uint8), np.ones((17, 17), np.uint8)).astype(bool)
+        rim = solid & ~cv2.erode(solid.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        if inner.sum() > 10:
+            assert np.abs(slider[inner] - original[inner]).max() <= 1  # the interior is the un-darkened texture
+        assert (slider[rim] - original[rim]).mean() > 20  # whitened outline
+
+
+def test_fake_gaps_are_clear_of_the_real_gap(samples):
+    confusing = by_category(samples, "confusing_gap")
+    assert {len(s["fake_gaps"]) for s in confusing} == {1, 2}
+    for s in confusing + [s for s in samples if s["category"] == "combined" and s["fake_gaps"]]:
+        assert s["fake_alpha"].any()
+        away = cv2.distanceTransform((s["gap_alpha"] == 0).astype(np.uint8), cv2.DIST_L2, 5)
+        assert away[s["fake_alpha"] > 0].min() >= 10
+        slider_right = s["slider_box"][2]
+        assert np.nonzero(s["fake_alpha"].any(axis=0))[0][0] > slider_right
+        n, labels = cv2.connectedComponents((s["fake_alpha"] > 0).astype(np.uint8))
+        found = sorted(centroid(np.where(labels == k, s["fake_alpha"], 0)) for k in range(1, n))
+        assert len(found) == len(s["fake_gaps"])
+        for (fx, fy), (cx, cy) in zip(sorted(s["fake_gaps"]), found):
+            assert abs(fx - cx) < 0.01 and abs(fy - cy) < 0.01
+    assert all(not s["fake_gaps"] for s in by_category(samples, "none"))
+
+
+def test_categories_follow_the_mix(samples):
+    counts = Counter(s["category"] for s in samples)
+    n = len(samples)
+    for category, p in zip(CATEGORIES, CATEGORY_PROBS):
+        sd = math.sqrt(n * p * (1 - p))
+        assert abs(counts[category] - n * p) < 4 * sd + 2, (category, counts[category], n * p)
+    assert len({s["shape"] for s in samples}) == 8
+
+
+def _blob(h, w, x, y, sigma=3.0):
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
+    g = np.exp(-((xs[None] - x) ** 2 + (ys[:, None] - y) ** 2) / (2 * sigma**2))
+    return np.repeat((g * 250).astype(np.uint8)[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("h, w", [(160, 320), (150, 346), (240, 480), (140, 280), (400, 1000), (300, 300), (57, 131)])
+def test_letterbox_maps_source_px_to_canvas_px(h, w):
+    x, y = 0.37 * w + 0.3, 0.61 * h + 0.7
+    canvas, mask, scale, (pad_x, pad_y) = letterbox(_blob(h, w, x, y, sigma=max(3.0, 2 / min(1, CANVAS_W / w))))
+    assert canvas.shape == (CANVAS_H, CANVAS_W, 3) and canvas.dtype == np.uint8
+    assert mask.shape == (CANVAS_H, CANVAS_W) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert isinstance(scale, float) and isinstance(pad_x, float) and isinstance(pad_y, float)
+    assert scale == pytest.approx(min(CANVAS_W / w, CANVAS_H / h))
+    assert pad_x == pytest.approx((CANVAS_W - w * scale) / 2) and pad_y == pytest.approx((CANVAS_H - h * scale) / 2)
+    assert min(pad_x, pad_y) == pytest.approx(0, abs=1e-9)
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    assert rows[0] == pytest.approx(pad_y, abs=0.51) and rows[-1] + 1 == pytest.approx(pad_y + h * scale, abs=0.51)
+    assert cols[0] == pytest.approx(pad_x, abs=0.51) and cols[-1] + 1 == pytest.approx(pad_x + w * scale, abs=0.51)
+    assert mask.sum() == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)  # one solid rectangle
+    assert not canvas[mask == 0].any()
+    cx, cy = centroid(canvas[..., 0])
+    assert cx == pytest.approx(x * scale + pad_x, abs=0.05) and cy == pytest.approx(y * scale + pad_y, abs=0.05)
+
+
+def test_input_tensor_and_letterbox_errors():
+    canvas, mask, _, _ = letterbox(np.full((160, 300, 3), 255, np.uint8))
+    x = to_input_tensor(canvas, mask)
+    assert x.shape == (4, CANVAS_H, CANVAS_W) and x.dtype == torch.float32
+    assert torch.equal(x[3], torch.from_numpy(mask).float())
+    assert torch.equal(x[:3], torch.from_numpy(mask).float().expand(3, -1, -1))  # white image / 255 = 1
+    with pytest.raises(ValueError, match="uint8"):
+        letterbox(np.zeros((10, 20, 3), np.float32))
+    with pytest.raises(ValueError, match="canvas"):
+        to_input_tensor(canvas, mask[:-1])
+
+
+def test_export_then_folder_dataset_reproduces_the_labels(tmp_path):
+    labels_csv = export(tmp_path / "out", 4, seed=7)
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == LABEL_COLUMNS and len(rows) == 5
+    folder = CaptchaFolderDataset(tmp_path / "out")
+    synthetic = SyntheticCaptchaDataset(4, seed=7, fresh_each_epoch=False)
+    assert len(folder) == 4
+    for i, row in enumerate(rows[1:]):
+        s = generate_captcha((7, 0, i))
+        assert np.array_equal(load_image(tmp_path / "out" / row[0]), s["image"])
+        assert [float(v) for v in row[1:]] == pytest.approx([*s["gap"], *s["slider"]], abs=1e-3)
+        a, b = folder[i], synthetic[i]
+        assert torch.equal(a["image"], b["image"])
+        tolerance = 1e-3 * b["scale"].item()
+        assert torch.allclose(a["gap"], b["gap"], atol=tolerance)
+        assert torch.allclose(a["slider"], b["slider"], atol=tolerance)
+        assert a["category"].item() == -1 and a["angle"].item() == 0 and not a["fake_mask"].any()
+        assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    with pytest.raises(ValueError, match="not an empty directory"):
+        export(tmp_path / "out", 1, seed=0)
+
+
+def _write_folder(root: Path, header: str, lines: list[str], images=("a.png",)):
+    root.mkdir()
+    for name in images:
+        cv2.imwrite(str(root / name), np.zeros((160, 320, 3), np.uint8))
+    (root / "labels.csv").write_text("\n".join([header, *lines]) + "\n")
+
+
+def test_folder_dataset_validation_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="labels.csv"):
+        CaptchaFolderDataset(tmp_path)
+    _write_folder(tmp_path / "missing_column", "filename,gap_x,gap_y,slider_x", ["a.png,100,80,20"])
+    with pytest.raises(ValueError, match=r"missing_column.labels\.csv.*slider_y"):
+        CaptchaFolderDataset(tmp_path / "missing_column")
+    _write_folder(tmp_path / "extra_column", "filename,gap_x,gap_y,slider_x,slider_y,note", ["a.png,1,2,3,4,x"])
+    with pytest.raises(ValueError, match=r"extra_column.labels\.csv.*note"):
+        CaptchaFolderDataset(tmp_path / "extra_column")
+    _write_folder(tmp_path / "not_numeric", ",".join(LABEL_COLUMNS), ["a.png,100,eighty,20,80"])
+    with pytest.raises(ValueError, match=r"not_numeric.labels\.csv.*line 2.*gap_y"):
+        CaptchaFolderDataset(tmp_path / "not_numeric")
+    _write_folder(tmp_path / "missing_image", ",".join(LABEL_COLUMNS), ["a.png,100,80,20,80", "b.png,1,2,3,4"])
+    with pytest.raises(ValueError, match=r"missing_image.labels\.csv.*b\.png"):
+        CaptchaFolderDataset(tmp_path / "missing_image")
+    _write_folder(tmp_path / "ok", ",".join(LABEL_COLUMNS), ["a.png,100.5,80.25,20,80.25"])
+    item = CaptchaFolderDataset(tmp_path / "ok")[0]
+    assert item["gap"].tolist() == pytest.approx([100.5 * 1.6, 80.25 * 1.6])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image(tmp_path / "broken.png")
+    with pytest.raises(ValueError, match="nothing.png"):
+        load_image(tmp_path / "nothing.png")
+
+
+def test_export_cli(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "data.captcha", "export", "--out", str(out), "--n", "3", "--seed", "5"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["captcha_000000.png", "captcha_000001.png",
+                                                     "captcha_000002.png", "labels.csv"]
+    assert len(CaptchaFolderDataset(out)) == 3
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert len(again.stderr.strip().splitlines()) == 1 and str(out) in again.stderr
+
+
+def test_fake_gap_fallback_when_no_random_placement_fits(monkeypatch):
+    import data.captcha as captcha
+
+    monkeypatch.setattr(captcha, "_place_fakes", lambda *args, **kwargs: [])
+    checked = 0
+    for seed in range(60):
+        s = captcha.generate_captcha(seed, return_layers=True)
+        if s["category"] != "confusing_gap":
+            continue
+        checked += 1
+        assert len(s["fake_gaps"]) == 1
+        away = cv2.distanceTransform((s["gap_alpha"] == 0).astype(np.uint8), cv2.DIST_L2, 5)
+        assert away[s["fake_alpha"] > 0].min() >= 10
+    assert checked > 3
