@@ -17,7 +17,8 @@ $(BIN)/.installed: requirements.txt
 
 demo: $(BIN)/.installed
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train_captcha.py \
-		--config configs/captcha_demo.yaml --cpu
+		--config configs/captcha_quick.yaml --cpu --max_steps 200 --warmup_steps 20 --restart_steps 200 \
+		--eval_every_steps 100 --save_every_steps 100 --val_size 100
 
 test: $(BIN)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests

@@ -200,8 +200,8 @@ def make_figures(model, val_ds, arrays: dict, args: Args, device) -> dict:
 
 def main():
     args = parse_args(Args)
+    train_dl, val_dl = build_dataloaders(args)  # before start_run: a bad --train_dir fails before a run exists
     accelerator, run = start_run(args, task="captcha")
-    train_dl, val_dl = build_dataloaders(args)
     val_ds = val_dl.dataset
     model = LiteHRNet18FPN(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels,
                            with_angle=args.with_angle)
