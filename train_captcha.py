@@ -331,6 +331,7 @@ def main():
             state.epoch += 1
     progress.close()
 
+    metrics = metrics or state.last_metrics  # a resumed run that had already reached max_steps
     ckpt.export_final(model, ema, metrics, state)
     if accelerator.is_main_process:
         best = f"{state.best:.2f}" if state.best is not None else "n/a"

@@ -66,8 +66,10 @@ def test_one_process_run_layout_and_wandb_offline(one_process_run):
 
 def test_two_process_run_gathers_metrics(tmp_path):
     proc = run_script("train_captcha.py", tiny(tmp_path, "--max_steps", "2", "--eval_every_steps", "2",
-                                                "--save_every_steps", "2"), nproc=2)
+                                                "--save_every_steps", "2", "--report_to", "tensorboard"), nproc=2)
     run = only_run(tmp_path)
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*")), "tensorboard tracker wrote nothing"
+    assert len(list((run / "checkpoints" / "step_00000002").glob("random_states_*.pkl"))) == 2
     log = (run / "train.log").read_text()
     assert "2 process(es) (MULTI_CPU)" in log, log
     metrics = json.loads((run / "final" / "metrics.json").read_text())
@@ -202,3 +204,14 @@ def test_predict_on_exported_folder(one_process_run, tmp_path):
         assert 0 <= float(r["gap_score"]) <= 1
     bad = subprocess.run([*cmd[:3], str(tmp_path / "missing"), *cmd[4:]], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "no such file or directory" in bad.stderr
+
+
+def test_refuses_multi_process_launch_that_accelerate_sees_as_one(tmp_path):
+    """WORLD_SIZE=2 without the CPU flag: every process would train alone as rank 0 (accelerate #2741)."""
+    args = [a for a in tiny(tmp_path) if a != "--cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([os.sys.executable, str(ROOT / "train_captcha.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "WORLD_SIZE=2 but Accelerate sees 1 process" in proc.stderr
+    assert not any(tmp_path.iterdir())

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, broadcast_object_list, set_seed
 
 from training.checkpoint import find_latest_checkpoint, is_complete
 from training.config import UsageError, as_dict, fail
@@ -131,7 +131,9 @@ def start_run(args, task: str) -> tuple[Accelerator, Run]:
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum,
+        # Groups never end at an epoch boundary: a short tail group would be divided by grad_accum
+        # anyway and count less than the others. Checkpoints are taken at group ends only.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
         log_with=None if args.report_to == "none" else args.report_to,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
