@@ -24,10 +24,10 @@ test: $(BIN)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/captcha_step.py
-	$(BIN)/python benchmarks/captcha_data.py
-	$(BIN)/python benchmarks/captcha_latency.py
-	$(BIN)/python benchmarks/captcha_quality.py
+	$(BIN)/python benchmarks/captcha_step.py --out bench_out
+	$(BIN)/python benchmarks/captcha_data.py --out bench_out
+	$(BIN)/python benchmarks/captcha_latency.py --out bench_out
+	$(BIN)/python benchmarks/captcha_quality.py --out bench_out   # newest run under runs/captcha
 
 clean:
 	rm -rf $(VENV)
