@@ -170,9 +170,13 @@ def _draw(image: torch.Tensor, true: np.ndarray, pred: np.ndarray, text: str) ->
 
 
 def _heat(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    heat = (torch.sigmoid(logits.float()).cpu().numpy() * 255).astype(np.uint8)
-    heat = cv2.resize(heat, size, interpolation=cv2.INTER_NEAREST)
-    return cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    """Heatmap scaled to its own peak (early in training peaks are far below 1), peak value printed."""
+    prob = torch.sigmoid(logits.float()).cpu().numpy()
+    heat = (prob / max(float(prob.max()), 1e-6) * 255).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(cv2.resize(heat, size, interpolation=cv2.INTER_NEAREST),
+                                          cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    cv2.putText(heat, f"peak {prob.max():.2f}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return heat
 
 
 @torch.no_grad()
