@@ -136,6 +136,8 @@ def start_run(args, task: str) -> tuple[Accelerator, Run]:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
         log_with=None if args.report_to == "none" else args.report_to,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # The TensorBoard tracker is checked for a logging dir here; the run directory replaces it below.
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes == 1:
