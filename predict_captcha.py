@@ -48,6 +48,19 @@ def resolve_weights(checkpoint: Path) -> tuple[Path, dict]:
     return weights, yaml.safe_load(args_file.read_text()) or {}
 
 
+def load_model(checkpoint: str, device: torch.device):
+    """-> (model in eval mode on device, weights file, training args); one-line errors on bad input."""
+    weights, train_args = resolve_weights(Path(checkpoint))
+    model = LiteHRNet18FPN(in_chans=4, fpn_channels=train_args.get("fpn_channels", 64),
+                           head_channels=train_args.get("head_channels", 64),
+                           with_angle=train_args.get("with_angle", True))
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as e:
+        fail(f"--checkpoint {weights}: weights do not match the model in args.yaml ({str(e).splitlines()[0]})")
+    return model.to(device).eval(), weights, train_args
+
+
 def list_images(items: list[str]) -> list[Path]:
     paths = []
     for item in map(Path, items):
@@ -73,16 +86,8 @@ def main():
     if args.batch_size < 1:
         fail(f"--batch_size must be >= 1, got {args.batch_size}")
 
-    weights, train_args = resolve_weights(Path(args.checkpoint))
-    model = LiteHRNet18FPN(in_chans=4, fpn_channels=train_args.get("fpn_channels", 64),
-                           head_channels=train_args.get("head_channels", 64),
-                           with_angle=train_args.get("with_angle", True))
-    try:
-        model.load_state_dict(load_file(weights))
-    except RuntimeError as e:
-        fail(f"--checkpoint {weights}: weights do not match the model in args.yaml ({str(e).splitlines()[0]})")
     device = torch.device(args.device)
-    model.to(device).eval()
+    model, _, _ = load_model(args.checkpoint, device)
     paths = list_images(args.images)
 
     rows, model_s, total_start = [], 0.0, time.perf_counter()

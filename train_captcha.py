@@ -12,7 +12,6 @@ Bring your own labelled images with ``--train_dir``/``--val_dir`` (a folder with
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.captcha_quality import load_model
+from predict_captcha import load_model
 from benchmarks.common import int_list, positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset, export, letterbox, load_image, to_input_tensor
 from losses.captcha import valid_cells

@@ -28,15 +28,13 @@ import argparse
 import cv2
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import positive, print_header, report, table
 from data.captcha import CATEGORIES, SyntheticCaptchaDataset, generate_captcha, letterbox, to_input_tensor
 from losses.captcha import valid_cells
 from metrics.captcha import captcha_metrics, decode, point_errors
-from models.lite_hrnet import LiteHRNet18FPN
-from predict_captcha import resolve_weights
+from predict_captcha import load_model
 from training.config import fail
 
 METHODS = ("model", "TM-oracle", "TM-blind")
@@ -211,18 +209,6 @@ def check_same_samples(ours: QualitySamples, seed: int) -> None:
     if not same:
         raise RuntimeError("benchmark inputs differ from SyntheticCaptchaDataset: data/captcha.py changed how "
                            "samples are packed; update QualitySamples.__getitem__ to match")
-
-
-def load_model(checkpoint: str, device: torch.device):
-    weights, train_args = resolve_weights(Path(checkpoint))
-    model = LiteHRNet18FPN(in_chans=4, fpn_channels=train_args.get("fpn_channels", 64),
-                           head_channels=train_args.get("head_channels", 64),
-                           with_angle=train_args.get("with_angle", True))
-    try:
-        model.load_state_dict(load_file(weights))
-    except RuntimeError as e:
-        fail(f"--checkpoint {weights}: weights do not match the model in args.yaml ({str(e).splitlines()[0]})")
-    return model.to(device).eval(), weights, train_args
 
 
 def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, category: np.ndarray) -> list[dict]:

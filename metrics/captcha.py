@@ -9,13 +9,36 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 STRIDE = 4
 
 
+def plateau_centre(logits: torch.Tensor, flat: torch.Tensor, iters: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre (row, col), in cells, of the flat top that contains each argmax.
+
+    A heatmap head whose hidden ReLU features all switch off at the target outputs exactly its
+    bias over several neighbouring cells; a plain argmax then returns the first tied cell in
+    row-major order, i.e. the top-left of the plateau (a systematic upward shift of several px).
+    The tied cells connected to the argmax are grown by 3x3 max-pooling within the plateau (up to
+    ``iters`` cells away) and averaged. A unique maximum is returned unchanged.
+    logits: (B, h, w); flat: (B,) argmax indices.
+    """
+    b, h, w = logits.shape
+    peak = logits.flatten(1).gather(1, flat[:, None])[:, :, None]
+    on = (logits >= peak).float()
+    region = torch.zeros_like(on).flatten(1).scatter_(1, flat[:, None], 1.0).view(b, h, w)
+    for _ in range(iters):
+        region = F.max_pool2d(region[:, None], 3, stride=1, padding=1)[:, 0] * on
+    rows = torch.arange(h, device=logits.device, dtype=torch.float32)[None, :, None]
+    cols = torch.arange(w, device=logits.device, dtype=torch.float32)[None, None, :]
+    total = region.flatten(1).sum(1)
+    return (region * rows).flatten(1).sum(1) / total, (region * cols).flatten(1).sum(1) / total
+
+
 @torch.no_grad()
 def decode(outputs: dict, valid: torch.Tensor, stride: int = STRIDE):
-    """Argmax of each padding-masked heatmap plus its sub-cell offset.
+    """Peak of each padding-masked heatmap (centre of its flat top) plus the sub-cell offset there.
 
     outputs: model dict; valid: (B, h, w) bool. Returns points (B, 2, 2) = (gap, slider) x (x, y)
     in canvas px and scores (B, 2) = sigmoid peak values.
@@ -25,9 +48,10 @@ def decode(outputs: dict, valid: torch.Tensor, stride: int = STRIDE):
         logits = outputs[name][:, 0].float().masked_fill(~valid, float("-inf"))
         b, h, w = logits.shape
         peak, flat = logits.flatten(1).max(1)
-        i, j = flat // w, flat % w
+        ci, cj = plateau_centre(logits, flat)
+        i, j = ci.round().long(), cj.round().long()
         off = outputs["offset"][torch.arange(b, device=flat.device), 2 * k:2 * k + 2, i, j].float()
-        points.append(torch.stack([(j + 0.5 + off[:, 0]) * stride, (i + 0.5 + off[:, 1]) * stride], dim=1))
+        points.append(torch.stack([(cj + 0.5 + off[:, 0]) * stride, (ci + 0.5 + off[:, 1]) * stride], dim=1))
         scores.append(torch.sigmoid(peak))
     return torch.stack(points, dim=1), torch.stack(scores, dim=1)
 

@@ -127,3 +127,17 @@ def test_metric_definitions():
     assert math.isclose(m["slide_mae_px"], (2 + 6) / 2)
     assert math.isclose(m["slider_euclid_px"], 5.0)
     assert point_errors(pred, true)["combined"].tolist() == combined.tolist()
+
+
+def test_decode_takes_the_centre_of_a_flat_top():
+    """Tied maxima (a head outputting its bias over several cells) decode to the plateau's centre,
+    not to its top-left cell; a second, separate plateau of the same height is ignored."""
+    gap = torch.tensor([[300.0, 100.0]])
+    outputs = _outputs_from_points(gap, gap)
+    outputs["offset"].zero_()
+    outputs["gap"][0, 0] = -5.0
+    outputs["gap"][0, 0, 10:13, 20:25] = 1.5   # rows 10-12, cols 20-24: centre (11, 22)
+    outputs["gap"][0, 0, 40:42, 100:102] = 1.5  # same height, elsewhere
+    points, scores = decode(outputs, torch.ones(1, 64, 128, dtype=torch.bool))
+    assert torch.allclose(points[0, 0], torch.tensor([(22 + 0.5) * 4, (11 + 0.5) * 4]))
+    assert torch.allclose(scores[0, 0], torch.sigmoid(torch.tensor(1.5)))

@@ -142,8 +142,8 @@ def test_scheduler_steps_once_per_update_two_processes(tmp_path):
     run_script("train_captcha.py", tiny(tmp_path, "--max_steps", "3", "--grad_accum", "2", "--save_every_steps", "3",
                                         "--eval_every_steps", "3", "--run_name", "r"), nproc=2)
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000003"
-    scheduler = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
-    state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
+    scheduler = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)
+    state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)
     assert scheduler["last_epoch"] == 3
     assert state["global_step"] == 3 and state["step_in_epoch"] == 6  # 3 updates x 2 micro-batches per rank
     lrs = [float(r["train/lr"]) for r in csv.DictReader((tmp_path / "r" / "summary.csv").open())]
