@@ -125,6 +125,13 @@ def build_scheduler(optimizer, args: Args):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup_steps])
 
 
+def loss_kwargs(args: Args) -> dict:
+    return dict(alpha=args.focal_alpha, beta=args.focal_beta, pos_threshold=args.pos_threshold,
+                sigma=args.heatmap_sigma, offset_weight=args.offset_weight,
+                hard_negative_weight=args.hard_negative_weight,
+                hard_negative_margin=args.hard_negative_margin, angle_weight=args.angle_weight)
+
+
 def set_train_mode(model, freeze_bn: bool) -> None:
     model.train()
     if freeze_bn:
@@ -227,10 +234,6 @@ def main():
                         save_top_k=args.save_top_k)
     ckpt.register(scheduler, state, stopper, *([ema] if ema is not None else []))
     ckpt.resume(state)
-    loss_kwargs = dict(alpha=args.focal_alpha, beta=args.focal_beta, pos_threshold=args.pos_threshold,
-                       sigma=args.heatmap_sigma, offset_weight=args.offset_weight,
-                       hard_negative_weight=args.hard_negative_weight,
-                       hard_negative_margin=args.hard_negative_margin, angle_weight=args.angle_weight)
 
     progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
@@ -250,7 +253,7 @@ def main():
             window["data_s"] += time.perf_counter() - fetch_start
             with accelerator.accumulate(model):
                 outputs = model(to_input(batch["image"], args))
-                loss, parts = captcha_loss(outputs, batch, **loss_kwargs)
+                loss, parts = captcha_loss(outputs, batch, **loss_kwargs(args))
                 finite = torch.isfinite(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

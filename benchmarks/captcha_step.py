@@ -37,7 +37,7 @@ from benchmarks.common import positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
-from train_captcha import Args, build_scheduler, set_train_mode, to_input
+from train_captcha import Args, build_scheduler, loss_kwargs, set_train_mode, to_input
 from training.config import UsageError, fail, load_yaml_config
 
 TARGET_RATIO = 1.05
@@ -79,13 +79,6 @@ def build_model(args: Args) -> LiteHRNet18FPN:
     model = LiteHRNet18FPN(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels,
                            with_angle=args.with_angle)
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
-
-
-def loss_kwargs(args: Args) -> dict:
-    return dict(alpha=args.focal_alpha, beta=args.focal_beta, pos_threshold=args.pos_threshold,
-                sigma=args.heatmap_sigma, offset_weight=args.offset_weight,
-                hard_negative_weight=args.hard_negative_weight,
-                hard_negative_margin=args.hard_negative_margin, angle_weight=args.angle_weight)
 
 
 def fixed_batches(args: Args, n: int, device) -> list[dict]:
