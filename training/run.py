@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -118,7 +119,10 @@ def _wandb_init_kwargs(run_dir: Path, run_name: str) -> dict:
     os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / ".data"))
     if mode != "online":
         os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / "wandb" / ".config"))
-    return {"wandb": {"name": run_name, "dir": str(run_dir), "mode": mode, "id": run_name.replace("/", "-"), "resume": "allow"}}
+    # Runs named <group>_s<seed> (the seeds of one multi-seed launch) share a W&B group.
+    group = re.sub(r"_s\d+$", "", run_name)
+    return {"wandb": {"name": run_name, "group": group, "dir": str(run_dir), "mode": mode,
+                      "id": run_name.replace("/", "-"), "resume": "allow"}}
 
 
 def start_run(args, task: str) -> tuple[Accelerator, Run]:
