@@ -32,8 +32,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 import data.captcha as generator
-from benchmarks.captcha_step import add_model_flags, build_model, fixed_batches, make_ours_step, timed, train_args
-from benchmarks.common import int_list, positive, print_header, report, table
+from benchmarks.captcha_step import add_model_flags, build_model, fixed_batches, make_ours_step, train_args
+from benchmarks.common import int_list, positive, print_header, report, table, timed
 from data.captcha import CATEGORIES, SyntheticCaptchaDataset
 from train_captcha import Args
 from training.config import UsageError, fail, load_yaml_config

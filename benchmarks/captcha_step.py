@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo'
 
 import argparse
 import copy
-import time
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch.utils.data import default_collate
 
-from benchmarks.common import positive, print_header, report, stats_ms, table
+from benchmarks.common import alternate_rounds, positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
@@ -152,18 +151,6 @@ def make_bare_step(args: Args, model, device: torch.device):
     return step
 
 
-def timed(step, batches: list[dict], n: int, device: torch.device) -> list[float]:
-    """Seconds per call of n calls cycling through batches; the device is synced before each reading."""
-    seconds = []
-    for k in range(n):
-        start = time.perf_counter()
-        step(batches[k % len(batches)])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,17 +180,7 @@ def main():
     print(f"model {n_params / 1e6:.3f} M parameters, batch {args.batch_size}, channels_last {args.channels_last}, "
           f"mixed precision {accelerator.mixed_precision}, device {device}", flush=True)
 
-    for name, step in steps.items():
-        timed(step, batches, flags.warmup, device)
-    seconds = {name: [] for name in steps}
-    round_medians = {name: [] for name in steps}
-    for r in range(flags.rounds):
-        for name in (("ours", "bare") if r % 2 == 0 else ("bare", "ours")):
-            t = timed(steps[name], batches, flags.steps, device)
-            seconds[name] += t
-            round_medians[name].append(1000 * float(np.median(t)))
-        print(f"  round {r + 1}/{flags.rounds}: ours {round_medians['ours'][-1]:.1f} ms, "
-              f"bare {round_medians['bare'][-1]:.1f} ms", flush=True)
+    seconds, round_medians = alternate_rounds(steps, batches, flags.warmup, flags.rounds, flags.steps, device)
 
     summary = {name: stats_ms(s) for name, s in seconds.items()}
     ratio = summary["ours"]["median"] / summary["bare"]["median"]

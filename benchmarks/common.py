@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,36 @@ def report(name: str, title: str, info: dict, tables: list[dict], notes: list[st
                    "notes": notes, **(extra or {})}
         (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
         print(f"wrote {out / (name + '.md')} and {out / (name + '.json')}")
+
+
+def timed(step, batches: list[dict], n: int, device: torch.device) -> list[float]:
+    """Seconds per call of n calls cycling through batches; the device is synced before each reading."""
+    seconds = []
+    for k in range(n):
+        start = time.perf_counter()
+        step(batches[k % len(batches)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def alternate_rounds(steps: dict, batches: list, warmup: int, rounds: int, n: int, device: torch.device):
+    """Time two (or more) step functions in alternating rounds, the order reversed every round.
+
+    Machine-speed drifts then hit every method alike. Returns per-step seconds and per-round
+    medians (ms), both keyed by method name.
+    """
+    for step in steps.values():
+        timed(step, batches, warmup, device)
+    seconds = {name: [] for name in steps}
+    round_medians = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t = timed(steps[name], batches, n, device)
+            seconds[name] += t
+            round_medians[name].append(1000 * float(np.median(t)))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} ms" for k, v in round_medians.items()),
+              flush=True)
+    return seconds, round_medians
