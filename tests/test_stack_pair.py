@@ -69,3 +69,43 @@ def test_combine_without_test_split():
     y_val, val = members(400, 3, seed=5)
     rows, _ = combine(val, y_val, None, ["a", "b", "c"], folds=4, seed=0)
     assert all(t is None for _, t in rows.values())
+
+
+def test_pair_quality_benchmark_aggregates_runs(tmp_path):
+    """benchmarks/pair_quality.py on hand-made runs: per-variant mean +- std and every ensemble method."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    y_val, _ = members(400, 1, seed=6)
+    y_test, _ = members(300, 1, seed=7)
+    accs = {}
+    for variant in ("fusion", "fpn"):
+        for k, seed in enumerate((1, 2)):
+            run = tmp_path / f"cpu_{variant}_s{seed}"
+            (run / "predictions").mkdir(parents=True)
+            rng = np.random.default_rng(100 * k + len(variant))
+            for split, y in (("val", y_val), ("test", y_test)):
+                prob = 1 / (1 + np.exp(-((2 * y - 1) * 1.2 + rng.normal(0, 1.5, len(y)))))
+                lines = ["id,prob,label"] + [f"{split}{i},{p:.6f},{t}" for i, (p, t) in enumerate(zip(prob, y))]
+                (run / "predictions" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+                if split == "test":
+                    accs[(variant, seed)] = pair_metrics(prob, y)["accuracy"]
+            result = {"seed": seed, "params": 1000, "val/accuracy": 70.0 + k, "test/accuracy": accs[(variant, seed)],
+                      "test/f1": 70.0, "test/roc_auc": 0.8, "train_minutes": 1.0 + k}
+            (run / "results.json").write_text(json.dumps(result))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pair_quality.py"), "--runs_dir", str(tmp_path),
+                           "--variants", "fusion,fpn", "--seeds", "1,2", "--folds", "3", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "pair_quality.json").read_text())
+    variants, ensembles = report["tables"][0]["rows"], report["tables"][1]["rows"]
+    fusion = next(r for r in variants if r["variant"] == "fusion")
+    values = [accs[("fusion", 1)], accs[("fusion", 2)]]
+    assert fusion["test/accuracy"] == f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}"
+    assert fusion["seeds"] == 2 and fusion["val/accuracy"] == "70.50 +- 0.71"
+    assert [e["method"] for e in ensembles][1:] == ["mean of probabilities", "majority vote", "logreg stacking",
+                                                    "lgbm stacking"]
+    assert ensembles[-1]["val_is"] == "OOF"

@@ -1,0 +1,117 @@
+"""Predict same-digit pairs of an npz file with one or more trained runs.
+
+    python predict_pair.py --checkpoint runs/pair/<run> --data test_public.npz --out preds.csv
+    python predict_pair.py --checkpoint runs/pair/<group>_s* --data x.npz --out preds.csv                 # mean prob
+    python predict_pair.py --checkpoint runs/pair/<group>_s* --data x.npz --stacker runs/pair_stack/<name> --out preds.csv
+
+Each run contributes the probability of its best weights (``best/``, else ``final/``);
+several runs are averaged, or combined by the LightGBM meta-learner of ``stack_pair.py``
+(``--stacker``; the runs given must be its members). Output columns: ``id,prob,pred``
+(pred = prob >= 0.5). When the file has labels, accuracy and AUC are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import lightgbm
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from data.pair import PairNPZDataset
+from metrics.pair import pair_metrics
+from stack_pair import features
+from train_pair import Args, build_model
+from training.config import UsageError, fail
+
+
+def load_run(run: Path, device: torch.device):
+    """Model of a train_pair.py run with its best (else final) weights, in eval mode; one-line errors."""
+    if not run.is_dir():
+        fail(f"--checkpoint {run}: no such run directory")
+    weights = next((run / d / "model.safetensors" for d in ("best", "final") if (run / d / "model.safetensors").is_file()), None)
+    if weights is None:
+        fail(f"--checkpoint {run}: no best/ or final/ export with model.safetensors inside")
+    if not (run / "args.yaml").is_file():
+        fail(f"--checkpoint {run}: args.yaml not found (needed to rebuild the model)")
+    try:
+        train_args = Args(**(yaml.safe_load((run / "args.yaml").read_text()) or {}))
+    except (TypeError, UsageError) as e:
+        fail(f"--checkpoint {run}/args.yaml: not the arguments of a train_pair.py run ({e})")
+    model = build_model(train_args)
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as e:
+        fail(f"--checkpoint {weights}: weights do not match the model in args.yaml ({str(e).splitlines()[0]})")
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict_probs(model, dataloader, device) -> np.ndarray:
+    probs = [torch.sigmoid(model(batch["a"].to(device), batch["b"].to(device)).float()).cpu() for batch in dataloader]
+    return torch.cat(probs).numpy()
+
+
+def stack(stacker_dir: Path, runs: list[Path], probs: np.ndarray) -> np.ndarray:
+    """Apply a stack_pair.py LightGBM meta-learner; columns of ``probs`` follow ``runs``."""
+    spec_path = stacker_dir / "stacker.json"
+    if not spec_path.is_file():
+        fail(f"--stacker {stacker_dir}: no stacker.json (made by stack_pair.py --out)")
+    spec = json.loads(spec_path.read_text())
+    given = {str(r.resolve()): i for i, r in enumerate(runs)}
+    if set(given) != set(spec["members"]):
+        fail(f"--stacker {stacker_dir}: expects exactly the runs {', '.join(spec['member_names'])} as --checkpoint")
+    columns = [given[m] for m in spec["members"]]
+    booster = lightgbm.Booster(model_file=str(stacker_dir / spec["lgbm_model"]))
+    return booster.predict(features(probs[:, columns]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, nargs="+", help="train_pair.py run directories")
+    parser.add_argument("--data", required=True, help="npz with x uint8 (N, 28, 56) and id (y optional)")
+    parser.add_argument("--out", default="preds.csv", help="output CSV (id,prob,pred)")
+    parser.add_argument("--stacker", default=None, help="stack_pair.py output folder: combine the runs with its meta-learner")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.batch_size < 1:
+        fail(f"--batch_size must be >= 1, got {args.batch_size}")
+    runs = [Path(r) for r in args.checkpoint]
+    if args.stacker is not None and len(runs) < 2:
+        fail("--stacker needs the member runs as --checkpoint (at least 2)")
+    try:
+        dataset = PairNPZDataset(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        fail(f"--data {e}")
+    device = torch.device(args.device)
+    models = [load_run(run, device) for run in runs]  # all checked before any work
+
+    dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    start = time.perf_counter()
+    probs = np.stack([predict_probs(model, dataloader, device) for model in models], axis=1)  # (N, runs)
+    seconds = time.perf_counter() - start
+    prob = stack(Path(args.stacker), runs, probs) if args.stacker else probs.mean(1)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "prob", "pred"])
+        writer.writerows([i, f"{p:.6f}", int(p >= 0.5)] for i, p in zip(dataset.ids, prob))
+    how = "stacked" if args.stacker else ("mean of" if len(runs) > 1 else "one run,")
+    print(f"{len(dataset)} pairs -> {out} ({how} {len(runs)} model(s); {len(dataset) * len(runs) / seconds:.0f} "
+          f"pair-model evaluations/s on {device})")
+    if dataset.has_labels:
+        metrics = pair_metrics(prob, dataset.labels)
+        print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

