@@ -190,3 +190,12 @@ def test_non_finite_loss_stops_with_status_1(data_dir, tmp_path):
                       check=False)
     assert proc.returncode != 0
     assert "non-finite loss at update" in (tmp_path / "nan" / "train.log").read_text()
+
+
+def test_step_benchmark_prints_the_ratio(tmp_path):
+    proc = python("benchmarks/pair_step.py", "--config", "none", "--width_mult", "0.25", "--batch_size", "4",
+                  "--steps", "1", "--warmup", "0", "--rounds", "2", "--distinct_batches", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "pair_step.json").read_text())
+    methods = [row["method"] for row in report["tables"][0]["rows"]]
+    assert methods == ["ours (train_pair.py step)", "bare PyTorch"] and report["ratio"] > 0
