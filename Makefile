@@ -23,11 +23,16 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed datasets/pair/meta.json
 	$(BIN)/python benchmarks/captcha_step.py --out bench_out
 	$(BIN)/python benchmarks/captcha_data.py --out bench_out
 	$(BIN)/python benchmarks/captcha_latency.py --out bench_out
 	$(BIN)/python benchmarks/captcha_quality.py --out bench_out   # newest run under runs/captcha
+	$(BIN)/python benchmarks/pair_step.py --out bench_out
+	$(BIN)/python benchmarks/pair_quality.py --train --out bench_out   # trains 4 variants x 3 seeds (~80 min on 2 cores)
+
+datasets/pair/meta.json: $(BIN)/.installed
+	$(BIN)/python -m data.pair build --out datasets/pair --overwrite
 
 clean:
 	rm -rf $(VENV)

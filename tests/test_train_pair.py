@@ -138,9 +138,9 @@ def test_stack_and_predict_on_trained_runs(two_seeds, data_dir, tmp_path):
 def test_two_process_single_head_run(data_dir, tmp_path):
     run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--max_steps", "4",
                                  "--eval_every_steps", "4", "--no-fusion", "--head", "diff", "--run_name", "ddp",
-                                 "--augment", "randaugment", "--loss", "bce"], nproc=2)
+                                 "--augment", "randaugment", "--loss", "bce", "--mixed_precision", "bf16"], nproc=2)
     run = tmp_path / "ddp"
-    assert "2 process(es) (MULTI_CPU)" in (run / "train.log").read_text()
+    assert "2 process(es) (MULTI_CPU), device cpu:0, mixed precision bf16" in (run / "train.log").read_text()
     summary = read_csv(run / "summary.csv")
     assert not any(k.startswith("fusion/") for k in summary[0])  # --no-fusion really builds one head
     rows = read_csv(run / "predictions" / "val.csv")
