@@ -164,6 +164,14 @@ def build_model(args: Args) -> ResNetCompareNet:
                             dropout=args.dropout)
 
 
+def build_scheduler(optimizer, args: Args, max_steps: int):
+    """plateau: step(val accuracy) once per evaluation; cosine: step() once per real update, min_lr at max_steps."""
+    if args.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=args.plateau_factor, patience=args.plateau_patience, min_lr=args.min_lr)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps, eta_min=args.min_lr)
+
+
 def compute_loss(logits: torch.Tensor, label: torch.Tensor, args: Args):
     if args.loss == "focal":
         return focal_loss(logits, label, alpha=args.focal_alpha, gamma=args.focal_gamma,
@@ -227,12 +235,7 @@ def train(args: Args) -> dict:
     save_every = args.save_every_steps or updates_per_epoch
     run.log.info("%d updates (%d per epoch), evaluation every %d, checkpoint every %d",
                  max_steps, updates_per_epoch, eval_every, save_every)
-    # Not prepared: plateau is stepped once per evaluation, cosine once per real update.
-    if args.lr_schedule == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=args.plateau_factor, patience=args.plateau_patience, min_lr=args.min_lr)
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps, eta_min=args.min_lr)
+    scheduler = build_scheduler(optimizer, args, max_steps)  # not prepared: see build_scheduler
     monitor = "val/accuracy"
     state = TrainState()
     stopper = EarlyStopping(monitor, mode="max", patience=args.patience)

@@ -70,3 +70,23 @@ def test_pair_metrics_hand_computed():
     assert math.isnan(pair_metrics(prob, np.ones(6))["roc_auc"])
     with pytest.raises(ValueError, match="lengths"):
         pair_metrics(prob, label[:3])
+
+
+def test_lr_schedules_of_train_pair():
+    from train_pair import Args, build_scheduler
+
+    def lrs(args, steps, metrics=None):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+        scheduler = build_scheduler(optimizer, args, max_steps=steps)
+        out = []
+        for k in range(steps):
+            optimizer.step()
+            scheduler.step(metrics[k]) if metrics is not None else scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    plateau = Args(lr=1e-3, lr_schedule="plateau", plateau_factor=0.5, plateau_patience=2)
+    # accuracy improves twice, then stalls: the lr halves after the 3rd stalled evaluation (patience 2)
+    assert lrs(plateau, 6, [50, 60, 60, 60, 59, 60]) == pytest.approx([1e-3] * 4 + [5e-4] * 2)
+    cosine = lrs(Args(lr=1e-3, lr_schedule="cosine", min_lr=1e-5), 10)
+    assert cosine[-1] == pytest.approx(1e-5) and all(a > b for a, b in zip(cosine, cosine[1:]))
