@@ -1,0 +1,229 @@
+"""SMLM matching and metrics on hand-made cases; the CRLB against analytic limits and Monte-Carlo checks.
+
+CRLB reference formula: smlm.md gives none, so the tests use Mortensen et al. (Nat Methods 2010), whose
+maximum-likelihood variance for a pixelated 2D Gaussian is
+    var_x = F^2 (sigma_a^2 / N) / (1 + integral_0^1 ln t / (1 + t / tau) dt),
+    sigma_a^2 = sigma^2 + a^2 / 12,  tau = 2 pi sigma_a^2 b / (N a^2),
+with F^2 = 1 for Poisson counts and 2 for a high-gain EMCCD. Without background (tau -> 0) it is
+F^2 sigma_a^2 / N. The 16/9 factor of the same paper belongs to least-squares fitting, not to the
+bound, so it is not used. Thompson et al. (2002) have the same no-background term sigma_a^2 / N.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.integrate import quad
+
+from metrics.smlm import (ALPHA_AX, ALPHA_LAT, EMCCD_EXCESS_NOISE, astigmatic_sigma, crlb_from_fisher, default_roi_px,
+                          detection_metrics, efficiency, fisher_information, gaussian_2d_crlb, gaussian_2d_fisher,
+                          gaussian_psf_image, localisation_errors, match_emitters, rmse_over_crlb, smlm_metrics)
+
+# Two-plus frames, positions in nm. Frame 0: a duplicate prediction near A, one pair inside and one
+# outside the lateral threshold; frame 1: one pair beyond the axial threshold and one TP; frame 2: two
+# predictions without ground truth (one at D's position, but D is in frame 1); frame 3: a missed emitter.
+GT = np.array([[0, 0, 0], [1000, 0, 0], [3000, 3000, 0],          # A, B, C (frame 0)
+               [500, 500, 0], [2000, 2000, -200],                  # D, E (frame 1)
+               [800, 800, 0]], dtype=float)                        # F (frame 3)
+GT_FRAME = np.array([0, 0, 0, 1, 1, 3])
+PRED = np.array([[30, 40, 0],          # p0: 50 nm from A, loses A to p1, > 250 nm from B -> FP
+                 [10, 0, 0],           # p1: 10 nm from A -> TP
+                 [1000, 200, 100],     # p2: B, lateral 200 <= 250, axial 100 -> TP
+                 [3000, 3300, 0],      # p3: C, lateral 300 > 250 -> FP (C is FN)
+                 [500, 600, 600],      # p4: D, lateral 100 but axial 600 > 500 -> FP (D is FN)
+                 [2030, 1960, -80],    # p5: E, d = (30, -40, 120) -> TP
+                 [100, 100, 0],        # p6: frame 2 has no ground truth -> FP
+                 [500, 500, 0]], dtype=float)  # p7: at D's position but in frame 2 -> FP
+PRED_FRAME = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+
+
+def test_matching_hand_made_case():
+    pred_idx, gt_idx = match_emitters(PRED, PRED_FRAME, GT, GT_FRAME)
+    assert sorted(zip(pred_idx.tolist(), gt_idx.tolist())) == [(1, 0), (2, 1), (5, 4)]
+
+
+def test_every_metric_on_the_hand_made_case():
+    m = smlm_metrics(PRED, PRED_FRAME, GT, GT_FRAME)
+    assert (m["tp"], m["fp"], m["fn"]) == (3, 5, 3)
+    assert m["precision"] == pytest.approx(3 / 8)
+    assert m["recall"] == pytest.approx(1 / 2)
+    assert m["jaccard"] == pytest.approx(3 / 11)
+    assert m["f1"] == pytest.approx(3 / 7)
+    # TP errors d = pred - gt: (10, 0, 0), (0, 200, 100), (30, -40, 120)
+    assert m["rmse_lat"] == pytest.approx(math.sqrt((100 + 40000 + 900 + 1600) / 3))
+    assert m["rmse_ax"] == pytest.approx(math.sqrt((10000 + 14400) / 3))
+    assert m["rmse_vol"] == pytest.approx(math.sqrt((42600 + 24400) / 3))
+    assert m["mad_lat"] == pytest.approx((10 + 200 + 70) / 3)
+    assert m["mad_ax"] == pytest.approx((100 + 120) / 3)
+    assert m["mad_vol"] == pytest.approx(500 / 3)
+    assert m["effcy_lat"] == pytest.approx((100 - math.sqrt((100 * 8 / 11) ** 2 + 14200)) / 100)
+    assert m["effcy_vol"] == pytest.approx((m["effcy_lat"] + m["effcy_ax"]) / 2)
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_efficiency_by_hand():
+    # JI = 0.8 -> 100 (1 - JI) = 20; alpha * RMSE = 15 -> sqrt(20^2 + 15^2) = 25 -> E = 0.75.
+    assert ALPHA_LAT == 1.0 and ALPHA_AX == 0.5
+    assert efficiency(0.8, 15.0, ALPHA_LAT) == pytest.approx(0.75)
+    assert efficiency(0.8, 30.0, ALPHA_AX) == pytest.approx(0.75)
+    assert efficiency(1.0, 0.0, ALPHA_LAT) == pytest.approx(1.0)
+    # 4 TP with d = (9, 12, 30) nm and 1 FP: JI = 0.8, rmse_lat = 15, rmse_ax = 30.
+    gt = np.array([[0, 0, 0], [1000, 0, 0], [0, 1000, 0], [1000, 1000, 0]], dtype=float)
+    pred = np.concatenate([gt + [9, 12, 30], [[5000, 5000, 0]]])
+    m = smlm_metrics(pred, np.zeros(5), gt, np.zeros(4))
+    assert (m["jaccard"], m["rmse_lat"], m["rmse_ax"]) == pytest.approx((0.8, 15.0, 30.0))
+    assert (m["effcy_lat"], m["effcy_ax"], m["effcy_vol"]) == pytest.approx((0.75, 0.75, 0.75))
+    assert (m["mad_lat"], m["mad_ax"], m["rmse_vol"]) == pytest.approx((21.0, 30.0, math.sqrt(1125)))
+
+
+def test_greedy_takes_the_cheapest_pair_first_not_the_maximum_matching():
+    gt = np.array([[0, 0, 0], [190, 0, 0]], dtype=float)
+    pred = np.array([[100, 0, 0], [300, 0, 0]], dtype=float)
+    # q0-g1 (90 nm) is taken first, so q1 (110 nm from g1, 300 from g0) is left; a maximum matching has 2.
+    pred_idx, gt_idx = match_emitters(pred, [0, 0], gt, [0, 0])
+    assert pred_idx.tolist() == [0] and gt_idx.tolist() == [1]
+
+
+def test_ties_go_to_the_lower_prediction_index():
+    gt = np.array([[0, 0, 0]], dtype=float)
+    pred = np.array([[-50, 0, 0], [50, 0, 0], [0, 50, 0]], dtype=float)
+    for order in ([0, 1, 2], [2, 1, 0]):
+        pred_idx, _ = match_emitters(pred[order], [0, 0, 0], gt, [0])
+        assert pred_idx.tolist() == [0]
+
+
+def test_match_dims_and_volumetric_threshold():
+    gt = np.array([[0, 0, 0]], dtype=float)
+    pred = np.array([[100, 0, 0], [50, 0, 400]], dtype=float)    # lateral 100 / 50, 3D 100 / 403
+    assert match_emitters(pred, [0, 0], gt, [0], match_dims=3)[0].tolist() == [0]
+    assert match_emitters(pred, [0, 0], gt, [0], match_dims=2)[0].tolist() == [1]
+    assert match_emitters(pred, [0, 0], gt, [0], dist_vol=90)[0].tolist() == []
+    deep = np.array([[50, 0, 600]], dtype=float)                 # axial 600 > 500
+    assert match_emitters(deep, [0], gt, [0])[0].tolist() == []
+    assert match_emitters(deep, [0], gt, [0], dist_ax=None)[0].tolist() == [0]
+
+
+def test_empty_and_2d_inputs():
+    m = smlm_metrics(np.zeros((0, 3)), [], GT, GT_FRAME)
+    assert (m["tp"], m["fp"], m["fn"]) == (0, 0, 6)
+    assert math.isnan(m["precision"]) and m["recall"] == 0 and m["jaccard"] == 0 and m["f1"] == 0
+    assert math.isnan(m["rmse_lat"]) and math.isnan(m["effcy_lat"])
+    assert all(math.isnan(v) for v in detection_metrics(0, 0, 0).values())
+    m2 = smlm_metrics(PRED[:, :2], PRED_FRAME, GT[:, :2], GT_FRAME)
+    assert m2["rmse_ax"] == 0 and m2["tp"] == 4        # without z, p4 matches D
+    with pytest.raises(ValueError, match="pred_xyz"):
+        match_emitters(np.zeros((3, 4)), [0, 0, 0], GT, GT_FRAME)
+    with pytest.raises(ValueError, match="pred_frame"):
+        match_emitters(PRED, PRED_FRAME[:3], GT, GT_FRAME)
+    with pytest.raises(ValueError, match="same shape"):
+        localisation_errors(PRED[:2], GT[:3])
+
+
+def test_rmse_over_crlb_pools_per_emitter_bounds_like_squared_errors():
+    assert rmse_over_crlb(10.0, [3.0, 4.0]) == pytest.approx(10 / math.sqrt(12.5))
+    crlb = np.arange(1.0, 7.0)                                   # one bound per ground-truth emitter
+    m = smlm_metrics(PRED, PRED_FRAME, GT, GT_FRAME, gt_crlb_lat_nm=crlb)
+    assert m["crlb_lat"] == pytest.approx(math.sqrt((1 + 4 + 25) / 3))    # matched GT 0, 1, 4
+    assert m["rmse_over_crlb"] == pytest.approx(m["rmse_lat"] / m["crlb_lat"])
+
+
+def mortensen_mle_var_px2(n: float, bg: float, sigma_px: float) -> float:
+    sa2 = sigma_px**2 + 1 / 12
+    tau = 2 * math.pi * sa2 * bg / n
+    integral = quad(lambda t: math.log(t) / (1 + t / tau), 0, 1)[0] if bg > 0 else 0.0
+    return sa2 / n / (1 + integral)
+
+
+@pytest.mark.parametrize("sigma_px,offset", [(1.3, (0.0, 0.0)), (1.3, (0.3, -0.2)), (1.0, (0.5, 0.5))])
+def test_crlb_no_background_limit_is_sigma_a_squared_over_n(sigma_px, offset):
+    for n in (200.0, 1000.0, 10000.0):
+        c = gaussian_2d_crlb(n, 1e-6, sigma_px, px_size_nm=100.0, offset_px=offset)
+        expected_nm = 100.0 * math.sqrt((sigma_px**2 + 1 / 12) / n)
+        assert c["x_nm"] == pytest.approx(expected_nm, rel=2e-5)
+        assert c["y_nm"] == pytest.approx(expected_nm, rel=2e-5)
+        assert c["lat_nm"] == pytest.approx(math.sqrt(2) * expected_nm, rel=2e-5)
+        assert c["photons"] == pytest.approx(math.sqrt(n), rel=1e-3)      # Poisson total without background
+
+
+def test_crlb_emccd_and_background():
+    poisson = gaussian_2d_crlb(1000.0, 10.0, 1.3)
+    emccd = gaussian_2d_crlb(1000.0, 10.0, 1.3, excess_noise=EMCCD_EXCESS_NOISE)
+    for key in poisson:
+        assert emccd[key] == pytest.approx(math.sqrt(2) * poisson[key], rel=1e-10)
+    lat = gaussian_2d_crlb(1000.0, np.array([1e-3, 1.0, 10.0, 100.0, 1000.0]), 1.3)["lat_nm"]
+    assert np.all(np.diff(lat) > 0), lat
+    assert np.all(np.diff(gaussian_2d_crlb(np.array([300.0, 1000.0, 5000.0]), 10.0, 1.3)["lat_nm"]) < 0)
+    # With background the bound follows Mortensen's MLE formula (itself an approximation: a continuous
+    # background integral), to well under 0.1 % here.
+    for n, bg in [(1000.0, 10.0), (1000.0, 100.0), (300.0, 20.0)]:
+        expected = math.sqrt(mortensen_mle_var_px2(n, bg, 1.3))
+        assert gaussian_2d_crlb(n, bg, 1.3, px_size_nm=1.0)["x_nm"] == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="bg > 0"):
+        gaussian_2d_fisher(1000.0, 0.0, 0.3, roi_px=41)
+
+
+def test_finite_difference_fisher_matches_analytic_and_handles_astigmatism():
+    roi = default_roi_px(1.3)
+    centre = (roi - 1) / 2
+    theta = np.array([centre + 0.2, centre - 0.1, 2000.0, 15.0])
+    image_2d = lambda t: gaussian_psf_image(t[0], t[1], t[2], t[3], 1.3, roi)  # noqa: E731
+    numeric = fisher_information(image_2d, theta)
+    analytic = gaussian_2d_fisher(2000.0, 15.0, 1.3, offset_px=(0.2, -0.1), roi_px=roi)
+    scale = np.sqrt(np.outer(np.diag(analytic), np.diag(analytic)))
+    assert np.abs((numeric - analytic) / scale).max() < 1e-6      # relative to sqrt(I_ii I_jj)
+
+    # Astigmatic 3D PSF, theta = (x, y, z nm, N, b). In focus (sigma_x = sigma_y) with a centred emitter,
+    # z is uncorrelated with x, so CRLB_x equals the 2D bound at that sigma.
+    sigma0 = 1.0
+    roi3 = default_roi_px(max(astigmatic_sigma(-750.0, sigma0)))
+    c3 = (roi3 - 1) / 2
+
+    def image_3d(t):
+        return gaussian_psf_image(t[0], t[1], t[3], t[4], astigmatic_sigma(t[2], sigma0), roi3)
+
+    crlb_focus = crlb_from_fisher(fisher_information(image_3d, [c3, c3, 0.0, 3000.0, 20.0]))
+    sigma_focus = float(astigmatic_sigma(0.0, sigma0)[0])
+    crlb_2d = gaussian_2d_crlb(3000.0, 20.0, sigma_focus, px_size_nm=1.0, roi_px=roi3)
+    assert crlb_focus[0] == pytest.approx(crlb_2d["x_nm"], rel=1e-5)
+    crlb_off = crlb_from_fisher(fisher_information(image_3d, [c3, c3, 400.0, 3000.0, 20.0]))
+    assert np.all(np.isfinite(crlb_off)) and 0 < crlb_off[2] < 100            # z bound in nm
+    assert crlb_off[0] != pytest.approx(crlb_off[1], rel=1e-2)              # x and y differ off focus
+
+
+def test_fisher_equals_monte_carlo_covariance_of_the_poisson_score():
+    n, bg, sigma = 1000.0, 10.0, 1.3
+    roi = default_roi_px(sigma)
+    c = (roi - 1) / 2
+    theta = np.array([c + 0.25, c, n, bg])
+    image = lambda t: gaussian_psf_image(t[0], t[1], t[2], t[3], sigma, roi).reshape(-1)  # noqa: E731
+    mu = image(theta)
+    steps = np.diag([1e-4, 1e-4, 1e-2, 1e-4])
+    jac = np.stack([(image(theta + h) - image(theta - h)) / (2 * h.sum()) for h in steps], axis=1)   # (pixels, 4)
+    counts = np.random.default_rng(0).poisson(mu, size=(20000, mu.size))
+    score = (counts / mu - 1) @ jac                                  # d log-likelihood / d theta per image
+    mc = np.cov(score, rowvar=False)
+    fisher = gaussian_2d_fisher(n, bg, sigma, offset_px=(0.25, 0.0), roi_px=roi)
+    d = np.sqrt(np.diag(fisher))
+    assert np.abs((mc - fisher) / np.outer(d, d)).max() < 0.05     # MC standard error ~ 1 %
+
+
+def centroid_rmse_lat_nm(n: float, bg: float, sigma: float, px_nm: float, frames: int, seed: int) -> float:
+    roi = default_roi_px(sigma)
+    c = (roi - 1) / 2
+    counts = np.random.default_rng(seed).poisson(gaussian_psf_image(c, c, n, bg, sigma, roi), size=(frames, roi, roi))
+    grid = np.arange(roi) - c
+    total = counts.sum((1, 2))
+    dx = (counts.sum(1) @ grid) / total
+    dy = (counts.sum(2) @ grid) / total
+    return float(np.sqrt(np.mean(dx**2 + dy**2))) * px_nm
+
+
+def test_rmse_over_crlb_of_a_simulated_estimator():
+    """The centroid is efficient for a centred emitter without background, and far from it with background."""
+    crlb = gaussian_2d_crlb(2000.0, 1e-6, 1.3, px_size_nm=100.0)["lat_nm"]
+    ratio = rmse_over_crlb(centroid_rmse_lat_nm(2000.0, 1e-6, 1.3, 100.0, frames=4000, seed=1), crlb)
+    assert 0.97 < ratio < 1.03, ratio        # MC standard error of the ratio ~ 0.8 %
+    crlb_bg = gaussian_2d_crlb(2000.0, 5.0, 1.3, px_size_nm=100.0)["lat_nm"]
+    ratio_bg = rmse_over_crlb(centroid_rmse_lat_nm(2000.0, 5.0, 1.3, 100.0, frames=2000, seed=2), crlb_bg)
+    assert ratio_bg > 1.5, ratio_bg
