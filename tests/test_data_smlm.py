@@ -1,0 +1,251 @@
+"""SMLM simulator (data/smlm.py): PSF integrals and widths, camera noise moments, blinking, windows and targets,
+dataset determinism, config validation and the HDF5 round trip."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from data.smlm import (Emitters, MovieWindowDataset, SimConfig, SMLMSimDataset, bin_emitters, camera_forward,
+                       collate_smlm, frame_targets, load_sim_config, psf_sigmas, read_movie_h5, render,
+                       sample_loose_emitters, simulate_movie, to_photons, unscale_targets, window_indices,
+                       write_movie_h5)
+from losses.smlm import gmm_loss
+from metrics.smlm import astigmatic_sigma, gaussian_psf_image
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _emitters(xyz, phot, frame_ix=None):
+    xyz = torch.as_tensor(xyz, dtype=torch.float64).reshape(-1, 3)
+    n = xyz.shape[0]
+    frame_ix = torch.zeros(n, dtype=torch.int64) if frame_ix is None else torch.as_tensor(frame_ix)
+    return Emitters(frame_ix, xyz, torch.as_tensor(phot, dtype=torch.float64).reshape(n), torch.arange(n))
+
+
+@pytest.mark.parametrize("psf,z", [("gaussian", 0.0), ("astigmatic", -600.0), ("astigmatic", 400.0)])
+def test_psf_integrates_to_photons_and_matches_supersampling(psf, z):
+    # 48 px keeps the widest astigmatic sigma (4.2 px at z = -600 nm) > 5 sigma from every border.
+    size, x0, y0 = 48, 23.3, 24.8
+    cfg = SimConfig(img_size=(size, size), psf=psf, sigma0_px=1.3)
+    img = render(_emitters([[x0, y0, z]], [5000.0]), 1, cfg)[0]
+    assert img.dtype == torch.float64 and img.shape == (size, size)
+    assert img.sum().item() == pytest.approx(5000.0, rel=1e-5)
+    # Midpoint rule on a 25 x 25 sub-grid per pixel; its error is ~ (1/25)^2 / 24 of the curvature.
+    sx, sy = (float(s) for s in psf_sigmas(torch.tensor([z], dtype=torch.float64), cfg))
+    sub = (torch.arange(25, dtype=torch.float64) + 0.5) / 25 - 0.5
+    grid = (torch.arange(size, dtype=torch.float64)[:, None] + sub).flatten()
+    gx = torch.exp(-0.5 * ((grid - x0) / sx) ** 2) / (sx * (2 * np.pi) ** 0.5) / 25
+    gy = torch.exp(-0.5 * ((grid - y0) / sy) ** 2) / (sy * (2 * np.pi) ** 0.5) / 25
+    numeric = 5000.0 * gy.view(size, 25).sum(1)[:, None] * gx.view(size, 25).sum(1)[None, :]
+    assert torch.allclose(img, numeric, atol=1e-3 * img.max().item(), rtol=0)
+    reference = gaussian_psf_image(x0, y0, 5000.0, 0.0, (sx, sy), roi_px=size)
+    np.testing.assert_allclose(img.numpy(), reference, rtol=1e-9, atol=1e-9)
+
+
+def test_render_sums_emitters_per_frame_and_keeps_float32_tails_nonnegative():
+    cfg = SimConfig(img_size=(16, 16), psf="gaussian")
+    em = _emitters([[3.0, 4.0, 0.0], [10.0, 9.5, 0.0], [7.0, 7.0, 0.0]], [100.0, 200.0, 300.0], [0, 0, 2])
+    frames = render(em, 3, cfg)
+    one = [render(_emitters(em.xyz[i], em.phot[i]), 1, cfg)[0] for i in range(3)]
+    assert torch.allclose(frames[0], one[0] + one[1]) and torch.allclose(frames[2], one[2])
+    assert frames[1].abs().max() == 0
+    em32 = Emitters(em.frame_ix, em.xyz.float(), em.phot.float(), em.id)
+    assert render(em32, 3, cfg).min() >= 0
+
+
+def test_astigmatic_widths_follow_sigma_of_z():
+    cfg = SimConfig(img_size=(48, 48), psf="astigmatic", sigma0_px=1.2)
+    z = torch.tensor([-500.0, 0.0, 500.0], dtype=torch.float64)
+    sx, sy = psf_sigmas(z, cfg)
+    ref_x, ref_y = astigmatic_sigma(z.numpy(), 1.2)
+    np.testing.assert_allclose(sx.numpy(), ref_x)
+    np.testing.assert_allclose(sy.numpy(), ref_y)
+    assert sx[2] > sy[2] and sx[0] < sy[0] and sx[1] == pytest.approx(sy[1])
+    em = _emitters([[23.0, 24.0, float(v)] for v in z], [1.0, 1.0, 1.0], [0, 1, 2])
+    imgs = render(em, 3, cfg)
+    grid = torch.arange(48, dtype=torch.float64)
+    for k in range(3):
+        var_x = (imgs[k].sum(0) * (grid - 23.0) ** 2).sum()
+        var_y = (imgs[k].sum(1) * (grid - 24.0) ** 2).sum()
+        # Pixel integration adds the box variance 1/12 px^2 (Sheppard's correction).
+        assert var_x.item() == pytest.approx(sx[k].item() ** 2 + 1 / 12, rel=0.01)
+        assert var_y.item() == pytest.approx(sy[k].item() ** 2 + 1 / 12, rel=0.01)
+
+
+def test_perfect_camera_is_poisson_and_noiseless_is_identity():
+    x = torch.full((200_000,), 37.0)
+    counts = camera_forward(x, SimConfig(camera="perfect", em_gain=None), _gen(1))
+    assert counts.mean().item() == pytest.approx(37.0, rel=0.01)
+    assert counts.var().item() == pytest.approx(37.0, rel=0.03)
+    assert torch.equal(camera_forward(x, SimConfig(camera="noiseless", em_gain=None)), x)
+
+
+def test_emccd_moments_and_excess_noise_factor_two():
+    cfg = SimConfig(camera="emccd", qe=0.9, spur_noise=0.002, em_gain=100.0, e_per_adu=1.0, baseline=0.0,
+                    read_sigma=0.0)
+    lam = 20.0
+    adu = camera_forward(torch.full((200_000,), lam), cfg, _gen(2)).double()
+    signal = 0.9 * lam + 0.002
+    # floor() to whole ADU shifts the mean by -1/2 and adds 1/12 ADU^2 of variance.
+    assert adu.mean().item() + 0.5 == pytest.approx(100.0 * signal, rel=0.01)
+    excess = (adu.var().item() - 1 / 12) / (100.0**2 * signal)
+    assert excess == pytest.approx(2.0, rel=0.03)
+
+
+def test_scmos_read_noise_map_and_moments():
+    cfg = SimConfig(camera="scmos", em_gain=None, qe=1.0, spur_noise=0.0, e_per_adu=1.0, baseline=100.0,
+                    read_sigma=0.0)
+    sigma_map = torch.tensor([[1.0, 1.0], [6.0, 6.0]])
+    adu = camera_forward(torch.full((50_000, 2, 2), 10.0), cfg, _gen(3), read_sigma_map=sigma_map).double()
+    var = adu.var(0)
+    assert var[0].mean().item() == pytest.approx(10.0 + 1.0 + 1 / 12, rel=0.03)
+    assert var[1].mean().item() == pytest.approx(10.0 + 36.0 + 1 / 12, rel=0.03)
+    assert adu.mean().item() + 0.5 == pytest.approx(110.0, rel=0.002)
+
+
+@pytest.mark.parametrize("camera,gain,e_per_adu,read_sigma", [("emccd", 300.0, 45.0, 74.4), ("scmos", None, 1.0, 1.6)])
+def test_to_photons_inverts_the_expected_value(camera, gain, e_per_adu, read_sigma):
+    # Read noise far below the baseline: the clamp of ADU at 0 would otherwise bias the mean upwards.
+    cfg = SimConfig(camera=camera, em_gain=gain, qe=0.9, e_per_adu=e_per_adu, read_sigma=read_sigma)
+    x = torch.full((100_000,), 50.0)
+    photons = to_photons(camera_forward(x, cfg, _gen(4)), cfg)
+    floor_bias = 0.5 * e_per_adu / ((gain or 1.0) * 0.9)
+    assert photons.mean().item() == pytest.approx(50.0 - floor_bias, abs=0.3)
+    exact = (50.0 * 0.9 + cfg.spur_noise) * (gain or 1.0) / cfg.e_per_adu + cfg.baseline
+    assert to_photons(torch.tensor(exact), cfg).item() == pytest.approx(50.0, rel=1e-5)
+
+
+def test_blinking_conserves_photons_and_ontime_is_exponential():
+    cfg = SimConfig(emitter_av=20.0, lifetime_avg=2.0)
+    n_frames = 1000
+    loose = sample_loose_emitters(cfg, n_frames, _gen(5))
+    em = bin_emitters(loose, n_frames)
+    n = len(loose["id"])
+    assert loose["ontime"].mean().item() == pytest.approx(2.0, rel=0.03)
+    assert loose["ontime"].std().item() == pytest.approx(2.0, rel=0.05)   # exponential: std = mean
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, em.id, em.phot.double())
+    t0, te = loose["t0"], loose["t0"] + loose["ontime"]
+    inside = (t0 >= 0) & (te <= n_frames)
+    expected = loose["flux"].double() * loose["ontime"]
+    assert torch.allclose(total[inside], expected[inside], rtol=1e-5)
+    assert bool((total <= expected * (1 + 1e-5)).all())
+    assert em.frame_ix.min() >= 0 and em.frame_ix.max() < n_frames
+    assert torch.bincount(em.frame_ix, minlength=n_frames).double().mean().item() == pytest.approx(20.0, rel=0.03)
+    x, y, z = em.xyz.unbind(1)
+    assert x.min() >= -0.5 and x.max() <= 39.5 and y.min() >= -0.5 and y.max() <= 39.5
+    assert z.min() >= -750 and z.max() <= 750
+    rows = em.subset(em.id == em.id[0])
+    assert torch.equal(rows.frame_ix, torch.arange(rows.frame_ix[0], rows.frame_ix[0] + len(rows)))
+    assert torch.equal(rows.xyz, rows.xyz[:1].expand_as(rows.xyz))
+
+
+def test_emitter_density_sets_the_mean_count():
+    cfg = SimConfig.from_dict({"emitter_density": 1.0, "img_size": [20, 30]})
+    assert cfg.emitter_av is None and cfg.em_avg == pytest.approx(6.0)   # 2 um x 3 um
+
+
+def test_windows_targets_and_scaling_of_a_fixed_movie():
+    assert window_indices(5, 3).tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
+    cfg = SimConfig(img_size=(16, 24), emitter_av=4.0)
+    assert (cfg.phot_max, cfg.z_max, cfg.bg_max) == (34000.0, 900.0, 180.0)
+    assert (cfg.input_scale, cfg.input_offset) == (200.0, 120.0)
+    movie = simulate_movie(cfg, 6, _gen(6))
+    ds = MovieWindowDataset(movie, cfg)
+    assert len(ds) == 6
+    item = ds[0]
+    assert item["frames"].shape == (3, 16, 24) and item["target_bg"].shape == (16, 24)
+    torch.testing.assert_close(item["frames"] * 200.0 + 120.0, movie.frames[[0, 0, 1]])
+    torch.testing.assert_close(item["target_bg"] * 180.0, movie.bg[0])
+    e = movie.emitters
+    rows = (e.frame_ix == 0) & (e.phot >= cfg.label_photon_min)
+    expected = torch.cat([e.phot[rows, None], e.xyz[rows]], dim=1)
+    torch.testing.assert_close(unscale_targets(item["target_emitters"], cfg), expected)
+    batch = collate_smlm([ds[t] for t in range(4)])
+    n_max = max(int(((e.frame_ix == t) & (e.phot >= 100)).sum()) for t in range(4))
+    assert batch["frames"].shape == (4, 3, 16, 24) and batch["target_emitters"].shape == (4, max(n_max, 1), 4)
+    assert batch["target_mask"].sum().item() == sum(ds[t]["target_emitters"].shape[0] for t in range(4))
+    out = torch.rand(4, 10, 16, 24)
+    loss, _ = gmm_loss(out, batch["target_emitters"], batch["target_mask"], batch["target_bg"])
+    assert torch.isfinite(loss)
+
+
+def test_target_cap_raises_a_clear_error():
+    cfg = SimConfig(img_size=(8, 8), max_targets=1)
+    em = _emitters([[1.0, 1.0, 0.0], [5.0, 5.0, 0.0]], [500.0, 500.0])
+    with pytest.raises(ValueError, match="max_targets"):
+        frame_targets(em, 0, cfg)
+
+
+def test_dataset_is_deterministic_per_seed_epoch_index():
+    cfg = SimConfig(img_size=(16, 16), emitter_av=5.0)
+    a, b = SMLMSimDataset(cfg, 4, seed=3), SMLMSimDataset(cfg, 4, seed=3)
+    first = a[1]
+    assert first["frames"].shape == (3, 16, 16) and first["frames"].dtype == torch.float32
+    again = b[1]
+    for key in first:
+        assert torch.equal(first[key], again[key])
+    assert not torch.equal(a[2]["frames"], first["frames"])
+    a.set_epoch(1)
+    assert not torch.equal(a[1]["frames"], first["frames"])
+    a.set_epoch(0)
+    assert torch.equal(a[1]["frames"], first["frames"])
+    assert not torch.equal(SMLMSimDataset(cfg, 4, seed=4)[1]["frames"], first["frames"])
+
+
+@pytest.mark.parametrize("values,key", [
+    ({"em_gain": 0}, "em_gain"), ({"em_gain": -3.0}, "em_gain"), ({"camera": "scmos"}, "em_gain"),
+    ({"bogus": 1}, "bogus"), ({"camera": "ccd"}, "camera"), ({"psf": "spline"}, "psf"),
+    ({"qe": 1.5}, "qe"), ({"img_size": [40]}, "img_size"), ({"lifetime_avg": "2"}, "lifetime_avg"),
+    ({"bg_uniform": [150, 90]}, "bg_uniform"), ({"emitter_density": 1.0, "emitter_av": 5.0}, "emitter_av"),
+])
+def test_config_validation_names_the_key(values, key):
+    with pytest.raises(ValueError, match=key) as err:
+        SimConfig.from_dict(values)
+    if key == "bogus":
+        assert "valid keys" in str(err.value) and "em_gain" in str(err.value)
+
+
+def test_config_yaml_section_and_dict_round_trip(tmp_path):
+    path = tmp_path / "smlm.yaml"
+    path.write_text("simulation:\n  camera: scmos\n  em_gain: null\n  bg_uniform: 90\n  img_size: [24, 32]\n")
+    cfg = load_sim_config(path)
+    assert cfg.camera == "scmos" and cfg.em_gain is None and cfg.bg_uniform == (90.0, 90.0)
+    assert cfg.img_size == (24, 32)
+    assert SimConfig.from_dict(cfg.to_dict()) == cfg
+    path.write_text("simulation:\n  em_gain: 0\n")
+    with pytest.raises(ValueError, match=f"{path}.*em_gain"):
+        load_sim_config(path)
+    with pytest.raises(ValueError, match="simulation"):
+        load_sim_config({"training": {}})
+
+
+def test_hdf5_round_trip(tmp_path):
+    cfg = SimConfig(img_size=(16, 16), emitter_av=5.0, psf="gaussian", camera="perfect", em_gain=None)
+    movie = simulate_movie(cfg, 5, _gen(8))
+    path = tmp_path / "val.h5"
+    write_movie_h5(path, movie, cfg, seed=8)
+    back, cfg_back, meta = read_movie_h5(path)
+    assert cfg_back == cfg and meta["seed"] == 8 and meta["xy_unit"] == "px" and meta["n_frames"] == 5
+    assert torch.equal(back.frames, movie.frames) and torch.equal(back.bg, movie.bg)
+    for field in dataclasses.fields(Emitters):
+        assert torch.equal(getattr(back.emitters, field.name), getattr(movie.emitters, field.name))
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="junk.h5"):
+        read_movie_h5(tmp_path / "junk.h5")
+    with pytest.raises(ValueError, match="not found"):
+        read_movie_h5(tmp_path / "missing.h5")
+
+
+def test_read_sigma_map_file_is_validated(tmp_path):
+    good, bad = tmp_path / "sigma.npy", tmp_path / "bad.npy"
+    np.save(good, np.full((8, 8), 1.5, dtype=np.float32))
+    np.save(bad, np.ones((4, 4), dtype=np.float32))
+    cfg = SimConfig(img_size=(8, 8), camera="scmos", em_gain=None, e_per_adu=1.0, read_sigma_map=str(good))
+    assert SMLMSimDataset(cfg, 1)[0]["frames"].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="read_sigma_map"):
+        SMLMSimDataset(dataclasses.replace(cfg, read_sigma_map=str(bad)), 1)
+    with pytest.raises(ValueError, match="read_sigma_map"):
+        SimConfig(read_sigma_map=str(good))
