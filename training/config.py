@@ -102,8 +102,12 @@ def _coerce_yaml(value, tp, optional: bool):
     raise ValueError(f"expected {tp.__name__}, got {value!r}")
 
 
-def load_yaml_config(path: str | Path, cls) -> dict:
-    """Read a YAML preset and check every key and value against ``cls``'s fields."""
+def load_yaml_config(path: str | Path, cls, sections: tuple[str, ...] = ()) -> dict:
+    """Read a YAML preset and check every key and value against ``cls``'s fields.
+
+    ``sections`` names top-level mappings that belong to someone else (e.g. ``simulation``); they are
+    skipped here and must be read by their owner.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--config {path}: file not found")
@@ -115,9 +119,13 @@ def load_yaml_config(path: str | Path, cls) -> dict:
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
+    for section in sections:
+        if section in raw and not isinstance(raw[section], dict):
+            raise UsageError(f"{path}: key {section}: expected a mapping (a section of its own)")
+    unknown = sorted(set(map(str, raw)) - set(names) - set(sections))
     if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join([*names, *sections])}")
+    raw = {k: v for k, v in raw.items() if k not in sections}
     values = {}
     for key, value in raw.items():
         tp, optional = _unwrap_optional(hints[key])
@@ -128,7 +136,7 @@ def load_yaml_config(path: str | Path, cls) -> dict:
     return values
 
 
-def parse_args(cls, argv: list[str] | None = None):
+def parse_args(cls, argv: list[str] | None = None, sections: tuple[str, ...] = ()):
     """Build the dataclass ``cls`` from YAML defaults (``--config``) and the command line."""
     hints = typing.get_type_hints(cls)
     helps = _field_help(cls)
@@ -150,7 +158,7 @@ def parse_args(cls, argv: list[str] | None = None):
     known, _ = pre.parse_known_args(argv)
     if known.config:
         try:
-            parser.set_defaults(**load_yaml_config(known.config, cls))
+            parser.set_defaults(**load_yaml_config(known.config, cls, sections))
         except UsageError as e:
             fail(str(e))
     namespace = parser.parse_args(argv)

@@ -1,0 +1,116 @@
+"""Real runs of train_smlm.py through ``accelerate launch`` (1 and 2 processes) and its input checks.
+
+16x16 frames, an 8-feature SigmaMUNet of depth 1/1 and a few updates: each run takes seconds.
+"""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_script
+from data.smlm import read_movie_h5
+
+VAL_FRAMES = 10
+TINY = ["--cpu", "--samples_per_epoch", "16", "--batch_size", "4", "--val_frames", str(VAL_FRAMES),
+        "--initial_features", "8", "--inter_features", "8", "--depth_shared", "1", "--depth_union", "1",
+        "--num_workers", "0", "--log_every_steps", "2", "--report_to", "none"]
+SIM = {"img_size": [16, 16], "emitter_av": 4.0}
+
+
+def python(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def preset(tmp_path) -> Path:
+    """One file with flat training flags and a simulation: section, as configs/smlm_*.yaml."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"max_steps": 6, "eval_every_steps": 3, "simulation": SIM}))
+    return path
+
+
+def test_one_process_run_writes_layout_metrics_and_figures(tmp_path, preset):
+    # raw_th just above the initial p (sigmoid(-6) = 0.0025 per pixel, ~0.012 integrated) so there are detections.
+    proc = run_script("train_smlm.py", [*TINY, "--config", str(preset), "--output_dir", str(tmp_path / "runs"),
+                                        "--run_name", "one", "--raw_th", "0.005"])
+    run = tmp_path / "runs" / "one"
+    for name in ("args.yaml", "summary.csv", "train.log", "simulation.yaml", "val_movie.h5",
+                 "best/model.safetensors", "best/metrics.json", "final/model.safetensors", "final/args.yaml"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    assert args["config"] == str(preset) and args["max_steps"] == 6 and args["clip_grad"] == 0.03
+    assert yaml.safe_load((run / "simulation.yaml").read_text())["simulation"]["img_size"] == [16, 16]
+    movie, cfg, meta = read_movie_h5(run / "val_movie.h5")
+    assert movie.frames.shape == (VAL_FRAMES, 16, 16) and cfg.img_size == (16, 16)
+    rows = read_csv(run / "summary.csv")
+    assert [r["step"] for r in rows] == ["3", "6"]  # 16 windows / 4 = 4 updates per epoch, eval every 3
+    for key in ("val/jaccard", "val/recall", "val/precision", "val/rmse_lat", "val/rmse_ax", "val/effcy_lat",
+                "val/effcy_ax", "val/rmse_over_crlb", "val/crlb_lat"):
+        assert key in rows[-1], key
+    assert float(rows[-1]["val/frames"]) == VAL_FRAMES
+    assert 0 < float(rows[-1]["val/crlb_lat"]) < 100  # nm; bright emitters on 100 nm pixels
+    assert float(rows[-1]["val/tp"]) + float(rows[-1]["val/fn"]) > 0
+    figures = sorted(p.name for p in (run / "figures").iterdir())
+    assert "vis_frame_step00000006.png" in figures and "vis_residuals_step00000006.png" in figures
+    assert "final model (update 6" in proc.stdout and "val/jaccard" in proc.stdout
+    log = (run / "train.log").read_text()
+    assert "update 2  loss" in log and "lr 6.00e-04" in log
+
+
+def test_two_process_run_gathers_the_whole_validation_movie(tmp_path, preset):
+    run_script("train_smlm.py", [*TINY, "--config", str(preset), "--output_dir", str(tmp_path / "runs"),
+                                 "--run_name", "two", "--max_steps", "2", "--eval_every_steps", "2"], nproc=2)
+    run = tmp_path / "runs" / "two"
+    assert "2 process(es) (MULTI_CPU)" in (run / "train.log").read_text()
+    rows = read_csv(run / "summary.csv")
+    # 10 frames over 2 ranks in batches of 4: the padded duplicates must be dropped, every frame counted once.
+    assert [r["step"] for r in rows] == ["2"] and float(rows[0]["val/frames"]) == VAL_FRAMES
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("simulation, key", [({**SIM, "em_gain": -1}, "em_gain"),
+                                             ({**SIM, "em_gian": 300.0}, "em_gian")])
+def test_bad_simulation_config_exits_2_without_a_run(tmp_path, simulation, key):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"max_steps": 2, "simulation": simulation}))
+    out = tmp_path / "runs"
+    for flag in ("--config", "--sim_config"):
+        proc = python("train_smlm.py", *TINY, flag, str(bad), "--output_dir", str(out))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.count("\n") == 1 and key in proc.stderr and "bad.yaml" in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_training_key_next_to_simulation_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"max_stepz": 2, "simulation": SIM}))
+    proc = python("train_smlm.py", *TINY, "--config", str(bad), "--output_dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "max_stepz" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_loss_stops_with_exit_1(tmp_path, preset):
+    proc = run_script("train_smlm.py", [*TINY, "--config", str(preset), "--output_dir", str(tmp_path),
+                                        "--max_steps", "4", "--lr", "1e30", "--clip_grad", "1e30",
+                                        "--run_name", "nan"], check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at update" in (tmp_path / "nan" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("name", ["smlm_quick.yaml", "smlm_full.yaml"])
+def test_presets_parse_both_parts(name):
+    # Both parts of the preset load; the deliberately impossible depth then fails on the preset's frame size.
+    proc = python("train_smlm.py", "--config", f"configs/{name}", "--depth_shared", "9")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "multiple" in proc.stderr, proc.stderr

@@ -1,0 +1,405 @@
+"""DECODE-style single-molecule localisation: SigmaMUNet trained on simulated movies (smlm.md).
+
+    accelerate launch train_smlm.py --config configs/smlm_quick.yaml --cpu            # minutes on a laptop CPU
+    accelerate launch train_smlm.py --config configs/smlm_full.yaml                   # the DECODE recipe on a GPU
+    accelerate launch train_smlm.py --config configs/smlm_full.yaml --sim_config my_microscope.yaml
+
+Configuration: a preset YAML holds the flat training flags (the fields of ``Args``) and, optionally, a
+top-level ``simulation:`` section with the keys of ``data.smlm.SimConfig`` (camera, PSF, emitters). The
+section comes from ``--sim_config FILE`` when given, else from the ``--config`` file, else the SimConfig
+defaults (smlm.md §12). Both parts reject unknown keys and bad values with one line and exit status 2.
+The resolved simulation is written to ``<run>/simulation.yaml``.
+
+Training windows are simulated on the fly (``SMLMSimDataset``), a fresh set of ``--samples_per_epoch`` every
+epoch (DECODE's ``SMLMLiveDataset``). Validation is one fixed movie of ``--val_frames`` frames simulated from
+``--val_seed``, identically on every rank, and stored as ``<run>/val_movie.h5``. Every evaluation runs the
+model over all its windows (gathered over the ranks), post-processes with SpatialIntegration (``--raw_th``),
+matches against the ground truth (250 nm lateral, 500 nm axial) and logs val/{jaccard, recall, precision,
+f1, rmse_lat, rmse_ax, rmse_vol, mad_*, effcy_lat, effcy_ax, effcy_vol, tp, fp, fn, crlb_lat,
+rmse_over_crlb, frames}. Model selection uses ``--select_metric`` (default val/effcy_lat, the SMLM-challenge
+lateral efficiency; it is NaN until something is matched, so no best/ exists before that).
+
+val/rmse_over_crlb = rmse_lat / crlb_lat, where crlb_lat is one number for the whole validation movie: the
+RMS over up to 256 ground-truth emitters (a fixed random subset) of the lateral Cramer-Rao bound of a
+pixel-integrated Gaussian with the emitter's photons, the frame's background and its PSF widths at its z,
+(x, y, photons, bg) estimated and z taken as known, with the EMCCD excess-noise factor 2 (1 for other
+cameras). It ignores the multi-frame input, neighbours and the frame edge, so it is a reference scale, not a
+strict bound on a detector's error.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_smlm, load_sim_config, psf_sigmas,
+                       simulate_movie, write_movie_h5)
+from losses.smlm import gmm_loss
+from metrics.smlm import (EMCCD_EXCESS_NOISE, crlb_from_fisher, default_roi_px, fisher_information,
+                          gaussian_psf_image, match_emitters, smlm_metrics)
+from metrics.smlm_postprocess import detections_from_output
+from models.sigma_munet import SigmaMUNet, check_size
+from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
+from training.config import fail
+from training.run import log_images
+from training.summary import append_summary
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CRLB_EMITTERS = 256  # ground-truth emitters whose bound is averaged into val/crlb_lat
+
+
+@dataclass
+class Args:
+    """Train DECODE's SigmaMUNet on simulated SMLM movies (GMM loss, SpatialIntegration, SMLM-challenge metrics)."""
+    config: str | None = None             # YAML preset: flat training flags, optionally a simulation: section
+    sim_config: str | None = None         # YAML whose simulation: section sets the simulator; default: --config's, else SimConfig defaults
+    output_dir: str = "runs/smlm"         # runs live in <output_dir>/<run_name>/
+    run_name: str | None = None           # default: <date>-<time>
+    samples_per_epoch: int = 10_000       # fresh training windows simulated per epoch (smlm.md §1.7, §4)
+    val_frames: int = 512                 # frames of the fixed validation movie (smlm.md §1.7)
+    val_seed: int = 1                     # seed of the validation movie (independent of --seed)
+    window: int = 3                       # consecutive frames per input, centred on the target frame (smlm.md §1.7)
+    max_steps: int = 156_000              # optimizer updates; 1000 epochs x 156 updates (smlm.md §4)
+    batch_size: int = 64                  # per device, per micro-batch (smlm.md §4)
+    grad_accum: int = 1                   # micro-batches per optimizer update
+    lr: float = 6e-4                      # AdamW learning rate (smlm.md §12; §4: 2e-4 to 6e-4)
+    weight_decay: float = 0.1             # AdamW (smlm.md §4)
+    lr_step_epochs: int = 10              # StepLR step size in epochs of --samples_per_epoch (smlm.md §4)
+    lr_gamma: float = 0.9                 # StepLR factor per step (smlm.md §4)
+    clip_grad: float = 0.03               # max global gradient norm (smlm.md §4; note how small)
+    count_times_num_emitters: bool = True  # count term x emitters per frame, as DECODE's code (smlm.md §3.1, §10 #2, §12)
+    initial_features: int = 48            # U-Net features at the top level (smlm.md §2, §12)
+    inter_features: int = 48              # features between the shared U-Net, the union U-Net and the heads
+    depth_shared: int = 2                 # down steps of the per-frame U-Net
+    depth_union: int = 2                  # down steps of the union U-Net
+    activation: Literal["elu", "relu"] = "elu"
+    raw_th: float = 0.5                   # SpatialIntegration detection threshold on p (smlm.md §5, §12)
+    select_metric: Literal["effcy_lat", "jaccard"] = "effcy_lat"  # val metric that picks best/ and checkpoints
+    patience: int = 0                     # evaluations without improvement before stopping; 0 disables (DECODE has none)
+    seed: int = 42
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the accelerate config
+    cpu: bool = False                     # force CPU (with ACCELERATE_USE_CPU=1 for multi-process gloo runs)
+    num_workers: int = 4                  # DataLoader workers per process; they run the simulation (smlm.md §1.7)
+    log_every_steps: int = 50             # updates between train/* log lines
+    eval_every_steps: int | None = None   # updates between evaluations; default: one epoch
+    save_every_steps: int | None = None   # updates between full-state checkpoints; default: one epoch
+    keep_last: int = 2                    # newest checkpoints kept
+    save_top_k: int = 1                   # best checkpoints (by --select_metric) kept in addition
+    resume: str | None = None             # "auto" (newest complete checkpoint) or a checkpoint/run directory
+    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
+    figures: bool = True                  # per evaluation: a frame with true/predicted emitters and residual histograms
+
+    def __post_init__(self):
+        for name in ("samples_per_epoch", "val_frames", "max_steps", "batch_size", "grad_accum", "lr_step_epochs",
+                     "initial_features", "inter_features", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every_steps", "save_every_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1 (or none), got {getattr(self, name)}")
+        if self.window < 1 or self.window % 2 == 0:
+            raise UsageError(f"--window must be an odd number of frames >= 1, got {self.window}")
+        if self.lr <= 0 or self.clip_grad <= 0 or self.weight_decay < 0:
+            raise UsageError("--lr and --clip_grad must be > 0 and --weight_decay >= 0")
+        if not 0 < self.lr_gamma <= 1 or not 0 < self.raw_th < 1:
+            raise UsageError("--lr_gamma must be in (0, 1] and --raw_th in (0, 1)")
+        if min(self.depth_shared, self.depth_union, self.num_workers, self.keep_last, self.save_top_k,
+               self.patience) < 0:
+            raise UsageError("--depth_*, --num_workers, --keep_last, --save_top_k and --patience must be >= 0")
+
+
+def parse_smlm_args(argv: list[str] | None = None) -> tuple[Args, SimConfig]:
+    """``parse_args(Args)`` for a preset that may also carry a ``simulation:`` section, plus the SimConfig
+    (from ``--sim_config``, else the preset's section, else the defaults)."""
+    args = parse_args(Args, argv, sections=("simulation",))
+    try:
+        if args.sim_config is not None:
+            cfg = load_sim_config(args.sim_config)
+        elif args.config is not None and "simulation" in (yaml.safe_load(Path(args.config).read_text()) or {}):
+            cfg = load_sim_config(args.config)
+        else:
+            cfg = SimConfig()
+        check_size(*cfg.img_size, max(args.depth_shared, args.depth_union))
+    except ValueError as e:
+        fail(str(e))
+    return args, cfg
+
+
+def build_validation(cfg: SimConfig, args: Args):
+    """The fixed validation movie (same on every rank: a CPU generator seeded with --val_seed), its window
+    dataset and the ground truth in nm: the emitters the loss treats as targets (>= label_photon_min photons,
+    inside the frame)."""
+    try:
+        movie = simulate_movie(cfg, args.val_frames, torch.Generator().manual_seed(args.val_seed))
+        val_ds = MovieWindowDataset(movie, cfg, args.window)
+        val_ds[0]  # raises on a frame with more than max_targets emitters
+    except ValueError as e:
+        fail(f"validation movie: {e}")
+    h, w = cfg.img_size
+    em = movie.emitters
+    x, y = em.xyz[:, 0], em.xyz[:, 1]
+    keep = (em.phot >= cfg.label_photon_min) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+    e = em.subset(keep)
+    px = torch.tensor([*cfg.px_size_nm, 1.0])
+    gt = {"frame_ix": e.frame_ix.numpy(), "xyz_px": e.xyz.numpy(), "xyz_nm": (e.xyz * px).numpy(),
+          "phot": e.phot.numpy(), "bg": movie.bg[e.frame_ix, 0, 0].numpy()}
+    return movie, val_ds, gt
+
+
+def mean_crlb_lat_nm(gt: dict, cfg: SimConfig, seed: int) -> float:
+    """RMS lateral CRLB (nm) over up to CRLB_EMITTERS ground-truth emitters (module docstring)."""
+    if len(gt["phot"]) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(gt["phot"]), size=min(CRLB_EMITTERS, len(gt["phot"])), replace=False)
+    excess = EMCCD_EXCESS_NOISE if cfg.camera == "emccd" else 1.0
+    sx, sy = (s.numpy() for s in psf_sigmas(torch.as_tensor(gt["xyz_px"][pick, 2], dtype=torch.float64), cfg))
+    var = []
+    for k, i in enumerate(pick):
+        sigma = (float(sx[k]), float(sy[k]))
+        roi = default_roi_px(max(sigma))
+        frac = gt["xyz_px"][i, :2] - np.round(gt["xyz_px"][i, :2])
+        theta = np.array([(roi - 1) / 2 + frac[0], (roi - 1) / 2 + frac[1], gt["phot"][i] * cfg.qe,
+                          max(float(gt["bg"][i]), 1e-3) * cfg.qe])
+        image = lambda t, sigma=sigma, roi=roi: gaussian_psf_image(t[0], t[1], t[2], t[3], sigma, roi)  # noqa: E731
+        crlb = crlb_from_fisher(fisher_information(image, theta, excess_noise=excess))
+        var.append((crlb[0] * cfg.px_size_nm[0]) ** 2 + (crlb[1] * cfg.px_size_nm[1]) ** 2)
+    return float(np.sqrt(np.mean(var)))
+
+
+def build_dataloaders(cfg: SimConfig, val_ds: MovieWindowDataset, args: Args):
+    train_ds = SMLMSimDataset(cfg, args.samples_per_epoch, seed=args.seed, window=args.window)
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_smlm,
+                  pin_memory=torch.cuda.is_available())
+    # No shuffle: every window is a fresh simulation seeded by (seed, epoch, index) already.
+    # Not persistent_workers: a persistent worker keeps its copy of the dataset and would miss set_epoch.
+    train_dl = DataLoader(train_ds, shuffle=False, drop_last=True, **common)
+    val_dl = DataLoader(val_ds, shuffle=False, **common)
+    return train_dl, val_dl
+
+
+def build_model(args: Args) -> SigmaMUNet:
+    return SigmaMUNet(n_frames=args.window, depth_shared=args.depth_shared, depth_union=args.depth_union,
+                      initial_features=args.initial_features, inter_features=args.inter_features,
+                      activation=args.activation)
+
+
+@torch.no_grad()
+def predict(model, dataloader, accelerator) -> tuple[np.ndarray, torch.Tensor]:
+    """Gathered (frame index (T,), activated output (T, 10, H, W) on the CPU) over the movie, in frame order."""
+    model.eval()
+    index, output = [], []
+    for batch in dataloader:
+        with accelerator.autocast():
+            out = model(batch["frames"])
+        i, o = accelerator.gather_for_metrics((batch["index"], out.float()))
+        index.append(i.cpu())
+        output.append(o.cpu())
+    index, output = torch.cat(index), torch.cat(output)
+    order = torch.argsort(index, stable=True)
+    return index[order].numpy(), output[order]
+
+
+def evaluate(index: np.ndarray, output: torch.Tensor, gt: dict, cfg: SimConfig, crlb_lat: float, args: Args):
+    """(metrics as val/*, detections with movie frame indices)."""
+    det = detections_from_output(output, raw_th=args.raw_th, px_size_nm=cfg.px_size_nm, z_max_nm=cfg.z_max,
+                                 phot_max=cfg.phot_max, bg_max=cfg.bg_max)
+    det["frame_ix"] = index[det["frame_ix"]]
+    metrics = smlm_metrics(det["xyz_nm"], det["frame_ix"], gt["xyz_nm"], gt["frame_ix"], gt_crlb_lat_nm=crlb_lat)
+    metrics["crlb_lat"] = crlb_lat  # smlm_metrics leaves it NaN while nothing is matched
+    metrics["frames"] = float(len(index))
+    return {f"val/{k}": v for k, v in metrics.items()}, det
+
+
+def figure_to_rgb(fig) -> np.ndarray:
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def draw_frame(movie, frame: int, gt: dict, det: dict) -> np.ndarray:
+    """Frame `frame` (photons) with the true emitters (green circles) and the detections (red crosses), px."""
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.imshow(movie.frames[frame].numpy(), cmap="gray")
+    g, d = gt["frame_ix"] == frame, det["frame_ix"] == frame
+    ax.scatter(gt["xyz_px"][g, 0], gt["xyz_px"][g, 1], s=60, facecolors="none", edgecolors="lime", label="true")
+    ax.scatter(det["xyz_px"][d, 0], det["xyz_px"][d, 1], s=30, marker="x", c="red", label="predicted")
+    h, w = movie.frames.shape[1:]
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_title(f"frame {frame}: {int(g.sum())} true, {int(d.sum())} predicted")
+    ax.legend(loc="upper right", fontsize=8)
+    return figure_to_rgb(fig)
+
+
+def draw_residuals(gt: dict, det: dict) -> np.ndarray:
+    """Histograms of prediction - truth (nm) in x, y and z over the matched pairs."""
+    pred_idx, gt_idx = match_emitters(det["xyz_nm"], det["frame_ix"], gt["xyz_nm"], gt["frame_ix"])
+    residual = det["xyz_nm"][pred_idx] - gt["xyz_nm"][gt_idx]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3), dpi=100)
+    for k, (ax, name) in enumerate(zip(axes, ("x", "y", "z"))):
+        ax.hist(residual[:, k], bins=40, color="tab:blue")
+        ax.set_xlabel(f"d{name} (nm)")
+    axes[0].set_title(f"{len(pred_idx)} matched pairs")
+    fig.tight_layout()
+    return figure_to_rgb(fig)
+
+
+def main():
+    args, cfg = parse_smlm_args()
+    # The validation movie, its ground truth and the model size check come first: bad input fails before a run exists.
+    movie, val_ds, gt = build_validation(cfg, args)
+    accelerator, run = start_run(args, task="smlm")
+    if accelerator.is_main_process:
+        (run.dir / "simulation.yaml").write_text(yaml.safe_dump({"simulation": cfg.to_dict()}, sort_keys=False))
+        write_movie_h5(run.dir / "val_movie.h5", movie, cfg, seed=args.val_seed)
+    crlb_lat = mean_crlb_lat_nm(gt, cfg, args.val_seed)
+    train_dl, val_dl = build_dataloaders(cfg, val_ds, args)
+    model = build_model(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    run.log.info("model: %.3f M parameters; frames %dx%d px, %.1f emitters/frame; validation: %d frames, %d "
+                 "emitters, mean lateral CRLB %.1f nm", n_params / 1e6, *cfg.img_size, cfg.em_avg, len(val_ds),
+                 len(gt["phot"]), crlb_lat)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    updates_per_epoch = max(1, len(train_dl) // args.grad_accum)  # len(train_dl) is per process after prepare
+    max_steps = args.max_steps
+    eval_every = args.eval_every_steps or updates_per_epoch
+    save_every = args.save_every_steps or updates_per_epoch
+    run.log.info("%d updates (%d per epoch), evaluation every %d, checkpoint every %d",
+                 max_steps, updates_per_epoch, eval_every, save_every)
+    # DECODE steps StepLR once per epoch; stepping once per update with the step size in updates is the same.
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_epochs * updates_per_epoch,
+                                                gamma=args.lr_gamma)  # not prepared: stepped once per real update
+    monitor = f"val/{args.select_metric}"
+    state = TrainState()
+    stopper = EarlyStopping(monitor, mode="max", patience=args.patience)
+    ckpt = Checkpointer(accelerator, run, monitor=monitor, mode="max", keep_last=args.keep_last,
+                        save_top_k=args.save_top_k)
+    ckpt.register(scheduler, state, stopper)
+    ckpt.resume(state)
+    stop = 0 < args.patience <= stopper.bad_evals  # a resumed run that had stopped early stays stopped
+    if state.global_step >= max_steps or stop:
+        run.log.info("nothing left to train at update %d; exporting", state.global_step)
+
+    progress = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+                    desc="updates", dynamic_ncols=True)
+    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
+    parts_sum: dict[str, torch.Tensor] = {}
+    window_start = train_start = time.perf_counter()
+    metrics: dict = {}
+    model.train()
+    while state.global_step < max_steps and not stop:
+        train_dl.set_epoch(state.epoch)
+        # A fresh simulated movie per epoch; Accelerate forwards set_epoch to the dataset only in some layouts.
+        train_dl.dataset.set_epoch(state.epoch)
+        fetch_start = time.perf_counter()
+        for batch in ckpt.remaining_batches(train_dl, state):
+            window["data_s"] += time.perf_counter() - fetch_start
+            with accelerator.accumulate(model):
+                output = model(batch["frames"])
+                loss, parts = gmm_loss(output.float(), batch["target_emitters"], batch["target_mask"],
+                                       batch["target_bg"], count_times_num_emitters=args.count_times_num_emitters)
+                finite = torch.isfinite(loss.detach())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["loss"] += loss.detach()
+            window["micro"] += 1
+            window["samples"] += batch["frames"].shape[0] * accelerator.num_processes
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0) + value
+
+            if accelerator.reduce(finite.float().logical_not().float(), "sum").item() > 0:
+                run.log.error("non-finite loss at update %d (micro-batch %d of epoch %d); stopping. "
+                              "The last good checkpoint is kept in %s", state.global_step + 1, state.step_in_epoch,
+                              state.epoch, run.dir / "checkpoints")
+                accelerator.end_training()
+                raise SystemExit(1)
+            if not accelerator.sync_gradients:
+                fetch_start = time.perf_counter()
+                continue
+
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            state.global_step += 1
+            progress.update(1)
+
+            if state.global_step % args.log_every_steps == 0:
+                elapsed = time.perf_counter() - window_start
+                logs = {"train/loss": accelerator.reduce(window["loss"], "mean").item() / window["micro"],
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "train/grad_norm": float(grad_norm),
+                        "perf/samples_per_s": window["samples"] / elapsed,
+                        "perf/data_time_frac": window["data_s"] / elapsed}
+                logs.update({k.replace("loss/", "train/"): accelerator.reduce(v, "mean").item() / window["micro"]
+                             for k, v in parts_sum.items()})
+                accelerator.log(logs, step=state.global_step)
+                run.log.info("update %d  loss %.4f  lr %.2e  grad %.3f  %.1f samples/s  data %.0f%%",
+                             state.global_step, logs["train/loss"], logs["train/lr"], logs["train/grad_norm"],
+                             logs["perf/samples_per_s"], 100 * logs["perf/data_time_frac"])
+                window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
+                parts_sum = {}
+                window_start = time.perf_counter()
+
+            last_step = state.global_step >= max_steps
+            if state.global_step % eval_every == 0 or last_step:
+                index, output = predict(model, val_dl, accelerator)
+                metrics, det = evaluate(index, output, gt, cfg, crlb_lat, args)
+                state.last_metrics = metrics
+                accelerator.log(metrics, step=state.global_step)
+                run.log.info("eval %d (epoch %d)  %s", state.global_step, state.epoch,
+                             "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                if accelerator.is_main_process:
+                    append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch,
+                                                      "train/lr": optimizer.param_groups[0]["lr"], **metrics})
+                    if args.figures:
+                        busiest = int(np.bincount(gt["frame_ix"], minlength=len(index)).argmax())
+                        log_images(accelerator, run, {"vis/frame": draw_frame(movie, busiest, gt, det),
+                                                      "vis/residuals": draw_residuals(gt, det)}, state.global_step)
+                ckpt.update_best(state, metrics, model)
+                if stopper.step(metrics):
+                    accelerator.set_trigger()
+                if accelerator.check_trigger():
+                    run.log.info("early stopping at update %d: %s has not improved for %d evaluations",
+                                 state.global_step, monitor, stopper.bad_evals)
+                    stop = True
+                model.train()
+            if state.global_step % save_every == 0 or stop or last_step:  # the end too: resuming a finished run is free
+                ckpt.save(state)
+            if stop or last_step:
+                break
+            fetch_start = time.perf_counter()
+        else:
+            state.epoch += 1
+    progress.close()
+    train_minutes = (time.perf_counter() - train_start) / 60
+
+    metrics = metrics or state.last_metrics  # a resumed run that had already reached max_steps
+    ckpt.export_final(model, None, metrics, state)
+    if state.best_step < 0:
+        run.log.warning("no best/ export: %s was never finite (nothing matched at raw_th %.2f)", monitor, args.raw_th)
+    if accelerator.is_main_process:
+        print(f"\nfinal model (update {state.global_step}, {train_minutes:.1f} min) of {run.dir}; "
+              f"best {monitor} at update {state.best_step}:")
+        for key, value in metrics.items():
+            print(f"  {key:22s} {value:10.4f}")
+        print(f"weights: best/ and final/ model.safetensors; validation movie: {run.dir / 'val_movie.h5'}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
