@@ -1,6 +1,7 @@
 """Shared test set-up: CPU only, no network, everything written under pytest's tmp_path."""
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -41,6 +42,17 @@ def run_script(script: str, args: list[str], nproc: int = 1, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_python(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A script run with plain python: the exit status and stderr exactly as a user sees them."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ module; the models are tiny (width 0.25, one block per stage), so a run takes se
 """
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_script
+from conftest import read_csv, run_python, run_script
 from data.pair import build_pair_splits
 
 TINY = ["--cpu", "--batch_size", "32", "--width_mult", "0.25", "--layers", "1,1,1", "--feat_dim", "16",
         "--num_workers", "0", "--log_every_steps", "2", "--report_to", "none"]
 
 
-def python(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +88,7 @@ def test_stack_and_predict_on_trained_runs(two_seeds, data_dir, tmp_path):
     out, _ = two_seeds
     runs = [str(out / "grp_s11"), str(out / "grp_s12")]
     stack_dir = tmp_path / "stack"
-    proc = python("stack_pair.py", "--runs", *runs, "--out", str(stack_dir), "--folds", "3")
+    proc = run_python("stack_pair.py", "--runs", *runs, "--out", str(stack_dir), "--folds", "3")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((stack_dir / "report.json").read_text())
     assert list(report["methods"])[1:] == ["mean of probabilities", "majority vote", "logreg stacking", "lgbm stacking"]
@@ -109,7 +98,7 @@ def test_stack_and_predict_on_trained_runs(two_seeds, data_dir, tmp_path):
     mean_csv, single_csv, stacked_csv = tmp_path / "mean.csv", tmp_path / "single.csv", tmp_path / "stacked.csv"
     test_npz = str(data_dir / "test.npz")
     for args, path in (((runs[0],), single_csv), (runs, mean_csv)):
-        proc = python("predict_pair.py", "--checkpoint", *args, "--data", test_npz, "--out", str(path))
+        proc = run_python("predict_pair.py", "--checkpoint", *args, "--data", test_npz, "--out", str(path))
         assert proc.returncode == 0, proc.stderr
         assert "accuracy" in proc.stdout
     single, mean = read_csv(single_csv), read_csv(mean_csv)
@@ -121,17 +110,17 @@ def test_stack_and_predict_on_trained_runs(two_seeds, data_dir, tmp_path):
     assert all(abs(float(r["prob"]) - (written[r["id"]] + other[r["id"]]) / 2) < 1e-5 for r in mean)
     assert all(int(r["pred"]) == (float(r["prob"]) >= 0.5) for r in mean)
 
-    proc = python("predict_pair.py", "--checkpoint", *reversed(runs), "--data", test_npz, "--out", str(stacked_csv),
+    proc = run_python("predict_pair.py", "--checkpoint", *reversed(runs), "--data", test_npz, "--out", str(stacked_csv),
                   "--stacker", str(stack_dir))
     assert proc.returncode == 0, proc.stderr
     assert "stacked 2 model(s)" in proc.stdout and len(read_csv(stacked_csv)) == 64
 
-    wrong = python("predict_pair.py", "--checkpoint", runs[0], runs[0] + "_missing", "--data", test_npz,
+    wrong = run_python("predict_pair.py", "--checkpoint", runs[0], runs[0] + "_missing", "--data", test_npz,
                    "--out", str(tmp_path / "x.csv"))
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "_missing" in wrong.stderr
-    one = python("stack_pair.py", "--runs", runs[0], "--out", str(tmp_path / "s1"))
+    one = run_python("stack_pair.py", "--runs", runs[0], "--out", str(tmp_path / "s1"))
     assert one.returncode == 2 and "at least 2 runs" in one.stderr
-    again = python("stack_pair.py", "--runs", *runs, "--out", str(stack_dir))
+    again = run_python("stack_pair.py", "--runs", *runs, "--out", str(stack_dir))
     assert again.returncode == 2 and "--overwrite" in again.stderr and (stack_dir / "lgbm.txt").is_file()
 
 
@@ -178,7 +167,7 @@ def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
     (bad / "train.npz").write_bytes(b"not a zip file")
     cases.append((["--data_dir", str(bad)], "train.npz"))
     for args, expected in cases:
-        proc = python("train_pair.py", *TINY, "--output_dir", str(out), *args)
+        proc = run_python("train_pair.py", *TINY, "--output_dir", str(out), *args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert proc.stderr.count("\n") == 1 and expected in proc.stderr, (args, proc.stderr)
     assert not out.exists()
@@ -193,7 +182,7 @@ def test_non_finite_loss_stops_with_status_1(data_dir, tmp_path):
 
 
 def test_step_benchmark_prints_the_ratio(tmp_path):
-    proc = python("benchmarks/pair_step.py", "--config", "none", "--width_mult", "0.25", "--batch_size", "4",
+    proc = run_python("benchmarks/pair_step.py", "--config", "none", "--width_mult", "0.25", "--batch_size", "4",
                   "--steps", "1", "--warmup", "0", "--rounds", "2", "--distinct_batches", "1", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "pair_step.json").read_text())

@@ -4,15 +4,12 @@
 """
 from __future__ import annotations
 
-import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, run_script
+from conftest import read_csv, run_python, run_script
 from data.smlm import read_movie_h5
 
 VAL_FRAMES = 10
@@ -22,14 +19,6 @@ TINY = ["--cpu", "--samples_per_epoch", "16", "--batch_size", "4", "--val_frames
 SIM = {"img_size": [16, 16], "emitter_av": 4.0}
 
 
-def python(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture
@@ -87,7 +76,7 @@ def test_bad_simulation_config_exits_2_without_a_run(tmp_path, simulation, key):
     bad.write_text(yaml.safe_dump({"max_steps": 2, "simulation": simulation}))
     out = tmp_path / "runs"
     for flag in ("--config", "--sim_config"):
-        proc = python("train_smlm.py", *TINY, flag, str(bad), "--output_dir", str(out))
+        proc = run_python("train_smlm.py", *TINY, flag, str(bad), "--output_dir", str(out))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.count("\n") == 1 and key in proc.stderr and "bad.yaml" in proc.stderr
     assert not out.exists()
@@ -96,7 +85,7 @@ def test_bad_simulation_config_exits_2_without_a_run(tmp_path, simulation, key):
 def test_unknown_training_key_next_to_simulation_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"max_stepz": 2, "simulation": SIM}))
-    proc = python("train_smlm.py", *TINY, "--config", str(bad), "--output_dir", str(tmp_path / "runs"))
+    proc = run_python("train_smlm.py", *TINY, "--config", str(bad), "--output_dir", str(tmp_path / "runs"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "max_stepz" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -112,5 +101,5 @@ def test_non_finite_loss_stops_with_exit_1(tmp_path, preset):
 @pytest.mark.parametrize("name", ["smlm_quick.yaml", "smlm_full.yaml"])
 def test_presets_parse_both_parts(name):
     # Both parts of the preset load; the deliberately impossible depth then fails on the preset's frame size.
-    proc = python("train_smlm.py", "--config", f"configs/{name}", "--depth_shared", "9")
+    proc = run_python("train_smlm.py", "--config", f"configs/{name}", "--depth_shared", "9")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "multiple" in proc.stderr, proc.stderr
