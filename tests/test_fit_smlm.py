@@ -1,0 +1,319 @@
+"""fit_smlm.py: TIFF stack -> localisation table with a (hand-made) train_smlm.py run.
+
+The run directory is built by hand (args.yaml, simulation.yaml, final/model.safetensors of a freshly
+initialised 4-feature SigmaMUNet whose p bias is set to 0, so p ~ 0.5 and there are many detections).
+Positions are checked against the truth with a stand-in model whose output is built from known emitters.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import fit_smlm
+from conftest import read_csv, run_python
+from data.smlm import (SimConfig, bin_emitters, camera_forward, psf_sigmas, render, sample_background,
+                       sample_loose_emitters, to_photons)
+from train_smlm import Args, build_model
+from training.config import as_dict
+
+N_FRAMES = 10
+SIM = {"img_size": [16, 16], "emitter_av": 3.0}
+HEADER_3D = ('"id","frame","x [nm]","y [nm]","z [nm]","sigma [nm]","intensity [photon]","offset [photon]",'
+             '"bkgstd [photon]","uncertainty [nm]"')
+
+
+def adu_movie(cfg: SimConfig, n_frames: int, seed: int = 0) -> np.ndarray:
+    """(T, H, W) uint16 camera frames of a simulated movie."""
+    gen = torch.Generator().manual_seed(seed)
+    emitters = bin_emitters(sample_loose_emitters(cfg, n_frames, gen), n_frames)
+    expected = render(emitters, n_frames, cfg) + sample_background(cfg, n_frames, gen)
+    return camera_forward(expected, cfg, gen).clamp(0, 65535).numpy().astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    args = Args(initial_features=4, inter_features=4, depth_shared=1, depth_union=2, window=3)
+    (run / "args.yaml").write_text(yaml.safe_dump(as_dict(args), sort_keys=False))
+    (run / "simulation.yaml").write_text(yaml.safe_dump({"simulation": SimConfig.from_dict(SIM).to_dict()}))
+    torch.manual_seed(0)
+    model = build_model(args)
+    with torch.no_grad():
+        model.heads["p"][-1].bias.zero_()
+    (run / "final").mkdir()
+    save_file(model.state_dict(), run / "final" / "model.safetensors")
+    return run
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    path = tmp_path_factory.mktemp("frames") / "stack.tif"
+    tifffile.imwrite(path, adu_movie(SimConfig.from_dict(SIM), N_FRAMES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole_movie_det(run_dir, stack):
+    """localise on the whole in-memory movie (photons), batches of 3."""
+    model, cfg, train_args = fit_smlm.load_fitter(run_dir)
+    photons = to_photons(torch.from_numpy(tifffile.imread(stack).astype(np.float32)), cfg)
+    return fit_smlm.localise(model, photons, cfg, window=train_args.window, raw_th=train_args.raw_th,
+                             batch_size=3), cfg
+
+
+def fit(capsys, *argv):
+    """fit_smlm.main in this process -> (exit status, stdout, stderr)."""
+    try:
+        fit_smlm.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_thunderstorm_csv(tmp_path, run_dir, stack):
+    out = tmp_path / "locs.csv"
+    proc = run_python("fit_smlm.py", "--checkpoint", str(run_dir), "--frames", str(stack), "--out", str(out),
+                      "--batch_size", "3", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"localisations from {N_FRAMES} frames" in proc.stdout and str(out) in proc.stdout
+    assert out.read_text().splitlines()[0] == HEADER_3D
+    rows = read_csv(out)
+    assert len(rows) > 0
+    assert [int(r["id"]) for r in rows] == list(range(1, len(rows) + 1))
+    frames = np.array([int(r["frame"]) for r in rows])
+    assert frames.min() >= 1 and frames.max() <= N_FRAMES and np.all(np.diff(frames) >= 0)
+    for key, extent in (("x [nm]", 16 * 100.0), ("y [nm]", 16 * 100.0)):
+        values = np.array([float(r[key]) for r in rows])
+        # The field is [0, 1600] nm; a pixel's offset reaches 1 px (tanh), so an untrained model's edge
+        # detections may stick out by up to half a pixel.
+        assert values.min() > -50.0 and values.max() < extent + 50.0, key
+        assert np.mean((values >= 0) & (values <= extent)) > 0.9, key
+    for key in ("sigma [nm]", "intensity [photon]", "offset [photon]", "bkgstd [photon]", "uncertainty [nm]"):
+        assert all(float(r[key]) > 0 for r in rows), key
+    assert not (tmp_path / "locs.csv.tmp").exists()
+
+
+def test_chunked_equals_whole_movie(tmp_path, capsys, run_dir, stack, whole_movie_det):
+    det, cfg = whole_movie_det
+    assert len(det["frame_ix"]) > 0 and set(det["frame_ix"]) > {0, N_FRAMES - 1}
+    reference = tmp_path / "whole.csv"
+    fit_smlm.write_localisations(det, reference, "thunderstorm", cfg)
+    for chunk in ("3", "4", "512"):  # 4 is rounded up to 6, a multiple of --batch_size
+        out = tmp_path / f"chunk{chunk}.csv"
+        code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", out, "--batch_size", "3",
+                           "--chunk_frames", chunk, "--device", "cpu")
+        assert code == 0, err
+        assert out.read_bytes() == reference.read_bytes(), chunk
+
+
+def test_iter_tiff_chunks_layouts(tmp_path):
+    movie = (np.arange(7 * 5 * 6) * 37 % 65535).reshape(7, 5, 6)
+    layouts = {"pages": {}, "imagej": {"imagej": True}, "zlib": {"compression": "zlib"},
+               "one_3d_page": {"planarconfig": "separate", "photometric": "minisblack"},
+               "one_3d_page_zlib": {"planarconfig": "separate", "photometric": "minisblack", "compression": "zlib"},
+               "big_endian": {"planarconfig": "separate", "photometric": "minisblack", "byteorder": ">"}}
+    for name, kwargs in layouts.items():
+        for dtype in (np.uint16, np.float32):
+            path = tmp_path / f"{name}_{np.dtype(dtype).name}.tif"
+            tifffile.imwrite(path, movie.astype(dtype), **kwargs)
+            assert fit_smlm.tiff_stack_shape(path) == (7, 5, 6)
+            chunks = list(fit_smlm.iter_tiff_chunks(path, chunk_frames=3, context=1))
+            assert [(lo, hi, block_lo) for lo, hi, block_lo, _ in chunks] == [(0, 3, 0), (3, 6, 2), (6, 7, 5)]
+            for lo, hi, block_lo, block in chunks:
+                assert block.dtype == np.float32
+                np.testing.assert_array_equal(block, movie[block_lo:min(7, hi + 1)], err_msg=name)
+
+
+def test_decode_h5_and_csv_round_trip(tmp_path, capsys, run_dir, stack, whole_movie_det):
+    det, _ = whole_movie_det
+    h5_path, csv_path = tmp_path / "locs.h5", tmp_path / "locs_decode.csv"
+    for out, extra in ((h5_path, []), (csv_path, ["--format", "decode"])):
+        code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", out, "--batch_size", "3",
+                           "--chunk_frames", "3", "--device", "cpu", *extra)
+        assert code == 0, err
+    n = len(det["frame_ix"])
+    with h5py.File(h5_path, "r") as f:
+        assert f["meta"].attrs["xy_unit"] == "nm"
+        np.testing.assert_array_equal(f["meta"].attrs["px_size"], [100.0, 100.0])
+        assert "version" in f["decode"].attrs
+        data = {k: f["data"][k][()] for k in f["data"]}
+    for name in ("xyz_cr", "phot_cr", "bg_cr", "bg_sig"):
+        assert isinstance(data[name], h5py.Empty), name
+    np.testing.assert_array_equal(data["xyz"], det["xyz_nm"])
+    np.testing.assert_array_equal(data["xyz_sig"], det["xyz_sig_nm"])
+    for name in ("phot", "phot_sig", "prob", "bg", "frame_ix"):
+        np.testing.assert_array_equal(data[name], det[name], err_msg=name)
+    np.testing.assert_array_equal(data["id"], np.arange(n))
+
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "# DECODE EmitterSet"
+    assert "version" in json.loads(lines[1][2:])
+    assert json.loads(lines[2][2:]) == {"xy_unit": "nm", "px_size": [100.0, 100.0]}
+    assert lines[3] == ("x,y,z,phot,frame_ix,id,prob,bg,phot_cr,bg_cr,phot_sig,bg_sig,x_cr,y_cr,z_cr,x_sig,y_sig,"
+                        "z_sig")
+    rows = list(csv.DictReader(lines[3:]))
+    assert len(rows) == n
+    col = lambda key: np.array([float(r[key]) for r in rows], dtype=np.float32)  # noqa: E731
+    for k, key in enumerate("xyz"):
+        np.testing.assert_array_equal(col(key), data["xyz"][:, k])
+        np.testing.assert_array_equal(col(f"{key}_sig"), data["xyz_sig"][:, k])
+        assert np.isnan(col(f"{key}_cr")).all()
+    np.testing.assert_array_equal(col("frame_ix").astype(np.int64), data["frame_ix"])
+    np.testing.assert_array_equal(col("phot"), data["phot"])
+    assert np.isnan(col("phot_cr")).all() and np.isnan(col("bg_sig")).all()
+
+
+def test_frame_size_not_a_multiple_of_the_depth(tmp_path, capsys, run_dir):
+    cfg = SimConfig.from_dict({**SIM, "img_size": [18, 14]})
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, adu_movie(cfg, 5, seed=3))
+    out = tmp_path / "odd.csv"
+    code, stdout, err = fit(capsys, "--checkpoint", run_dir, "--frames", path, "--out", out, "--device", "cpu")
+    assert code == 0, err
+    assert "(18x14 px)" in stdout
+    rows = read_csv(out)
+    assert len(rows) > 0
+    x = np.array([float(r["x [nm]"]) for r in rows])
+    y = np.array([float(r["y [nm]"]) for r in rows])
+    assert -50.0 < x.min() and x.max() < 14 * 100.0 + 50.0 and -50.0 < y.min() and y.max() < 18 * 100.0 + 50.0
+    # Detections come from the whole frame, the padded-and-cropped border included.
+    assert x.max() > 12 * 100.0 and y.max() > 16 * 100.0
+
+
+class TruthModel(torch.nn.Module):
+    """Stand-in for SigmaMUNet: frame t of the movie is the constant t photons, and the output for a window
+    is the prepared map of its centre frame."""
+
+    def __init__(self, maps: torch.Tensor, cfg: SimConfig, window: int = 3):
+        super().__init__()
+        self.maps, self.cfg, self.window = maps, cfg, window
+        self.depth = 0
+
+    def forward(self, x):
+        t = torch.round(x[:, self.window // 2, 0, 0] * self.cfg.input_scale + self.cfg.input_offset).long()
+        return self.maps[t]
+
+
+@pytest.mark.parametrize("psf", ["astigmatic", "gaussian"])
+def test_positions_match_the_truth(tmp_path, psf):
+    cfg = SimConfig(img_size=(12, 16), px_size_nm=(100.0, 120.0), psf=psf)
+    height, width = cfg.img_size
+    # frame, x px, y px, z nm, photons, sigma x/y px, sigma z nm
+    truth = [(0, 3.3, 4.6, -300.0, 5000.0, 0.05, 0.08, 30.0), (2, 10.1, 2.9, 0.0, 8000.0, 0.1, 0.1, 20.0),
+             (2, 5.0, 10.45, 450.0, 2000.0, 0.2, 0.15, 60.0), (4, 15.4, 0.0, 100.0, 12000.0, 0.03, 0.04, 10.0)]
+    n_frames, bg = 6, np.array([100.0, 110.0, 120.0, 130.0, 140.0, 150.0])
+    maps = torch.zeros(n_frames, 10, height, width)
+    maps[:, 9] = torch.tensor(bg / cfg.bg_max, dtype=torch.float32)[:, None, None]
+    for f, x, y, z, phot, sx, sy, sz in truth:
+        i, j = round(y), round(x)
+        maps[f, :, i, j] = torch.tensor([1.0, phot / cfg.phot_max, x - j, y - i, z / cfg.z_max,
+                                         0.01, sx, sy, sz / cfg.z_max, bg[f] / cfg.bg_max])
+    frames = torch.arange(n_frames, dtype=torch.float32)[:, None, None].expand(n_frames, height, width)
+    det = fit_smlm.localise(TruthModel(maps, cfg), frames, cfg, raw_th=0.5, batch_size=4)
+    out = tmp_path / "truth.csv"
+    fit_smlm.write_localisations(det, out, "thunderstorm", cfg)
+    header = out.read_text().splitlines()[0]
+    assert header == (HEADER_3D if psf == "astigmatic" else HEADER_3D.replace('"z [nm]",', ""))
+    rows = read_csv(out)
+    assert len(rows) == len(truth)
+    for row, (f, x, y, z, phot, sx, sy, sz) in zip(rows, truth):
+        assert int(row["frame"]) == f + 1
+        assert float(row["x [nm]"]) == pytest.approx((x + 0.5) * 100.0, abs=1e-2)
+        assert float(row["y [nm]"]) == pytest.approx((y + 0.5) * 120.0, abs=1e-2)
+        if psf == "astigmatic":
+            assert float(row["z [nm]"]) == pytest.approx(z, abs=1e-2)
+        assert float(row["intensity [photon]"]) == pytest.approx(phot, rel=1e-5)
+        assert float(row["offset [photon]"]) == pytest.approx(bg[f], rel=1e-5)
+        assert float(row["bkgstd [photon]"]) == pytest.approx(math.sqrt(bg[f]), rel=1e-4)
+        lateral = math.sqrt(((sx * 100.0) ** 2 + (sy * 120.0) ** 2) / 2)
+        assert float(row["uncertainty [nm]"]) == pytest.approx(lateral, abs=1e-2)
+        psf_x, psf_y = (float(s) for s in psf_sigmas(torch.tensor([z], dtype=torch.float64), cfg))
+        assert float(row["sigma [nm]"]) == pytest.approx(math.sqrt(psf_x * 100.0 * psf_y * 120.0), abs=1e-2)
+
+    dec = tmp_path / "truth_decode.csv"
+    fit_smlm.write_localisations(det, dec, "decode", cfg)
+    rows = list(csv.DictReader(dec.read_text().splitlines()[3:]))
+    for row, (f, x, y, z, *_) in zip(rows, truth):  # DECODE: pixel centres at integer px, frames 0-based
+        assert int(row["frame_ix"]) == f
+        assert float(row["x"]) == pytest.approx(x * 100.0, abs=1e-3)
+        assert float(row["y"]) == pytest.approx(y * 120.0, abs=1e-3)
+        assert float(row["z"]) == pytest.approx(z, abs=1e-3)
+
+
+def test_camera_override(tmp_path, run_dir):
+    _, cfg, _ = fit_smlm.load_fitter(run_dir, weights="final")
+    section = tmp_path / "section.yaml"
+    section.write_text(yaml.safe_dump({"simulation": {"camera": "scmos", "em_gain": None, "baseline": 50,
+                                                      "px_size_nm": [110, 110]}}))
+    top = tmp_path / "top.yaml"
+    top.write_text(yaml.safe_dump({"e_per_adu": 2.0, "qe": 0.9}))
+    new = fit_smlm.apply_camera(cfg, section)
+    assert (new.camera, new.em_gain, new.baseline, new.px_size_nm) == ("scmos", None, 50.0, (110.0, 110.0))
+    assert (new.intensity_mu, new.bg_uniform, new.z_range_nm) == (cfg.intensity_mu, cfg.bg_uniform, cfg.z_range_nm)
+    new = fit_smlm.apply_camera(cfg, top)
+    assert (new.e_per_adu, new.qe, new.camera) == (2.0, 0.9, "emccd")
+    assert dataclasses.replace(new, e_per_adu=cfg.e_per_adu, qe=cfg.qe) == cfg
+
+
+def test_missing_frames_file_as_a_user_sees_it(tmp_path, run_dir):
+    out = tmp_path / "locs.csv"
+    proc = run_python("fit_smlm.py", "--checkpoint", str(run_dir), "--frames", str(tmp_path / "nope.tif"),
+                      "--out", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "nope.tif" in proc.stderr and "--frames" in proc.stderr
+    assert not out.exists()
+
+
+def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
+    not_tiff = tmp_path / "notes.tif"
+    not_tiff.write_text("not an image\n")
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((3, 16, 16, 3), np.uint8), photometric="rgb")
+    no_args = tmp_path / "no_args_run"
+    (no_args / "final").mkdir(parents=True)
+    (no_args / "simulation.yaml").write_text((run_dir / "simulation.yaml").read_text())
+    (no_args / "final" / "model.safetensors").write_bytes((run_dir / "final" / "model.safetensors").read_bytes())
+    bad_camera = tmp_path / "camera.yaml"
+    bad_camera.write_text(yaml.safe_dump({"simulation": {"em_gain": -1}}))
+    foreign_camera = tmp_path / "foreign.yaml"
+    foreign_camera.write_text(yaml.safe_dump({"img_size": [8, 8]}))
+    out = tmp_path / "locs.csv"
+    cases = [
+        (["--checkpoint", run_dir, "--frames", not_tiff], "notes.tif"),
+        (["--checkpoint", run_dir, "--frames", rgb], "rgb.tif"),
+        (["--checkpoint", no_args, "--frames", stack], "args.yaml"),
+        (["--checkpoint", tmp_path / "missing_run", "--frames", stack], "missing_run"),
+        (["--checkpoint", run_dir, "--frames", stack, "--weights", "final", "--camera", bad_camera], "em_gain"),
+        (["--checkpoint", run_dir, "--frames", stack, "--camera", foreign_camera], "img_size"),
+        (["--checkpoint", run_dir, "--frames", stack, "--raw_th", "1.5"], "--raw_th"),
+    ]
+    for argv, named in cases:
+        code, stdout, err = fit(capsys, *argv, "--out", out, "--device", "cpu")
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and named in err, err
+        assert not out.exists() and not (tmp_path / "locs.csv.tmp").exists()
+    code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", tmp_path / "locs.h5",
+                       "--format", "thunderstorm")
+    assert code == 2 and err.count("\n") == 1 and "locs.h5" in err
+    assert not (tmp_path / "locs.h5").exists()
+
+    out.write_text("keep me\n")
+    code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", out, "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and "locs.csv" in err and "--overwrite" in err
+    assert out.read_text() == "keep me\n"
+    code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", out, "--device", "cpu",
+                       "--overwrite")
+    assert code == 0, err
+    assert out.read_text().startswith('"id","frame"')
