@@ -267,6 +267,65 @@ def fisher_information(image_fn: Callable[[np.ndarray], np.ndarray], theta, step
     return (jac / mu[:, None]).T @ jac / excess_noise
 
 
+def emitter_crlb_nm(xyz_px, phot, bg, cfg, chunk: int = 512) -> np.ndarray:
+    """CRLB (N, 3) in nm of x, y and z for each emitter of a simulation, z NaN for a 2D PSF.
+
+    xyz_px (N, 3): x, y in px, z in nm; phot: the emitter's photons in its frame; bg: that frame's
+    background (photons/px). cfg: a data.smlm.SimConfig (psf, sigma0_px, foc_shift_nm, rl_nm, px_size_nm,
+    camera, qe). The parameters estimated are (x, y, z, N, b) for the astigmatic PSF, so the lateral bound
+    includes the cost of not knowing z, and (x, y, N, b) for the 2D Gaussian; photons and background are
+    detected electrons (x qe), the EMCCD excess-noise factor 2 divides the information. Each emitter sits
+    alone at its sub-pixel offset in its own ROI of default_roi_px(max(sigma_x, sigma_y)) pixels (the ROI
+    size matters through b: more pixels pin the background down better); frame edges and neighbours are
+    ignored, so this is the single-emitter limit. A spline PSF has no closed form here: all NaN.
+    """
+    xyz = np.asarray(xyz_px, dtype=np.float64).reshape(-1, 3)
+    n_em = len(xyz)
+    out = np.full((n_em, 3), np.nan)
+    if cfg.psf not in ("gaussian", "astigmatic") or n_em == 0:
+        return out
+    astig = cfg.psf == "astigmatic"
+    excess = EMCCD_EXCESS_NOISE if cfg.camera == "emccd" else 1.0
+    n_all = np.broadcast_to(np.asarray(phot, dtype=np.float64), (n_em,)) * cfg.qe
+    b_all = np.maximum(np.broadcast_to(np.asarray(bg, dtype=np.float64), (n_em,)) * cfg.qe, 1e-3)
+    dz = 1e-2  # nm, central-difference step for d mu / d z
+
+    def sigmas(z):
+        if astig:
+            return astigmatic_sigma(z, cfg.sigma0_px, cfg.foc_shift_nm, cfg.rl_nm)
+        return np.full_like(z, cfg.sigma0_px), np.full_like(z, cfg.sigma0_px)
+
+    for lo in range(0, n_em, chunk):
+        sl = slice(lo, lo + chunk)
+        z, n, b = xyz[sl, 2], n_all[sl, None, None], b_all[sl, None, None]
+        sx, sy = sigmas(z)
+        roi = default_roi_px(max(sx.max(), sy.max()))
+        centres = np.arange(roi, dtype=np.float64)
+        # Pixels outside an emitter's own ROI (same centre, smaller side) carry no weight.
+        own_half = np.array([default_roi_px(max(a, c)) // 2 for a, c in zip(sx, sy)])[:, None]
+        inside = np.abs(centres - (roi - 1) / 2) <= own_half                       # (n, roi)
+        weight = (inside[:, :, None] & inside[:, None, :]).astype(np.float64)          # (n, roi, roi)
+        pos = (roi - 1) / 2 + xyz[sl, :2] - np.round(xyz[sl, :2])
+        ex, dex = _pixel_mass(centres, pos[:, 0], sx)
+        ey, dey = _pixel_mass(centres, pos[:, 1], sy)
+        psf = ey[:, :, None] * ex[:, None, :]                                   # (n, roi, roi)
+        mu = n * psf + b
+        jac = [n * ey[:, :, None] * dex[:, None, :], n * dey[:, :, None] * ex[:, None, :]]
+        if astig:
+            (sxp, syp), (sxm, sym) = sigmas(z + dz), sigmas(z - dz)
+            psf_p = _pixel_mass(centres, pos[:, 1], syp)[0][:, :, None] * _pixel_mass(centres, pos[:, 0], sxp)[0][:, None, :]
+            psf_m = _pixel_mass(centres, pos[:, 1], sym)[0][:, :, None] * _pixel_mass(centres, pos[:, 0], sxm)[0][:, None, :]
+            jac.append(n * (psf_p - psf_m) / (2 * dz))
+        jac += [psf, np.ones_like(mu)]
+        jac = np.stack(jac, axis=-1)                                            # (n, roi, roi, P)
+        crlb = crlb_from_fisher(np.einsum("nhwi,nhwj,nhw->nij", jac, jac, weight / mu) / excess)
+        out[sl, 0] = crlb[:, 0] * cfg.px_size_nm[0]
+        out[sl, 1] = crlb[:, 1] * cfg.px_size_nm[1]
+        if astig:
+            out[sl, 2] = crlb[:, 2]
+    return out
+
+
 def crlb_from_fisher(fisher: np.ndarray) -> np.ndarray:
     """sqrt(diag(inv(I))) for (..., P, P) Fisher matrices, each parameter in its own unit.
 

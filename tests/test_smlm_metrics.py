@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
+from data.smlm import SimConfig
 from metrics.smlm import (ALPHA_AX, ALPHA_LAT, EMCCD_EXCESS_NOISE, astigmatic_sigma, crlb_from_fisher, default_roi_px,
-                          detection_metrics, efficiency, fisher_information, gaussian_2d_crlb, gaussian_2d_fisher,
-                          gaussian_psf_image, localisation_errors, match_emitters, rmse_over_crlb, smlm_metrics)
+                          detection_metrics, efficiency, emitter_crlb_nm, fisher_information, gaussian_2d_crlb,
+                          gaussian_2d_fisher, gaussian_psf_image, localisation_errors, match_emitters, rmse_over_crlb,
+                          smlm_metrics)
 
 # Two-plus frames, positions in nm. Frame 0: a duplicate prediction near A, one pair inside and one
 # outside the lateral threshold; frame 1: one pair beyond the axial threshold and one TP; frame 2: two
@@ -189,6 +191,37 @@ def test_finite_difference_fisher_matches_analytic_and_handles_astigmatism():
     crlb_off = crlb_from_fisher(fisher_information(image_3d, [c3, c3, 400.0, 3000.0, 20.0]))
     assert np.all(np.isfinite(crlb_off)) and 0 < crlb_off[2] < 100            # z bound in nm
     assert crlb_off[0] != pytest.approx(crlb_off[1], rel=1e-2)              # x and y differ off focus
+
+
+def test_emitter_crlb_matches_the_per_emitter_fisher_computation():
+    """The batched bound of simulated emitters equals the one-emitter finite-difference Fisher route."""
+    rng = np.random.default_rng(0)
+    xyz = np.column_stack([rng.uniform(0, 30, 5), rng.uniform(0, 30, 5), [-700.0, -250.0, 0.0, 300.0, 750.0]])
+    phot, bg = rng.uniform(500, 20000, 5), rng.uniform(20, 150, 5)
+    cfg = SimConfig(psf="astigmatic", sigma0_px=1.2, px_size_nm=(100.0, 110.0), camera="emccd", qe=0.9)
+    crlb = emitter_crlb_nm(xyz, phot, bg, cfg, chunk=2)          # chunks of 2: the last chunk holds one emitter
+    for i in range(5):
+        roi = default_roi_px(max(astigmatic_sigma(xyz[i, 2], 1.2)))
+        c = (roi - 1) / 2
+        frac = xyz[i, :2] - np.round(xyz[i, :2])
+        theta = [c + frac[0], c + frac[1], xyz[i, 2], phot[i] * 0.9, bg[i] * 0.9]
+        ref = crlb_from_fisher(fisher_information(
+            lambda t: gaussian_psf_image(t[0], t[1], t[3], t[4], astigmatic_sigma(t[2], 1.2), roi), theta,
+            excess_noise=EMCCD_EXCESS_NOISE))
+        np.testing.assert_allclose(crlb[i], [ref[0] * 100, ref[1] * 110, ref[2]], rtol=1e-4)
+    # 2D PSF with a Poisson camera: the analytic (x, y, N, b) bound, no z.
+    cfg2 = SimConfig(psf="gaussian", sigma0_px=1.3, camera="perfect", em_gain=None)
+    crlb2 = emitter_crlb_nm(xyz, phot, bg, cfg2)
+    frac = xyz[:, :2] - np.round(xyz[:, :2])
+    for i in range(5):
+        ref = gaussian_2d_crlb(phot[i], bg[i], 1.3, px_size_nm=100.0, offset_px=tuple(frac[i]))
+        assert crlb2[i, 0] == pytest.approx(ref["x_nm"], rel=1e-6)
+        assert crlb2[i, 1] == pytest.approx(ref["y_nm"], rel=1e-6)
+    assert np.isnan(crlb2[:, 2]).all()
+    # Not knowing z costs lateral precision off focus.
+    known_z = [gaussian_2d_crlb(phot[0] * 0.9, bg[0] * 0.9, float(s), px_size_nm=100.0,
+                                excess_noise=EMCCD_EXCESS_NOISE)["x_nm"] for s in astigmatic_sigma(-700.0, 1.2)]
+    assert emitter_crlb_nm(np.array([[5.0, 5.0, -700.0]]), phot[:1], bg[:1], cfg)[0, 0] > known_z[0]
 
 
 def test_fisher_equals_monte_carlo_covariance_of_the_poisson_score():
