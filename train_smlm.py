@@ -11,7 +11,8 @@ defaults (smlm.md §12). Both parts reject unknown keys and bad values with one 
 The resolved simulation is written to ``<run>/simulation.yaml``.
 
 Training windows are simulated on the fly (``SMLMSimDataset``), a fresh set of ``--samples_per_epoch`` every
-epoch (DECODE's ``SMLMLiveDataset``). Validation is one fixed movie of ``--val_frames`` frames simulated from
+epoch (DECODE's ``SMLMLiveDataset``), cut 16 at a time from short simulated movies (a batch size that is a
+multiple of 16 simulates each movie once). Validation is one fixed movie of ``--val_frames`` frames simulated from
 ``--val_seed``, identically on every rank, and stored as ``<run>/val_movie.h5``. Every evaluation runs the
 model over all its windows (gathered over the ranks), post-processes with SpatialIntegration (``--raw_th``),
 matches against the ground truth (250 nm lateral, 500 nm axial) and logs val/{jaccard, recall, precision,

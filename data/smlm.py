@@ -22,12 +22,14 @@ Sampling functions take a `torch.Generator` (its device is where tensors are mad
 function of the generator's seed and runs unchanged in DataLoader workers or on an accelerator. Every draw goes
 through that generator, including EM gain (own Gamma sampler; torch's Gamma takes no generator).
 
-Training items (`SMLMSimDataset`) are independent `window`-frame clips of the acquisition process, each with
-its own padded blinking history, seeded by (seed, epoch, index): an epoch is a fresh "movie" of `length`
-windows, as DECODE's `SMLMLiveDataset` regenerates its movie every epoch (smlm.md §1.7). A window has the
-same statistics as a window cut from one long movie; windows just do not share frames. Fixed validation and
-test movies are whole movies (`simulate_movie`) stored in HDF5 (`write_movie_h5` / `read_movie_h5`) and cut
-into windows by `MovieWindowDataset`.
+Training items (`SMLMSimDataset`) are the `window`-frame windows of short simulated movies: items are grouped
+in blocks of `block` consecutive indices, and each block is one movie of block + window - 1 frames (its own
+padded blinking history) seeded by (seed, epoch, block index), cut into overlapping windows as DECODE cuts
+its per-epoch movie (`SMLMLiveDataset`, smlm.md §1.7). An epoch is a fresh set of movies; an item is a pure
+function of (seed, epoch, index), whatever the worker or the order of access. Simulating a block in one
+vectorised call is about ten times cheaper per window than one movie per window (see
+benchmarks/smlm_throughput.py). Fixed validation and test movies are whole movies (`simulate_movie`) stored
+in HDF5 (`write_movie_h5` / `read_movie_h5`) and cut into windows by `MovieWindowDataset`.
 """
 from __future__ import annotations
 
@@ -646,14 +648,20 @@ class SMLMSimDataset(Dataset):
     """Fresh simulated windows for training (module docstring). Item i of epoch e is a pure function of
     (seed, e, i), whatever the worker. Items: frames (window, H, W) scaled input; target_emitters (E_i, 4) scaled
     targets of the centre frame; target_bg (H, W) bg / bg_max; index int64. Batch with `collate_smlm`.
-    Call `set_epoch` at the start of every epoch for a new movie."""
+    Call `set_epoch` at the start of every epoch for a new movie.
 
-    def __init__(self, cfg: SimConfig, length: int, seed: int = 0, window: int = 3):
-        if length < 1:
-            raise ValueError(f"length must be >= 1 windows, got {length}")
+    block: windows per simulated movie. The last block's movie is simulated once per process and reused
+    while its items are read, so a DataLoader whose batches hold whole blocks (batch size a multiple of
+    block, no shuffling) simulates each movie once. block=1 gives independent windows."""
+
+    def __init__(self, cfg: SimConfig, length: int, seed: int = 0, window: int = 3, block: int = 16):
+        if length < 1 or block < 1:
+            raise ValueError(f"length and block must be >= 1 windows, got {length} and {block}")
         window_indices(1, window)
         self.cfg, self.length, self.seed, self.window, self.epoch = cfg, int(length), int(seed), int(window), 0
+        self.block = int(block)
         self.read_sigma_map = load_read_sigma_map(cfg)
+        self._cached: tuple[tuple[int, int], Movie] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -661,13 +669,21 @@ class SMLMSimDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def _block_movie(self, b: int) -> Movie:
+        key = (self.epoch, b)
+        if self._cached is None or self._cached[0] != key:
+            n_windows = min(self.block, self.length - b * self.block)
+            seed = np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(1, np.uint64)[0]
+            gen = torch.Generator().manual_seed(int(seed))
+            self._cached = key, simulate_movie(self.cfg, n_windows + self.window - 1, gen, self.read_sigma_map)
+        return self._cached[1]
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.length:
             raise IndexError(i)
-        seed = np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1, np.uint64)[0]
-        gen = torch.Generator().manual_seed(int(seed))
-        movie = simulate_movie(self.cfg, self.window, gen, self.read_sigma_map)
-        item = _item(movie.frames, movie.bg, movie.emitters, self.window // 2, self.cfg)
+        b, k = divmod(int(i), self.block)
+        movie = self._block_movie(b)
+        item = _item(movie.frames[k:k + self.window], movie.bg, movie.emitters, k + self.window // 2, self.cfg)
         item["index"] = torch.tensor(i, dtype=torch.int64)
         return item
 

@@ -8,8 +8,8 @@ import torch
 
 from data.smlm import (Emitters, MovieWindowDataset, SimConfig, SMLMSimDataset, bin_emitters, camera_forward,
                        collate_smlm, frame_targets, load_sim_config, psf_sigmas, read_movie_h5, render,
-                       sample_loose_emitters, simulate_movie, to_photons, unscale_targets, window_indices,
-                       write_movie_h5)
+                       sample_loose_emitters, scale_frames, simulate_movie, to_photons, unscale_targets,
+                       window_indices, write_movie_h5)
 from losses.smlm import gmm_loss
 from metrics.smlm import astigmatic_sigma, gaussian_psf_image
 
@@ -193,6 +193,26 @@ def test_dataset_is_deterministic_per_seed_epoch_index():
     a.set_epoch(0)
     assert torch.equal(a[1]["frames"], first["frames"])
     assert not torch.equal(SMLMSimDataset(cfg, 4, seed=4)[1]["frames"], first["frames"])
+
+
+def test_dataset_blocks_are_overlapping_windows_of_one_movie_whatever_the_access_order():
+    cfg = SimConfig(img_size=(16, 16), emitter_av=5.0)
+    ds = SMLMSimDataset(cfg, 10, seed=3, block=4)            # blocks [0-3], [4-7], [8-9]
+    fresh = [SMLMSimDataset(cfg, 10, seed=3, block=4)[i] for i in range(10)]
+    for i in (9, 2, 5, 1, 8, 0, 3, 7, 6, 4):                  # any order: the cached block is rebuilt as needed
+        for key, value in ds[i].items():
+            assert torch.equal(value, fresh[i][key]), (i, key)
+    for i in (0, 1, 2, 4, 5, 6, 8):                          # next window in the same block: shifted by a frame
+        assert torch.equal(fresh[i]["frames"][1:], fresh[i + 1]["frames"][:2])
+    for i in (3, 7):                                         # a new block is a new movie
+        assert not torch.equal(fresh[i]["frames"][1:], fresh[i + 1]["frames"][:2])
+    # The centre frame's targets: a window's centre is the next window's first frame + 1.
+    movie = simulate_movie(cfg, 4 + 2, torch.Generator().manual_seed(
+        int(np.random.SeedSequence([3, 0, 0]).generate_state(1, np.uint64)[0])))
+    assert torch.equal(fresh[2]["frames"], scale_frames(movie.frames[2:5], cfg).float())
+    assert torch.equal(fresh[2]["target_emitters"], frame_targets(movie.emitters, 3, cfg).float())
+    with pytest.raises(ValueError, match="block"):
+        SMLMSimDataset(cfg, 10, block=0)
 
 
 @pytest.mark.parametrize("values,key", [
