@@ -1,0 +1,252 @@
+"""Localisation quality and speed of a trained SMLM run against a classical MLE fitter on fixed test movies.
+
+    python benchmarks/smlm_quality.py --checkpoint runs/smlm/<run> --out bench_out
+    python benchmarks/smlm_quality.py --classical_only --out bench_out      # no network needed
+
+Test movies: the run's simulation (its simulation.yaml; with --classical_only and no --checkpoint the
+simulation: section of --sim_config) with only the density (emitter_density per um^2 per frame, emitter_av
+unset) and img_size changed, one movie of --frames frames per density, simulated on the CPU from a seed
+derived from (--seed, density). They are written with data.smlm.write_movie_h5 to
+<out>/smlm_movies/ and reused by later calls when the file's config, seed and length match.
+
+Ground truth: as train_smlm.py's validation, the emitters with >= label_photon_min photons in the frame and
+inside the frame extent. Each one's lateral CRLB is sqrt(crlb_x^2 + crlb_y^2) from
+metrics.smlm.emitter_crlb_nm (single-emitter limit, the run's camera and PSF), so rmse_over_crlb is the
+matched RMSE over the RMS bound of the matched emitters.
+
+Methods, both on the photon frames of the movie:
+- ours:      fit_smlm.localise (SigmaMUNet + SpatialIntegration at --raw_th, default the run's raw_th).
+- classical: benchmarks/smlm_classical.fit_movie with its defaults (matched-filter detection at 5 noise
+             sigma, 3 x 3 local maxima, Poisson MLE of x, y, [z,] N, b by Levenberg-Marquardt, quality filter).
+Matching and metrics: metrics.smlm.smlm_metrics (250 nm lateral, 500 nm axial, greedy per frame). For a 2D
+Gaussian PSF z carries no information, so predictions and ground truth are compared in 2D (z set to 0,
+no axial threshold) and the axial columns are empty.
+Speed: wall clock of one call over the whole movie, including post-processing / the quality filter, after
+a warm-up call on 4 frames; frames/s = frames / seconds. ours runs on --device, the classical fitter too.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo's modules live one level up
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import positive, print_header, report, table
+from benchmarks.smlm_classical import default_roi_radius, fit_movie
+from data.smlm import SimConfig, load_sim_config, read_movie_h5, simulate_movie, write_movie_h5
+from fit_smlm import load_fitter, localise
+from metrics.smlm import emitter_crlb_nm, smlm_metrics
+from training import UsageError
+from training.config import fail
+
+COLUMNS = ["density", "emitters/frame", "method", "jaccard", "recall", "precision", "rmse_lat_nm", "rmse_ax_nm",
+           "effcy_lat", "effcy_ax", "rmse_over_crlb", "crlb_lat_nm", "frames/s"]
+FORMATS = {"jaccard": ".3f", "recall": ".3f", "precision": ".3f", "effcy_lat": ".3f", "effcy_ax": ".3f",
+           "emitters/frame": ".1f", "rmse_lat_nm": ".1f", "rmse_ax_nm": ".1f", "crlb_lat_nm": ".1f",
+           "frames/s": ".1f"}
+LABELS = ("low", "medium", "high")
+CHECK_RMSE_OVER_CRLB = 1.5
+
+
+def float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.1,0.5,1.5")
+    if not values or min(values) <= 0 or not all(np.isfinite(values)):
+        fail(f"{flag} {text!r}: expected numbers > 0")
+    return values
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """--img_size: "64" (square) or "H,W" px."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        fail(f"--img_size {text!r}: expected one size in px (64) or H,W (64,96)")
+    return (values[0], values[-1])
+
+
+def test_movie(cfg: SimConfig, n_frames: int, base_seed: int, folder: Path):
+    """The movie of cfg (simulated once, then read back from folder) and its file. Its generator seed is
+    derived from (base_seed, density), so adding a density leaves the other movies unchanged."""
+    h, w = cfg.img_size
+    density = cfg.emitter_density
+    seed = int(np.random.SeedSequence([base_seed, round(density * 1e6)]).generate_state(1)[0] & 0x7FFFFFFF)
+    path = folder / f"smlm_test_{h}x{w}_T{n_frames}_d{density:g}_seed{base_seed}.h5"
+    if path.is_file():
+        try:
+            movie, stored, meta = read_movie_h5(path)
+            if stored.to_dict() == cfg.to_dict() and meta["seed"] == seed and movie.frames.shape[0] == n_frames:
+                return movie, path
+        except ValueError:
+            pass  # a foreign or broken file under our name: simulate it again
+        print(f"  {path}: other config, seed or length; simulating again", flush=True)
+    movie = simulate_movie(cfg, n_frames, torch.Generator().manual_seed(seed))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_movie_h5(path, movie, cfg, seed=seed)
+    return movie, path
+
+
+def ground_truth(movie, cfg: SimConfig) -> dict:
+    """Targets as in train_smlm.build_validation, plus each one's background and lateral CRLB (nm)."""
+    h, w = cfg.img_size
+    em = movie.emitters
+    x, y = em.xyz[:, 0], em.xyz[:, 1]
+    keep = (em.phot >= cfg.label_photon_min) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+    e = em.subset(keep)
+    row = e.xyz[:, 1].round().long().clamp(0, h - 1)
+    col = e.xyz[:, 0].round().long().clamp(0, w - 1)
+    bg = movie.bg[e.frame_ix, row, col].numpy()
+    xyz_px = e.xyz.numpy().astype(np.float64)
+    crlb = emitter_crlb_nm(xyz_px, e.phot.numpy(), bg, cfg)
+    return {"frame_ix": e.frame_ix.numpy(), "xyz_nm": xyz_px * np.array([*cfg.px_size_nm, 1.0]),
+            "crlb_lat_nm": np.hypot(crlb[:, 0], crlb[:, 1])}
+
+
+def timed_call(fn, frames: torch.Tensor, device: torch.device) -> tuple[dict, float]:
+    fn(frames[:4])  # warm-up: first-call allocations and kernel selection stay out of the timing
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    det = fn(frames)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return det, time.perf_counter() - start
+
+
+def score(det: dict, gt: dict, cfg: SimConfig) -> dict:
+    pred, true = np.asarray(det["xyz_nm"], dtype=np.float64), gt["xyz_nm"]
+    if cfg.psf == "gaussian":  # no z information: compare laterally (module docstring)
+        pred, true = pred[:, :2], true[:, :2]
+        return smlm_metrics(pred, det["frame_ix"], true, gt["frame_ix"], dist_ax=None, match_dims=2,
+                            gt_crlb_lat_nm=gt["crlb_lat_nm"])
+    return smlm_metrics(pred, det["frame_ix"], true, gt["frame_ix"], gt_crlb_lat_nm=gt["crlb_lat_nm"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="train_smlm.py run directory (required unless --classical_only)")
+    p.add_argument("--weights", default="best", choices=("best", "final"), help="which export of the run")
+    p.add_argument("--classical_only", action="store_true", help="skip the network; only the classical fitter")
+    p.add_argument("--sim_config", default=str(ROOT / "configs" / "smlm_quick.yaml"),
+                   help="YAML with a simulation: section, used with --classical_only when no --checkpoint is given")
+    p.add_argument("--out", default="bench_out", help="folder for smlm_quality.md/.json and smlm_movies/")
+    p.add_argument("--frames", type=int, default=256, help="frames per test movie")
+    p.add_argument("--img_size", default="64", help="frame size in px: 64 or H,W")
+    p.add_argument("--densities", default="0.1,0.5,1.5", help="emitters per um^2 per frame, comma-separated")
+    p.add_argument("--seed", type=int, default=0, help="test-movie seed (each density derives its own)")
+    p.add_argument("--device", default="cpu", help="torch device for both methods")
+    p.add_argument("--raw_th", type=float, default=None, help="ours: detection threshold (default: the run's raw_th)")
+    p.add_argument("--batch_size", type=int, default=32, help="ours: frames per forward pass")
+    p.add_argument("--threshold", type=float, default=5.0, help="classical: detection threshold in noise sigmas")
+    flags = p.parse_args()
+    positive("--frames", flags.frames, 4)
+    positive("--batch_size", flags.batch_size)
+    densities = float_list(flags.densities, "--densities")
+    img_size = image_size(flags.img_size)
+    try:
+        device = torch.device(flags.device)
+    except RuntimeError:
+        fail(f"--device {flags.device!r}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {flags.device}: CUDA is not available on this machine")
+    if flags.checkpoint is None and not flags.classical_only:
+        fail("--checkpoint RUN is required (a train_smlm.py run directory), or pass --classical_only")
+
+    model = train_args = None
+    try:
+        if not flags.classical_only:
+            model, run_cfg, train_args = load_fitter(flags.checkpoint, flags.weights, device)
+        elif flags.checkpoint is not None:
+            run_cfg = load_sim_config(Path(flags.checkpoint) / "simulation.yaml")
+        else:
+            run_cfg = load_sim_config(flags.sim_config)
+    except (UsageError, ValueError) as e:
+        fail(str(e))
+    roi_px = 2 * default_roi_radius(run_cfg) + 1
+    if min(img_size) < roi_px:
+        fail(f"--img_size {flags.img_size}: frames must be at least {roi_px} px (the classical fitter's ROI)")
+    raw_th = flags.raw_th if flags.raw_th is not None else getattr(train_args, "raw_th", 0.5)
+    source = flags.checkpoint or flags.sim_config
+    info = print_header("SMLM: trained network vs classical MLE fitter")
+
+    rows, per_density, movies = [], [], []
+    labels = LABELS if len(densities) == 3 else [f"#{i + 1}" for i in range(len(densities))]
+    order = np.argsort(densities)
+    for rank, i in enumerate(order):
+        density = densities[i]
+        try:
+            cfg = dataclasses.replace(run_cfg, img_size=img_size, emitter_av=None, emitter_density=density)
+        except ValueError as e:
+            fail(f"--img_size/--densities: {e}")
+        movie, path = test_movie(cfg, flags.frames, flags.seed, Path(flags.out) / "smlm_movies")
+        movies.append(str(path))
+        gt = ground_truth(movie, cfg)
+        frames = movie.frames
+        name = f"{density:g} ({labels[rank]})"
+        base = {"density": name, "emitters/frame": len(gt["frame_ix"]) / flags.frames}
+        results = {}
+        methods = [] if model is None else [("ours", lambda f: localise(model, f, cfg, window=train_args.window,
+                                                                          raw_th=raw_th, batch_size=flags.batch_size,
+                                                                          device=device))]
+        methods.append(("classical", lambda f: fit_movie(f, cfg, threshold=flags.threshold, device=device)))
+        for method, fn in methods:
+            try:
+                det, seconds = timed_call(fn, frames, device)
+            except ValueError as e:
+                fail(f"{method} on {path}: {e}")
+            m = score(det, gt, cfg)
+            m["frames_per_s"], m["seconds"], m["detections"] = flags.frames / seconds, seconds, len(det["frame_ix"])
+            results[method] = m
+            rows.append({**base, "method": method, "jaccard": m["jaccard"], "recall": m["recall"],
+                         "precision": m["precision"], "rmse_lat_nm": m["rmse_lat"],
+                         "rmse_ax_nm": m["rmse_ax"] if cfg.psf != "gaussian" else None,
+                         "effcy_lat": m["effcy_lat"], "effcy_ax": m["effcy_ax"] if cfg.psf != "gaussian" else None,
+                         "rmse_over_crlb": m.get("rmse_over_crlb"), "crlb_lat_nm": m.get("crlb_lat"),
+                         "frames/s": m["frames_per_s"]})
+            print(f"  {name:>14} {method:>9}: Jaccard {m['jaccard']:.3f}, RMSE lat {m['rmse_lat']:.1f} nm, "
+                  f"{m['frames_per_s']:.1f} frames/s", flush=True)
+        per_density.append({"density_per_um2": density, "label": labels[rank], "movie": str(path),
+                            "gt_emitters": int(len(gt["frame_ix"])), "metrics": results})
+
+    notes = [f"Simulation: {source} ({run_cfg.psf} PSF, {run_cfg.camera} camera, {run_cfg.intensity_mu:g} +- "
+             f"{run_cfg.intensity_sig:g} photons, bg {run_cfg.bg_uniform[0]:g}-{run_cfg.bg_uniform[1]:g} photons/px) "
+             f"with img_size {img_size[0]}x{img_size[1]} px and emitter_density per row; {flags.frames} frames each, "
+             f"--seed {flags.seed}; movies in {Path(flags.out) / 'smlm_movies'}.",
+             f"ours: {flags.checkpoint} ({flags.weights}), raw_th {raw_th}" if model is not None
+             else "ours: not run (--classical_only).",
+             f"classical: benchmarks/smlm_classical.py fit_movie, threshold {flags.threshold} noise sigmas.",
+             "emitters/frame: ground-truth targets (>= label_photon_min photons, inside the frame) per frame. "
+             "CRLB lat: RMS single-emitter lateral bound of the matched emitters; rmse_over_crlb = RMSE lat / it."]
+    if run_cfg.psf == "gaussian":
+        notes.append("2D Gaussian PSF: matched and scored laterally (no axial threshold); axial columns empty.")
+    if model is not None:
+        lo, hi = per_density[0]["metrics"], per_density[-1]["metrics"]
+        ratio = lo["ours"].get("rmse_over_crlb", float("nan"))
+        verdict = "yes" if ratio <= CHECK_RMSE_OVER_CRLB else "no"
+        notes.append(f"Check, low density ({per_density[0]['density_per_um2']:g}/um^2): ours rmse_over_crlb "
+                     f"{ratio:.2f} <= {CHECK_RMSE_OVER_CRLB}: {verdict}.")
+        ours_j, cls_j = hi["ours"]["jaccard"], hi["classical"]["jaccard"]
+        notes.append(f"Check, high density ({per_density[-1]['density_per_um2']:g}/um^2): ours Jaccard {ours_j:.3f} vs "
+                     f"classical {cls_j:.3f}: ours beats classical: {'yes' if ours_j > cls_j else 'no'}.")
+    report("smlm_quality", "SMLM localisation: trained network vs classical fitter", info,
+           [table(rows, COLUMNS, formats=FORMATS)], notes, flags.out,
+           extra={"simulation": run_cfg.to_dict(), "checkpoint": flags.checkpoint, "raw_th": raw_th,
+                  "img_size": list(img_size), "frames": flags.frames, "seed": flags.seed, "movies": movies,
+                  "per_density": per_density})
+
+
+if __name__ == "__main__":
+    main()
