@@ -25,7 +25,7 @@ mapping holds some of the keys camera, qe, spur_noise, em_gain, e_per_adu, basel
 read_sigma_map, px_size_nm; they replace the run's values (other keys are an error: the model's training
 distribution cannot be changed at fit time). px_size_nm only changes the nm conversion.
 
-Post-processing: SpatialIntegration + look-up (metrics/smlm_postprocess.py) with ``--raw_th`` (default: the
+Post-processing: SpatialIntegration + look-up (metrics/smlm.py) with ``--raw_th`` (default: the
 run's raw_th).
 
 Output, by ``--format`` (default from the extension: .h5/.hdf5 DECODE HDF5, anything else ThunderSTORM CSV):
@@ -70,7 +70,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from data.smlm import SimConfig, load_sim_config, psf_sigmas, scale_frames, to_photons, window_indices
-from metrics.smlm_postprocess import DETECTION_KEYS, detections_from_output
+from metrics.smlm import DETECTION_KEYS, detections_from_output
 from train_smlm import Args, build_model
 from training import UsageError
 from training.config import fail
@@ -218,7 +218,7 @@ def iter_tiff_chunks(path, chunk_frames: int, context: int):
 def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 3, raw_th: float = 0.5,
              batch_size: int = 32, device="cpu", *, centre: tuple[int, int] | None = None,
              progress=None) -> dict[str, np.ndarray]:
-    """Detections (metrics.smlm_postprocess keys, numpy) of the frames (T, H, W) photons.
+    """Detections (metrics.smlm keys, numpy) of the frames (T, H, W) photons.
 
     Windows of `window` frames centred on each frame, indices clamped to [0, T) (data.smlm.window_indices);
     only the windows centred on frames [centre[0], centre[1]) are run (default all), in batches of

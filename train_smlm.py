@@ -44,8 +44,7 @@ from tqdm.auto import tqdm
 from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_smlm, load_sim_config, simulate_movie,
                        write_movie_h5)
 from losses.smlm import gmm_loss
-from metrics.smlm import emitter_crlb_nm, match_emitters, smlm_metrics
-from metrics.smlm_postprocess import detections_from_output
+from metrics.smlm import detections_from_output, emitter_crlb_nm, match_emitters, smlm_metrics
 from models.sigma_munet import SigmaMUNet, check_size
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from losses.smlm import BG_CH, MU_CH, N_CHANNELS, P_CH, SIGMA_CH
-from metrics.smlm_postprocess import DETECTION_KEYS, detections_from_output, filter_by_sigma, spatial_integration
+from metrics.smlm import DETECTION_KEYS, detections_from_output, filter_by_sigma, spatial_integration
 
 P_FLOOR = 1e-3      # background p of the hand-made maps
 SIG_PX = 0.1        # sigma of x, y in px and of photons, z in scaled units
