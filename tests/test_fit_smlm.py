@@ -317,3 +317,23 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
                        "--overwrite")
     assert code == 0, err
     assert out.read_text().startswith('"id","frame"')
+
+
+def test_quality_benchmark_scores_ours_and_classical(tmp_path, run_dir):
+    """benchmarks/smlm_quality.py end to end on the hand-made run: both methods, every density, reused movies."""
+    argv = ["--checkpoint", str(run_dir), "--weights", "final", "--frames", "6", "--img_size", "16",
+            "--densities", "0.5,2", "--out", str(tmp_path)]
+    proc = run_python("benchmarks/smlm_quality.py", *argv)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "smlm_quality.json").read_text())["tables"][0]["rows"]
+    assert [(r["method"], r["density"].split()[0]) for r in rows] == [
+        ("ours", "0.5"), ("classical", "0.5"), ("ours", "2"), ("classical", "2")]
+    for r in rows:
+        assert 0 <= r["jaccard"] <= 1 and r["frames/s"] > 0
+    movies = sorted(p.name for p in (tmp_path / "smlm_movies").iterdir())
+    assert len(movies) == 2
+    again = run_python("benchmarks/smlm_quality.py", *argv)
+    assert again.returncode == 0, again.stderr
+    rerun = json.loads((tmp_path / "smlm_quality.json").read_text())["tables"][0]["rows"]
+    speed = lambda r: {k: v for k, v in r.items() if k != "frames/s"}  # noqa: E731
+    assert [speed(r) for r in rerun] == [speed(r) for r in rows]        # the same movies, the same results
