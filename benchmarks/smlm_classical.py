@@ -71,8 +71,8 @@ import torch
 import torch.nn.functional as F
 
 from data.smlm import SimConfig, load_read_sigma_map
+from metrics.smlm import EMCCD_EXCESS_NOISE
 
-EMCCD_EXCESS_NOISE = 2.0
 Z_GRID_POINTS = 16
 DECREMENT_TOL = 5e-2      # Newton decrement g^T I^-1 g below which a fit counts as converged
 MAX_SHIFT_PX = 1.5        # largest accepted distance (each of x, y) from the candidate pixel
