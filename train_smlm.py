@@ -14,7 +14,10 @@ Training windows are simulated on the fly (``SMLMSimDataset``), a fresh set of `
 epoch (DECODE's ``SMLMLiveDataset``), cut 16 at a time from short simulated movies (a batch size that is a
 multiple of 16 simulates each movie once). Validation is one fixed movie of ``--val_frames`` frames simulated from
 ``--val_seed``, identically on every rank, and stored as ``<run>/val_movie.h5``. Every evaluation runs the
-model over all its windows (gathered over the ranks), post-processes with SpatialIntegration (``--raw_th``),
+model over all its windows (gathered over the ranks), post-processes with SpatialIntegration at the detection
+threshold ``--raw_th`` or, by default (``raw_th: null``), at the threshold of ``RAW_TH_GRID`` that maximises
+``--select_metric`` on the validation movie at that evaluation (logged as val/raw_th; DECODE fixes 0.5 in
+training and its fitting notebook uses 0.1; an early, under-confident network needs a lower one),
 matches against the ground truth (250 nm lateral, 500 nm axial) and logs val/{jaccard, recall, precision,
 f1, rmse_lat, rmse_ax, rmse_vol, mad_*, effcy_lat, effcy_ax, effcy_vol, tp, fp, fn, crlb_lat,
 rmse_over_crlb, frames}. Model selection uses ``--select_metric`` (default val/effcy_lat, the SMLM-challenge
@@ -54,6 +57,9 @@ from training.summary import append_summary
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+RAW_TH_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # detection thresholds tried at each evaluation
+
+
 @dataclass
 class Args:
     """Train DECODE's SigmaMUNet on simulated SMLM movies (GMM loss, SpatialIntegration, SMLM-challenge metrics)."""
@@ -79,7 +85,7 @@ class Args:
     depth_shared: int = 2                 # down steps of the per-frame U-Net
     depth_union: int = 2                  # down steps of the union U-Net
     activation: Literal["elu", "relu"] = "elu"
-    raw_th: float = 0.5                   # SpatialIntegration detection threshold on p (smlm.md §5, §12)
+    raw_th: float | None = None           # SpatialIntegration threshold on p (smlm.md §5, §12); None: best of RAW_TH_GRID on val
     select_metric: Literal["effcy_lat", "jaccard"] = "effcy_lat"  # val metric that picks best/ and checkpoints
     patience: int = 0                     # evaluations without improvement before stopping; 0 disables (DECODE has none)
     seed: int = 42
@@ -107,8 +113,8 @@ class Args:
             raise UsageError(f"--window must be an odd number of frames >= 1, got {self.window}")
         if self.lr <= 0 or self.clip_grad <= 0 or self.weight_decay < 0:
             raise UsageError("--lr and --clip_grad must be > 0 and --weight_decay >= 0")
-        if not 0 < self.lr_gamma <= 1 or not 0 < self.raw_th < 1:
-            raise UsageError("--lr_gamma must be in (0, 1] and --raw_th in (0, 1)")
+        if not 0 < self.lr_gamma <= 1 or (self.raw_th is not None and not 0 < self.raw_th < 1):
+            raise UsageError("--lr_gamma must be in (0, 1] and --raw_th in (0, 1) (or none)")
         if min(self.depth_shared, self.depth_union, self.num_workers, self.keep_last, self.save_top_k,
                self.patience) < 0:
             raise UsageError("--depth_*, --num_workers, --keep_last, --save_top_k and --patience must be >= 0")
@@ -187,13 +193,20 @@ def predict(model, dataloader, accelerator) -> tuple[np.ndarray, torch.Tensor]:
 
 
 def evaluate(index: np.ndarray, output: torch.Tensor, gt: dict, cfg: SimConfig, args: Args):
-    """(metrics as val/*, detections with movie frame indices)."""
-    det = detections_from_output(output, raw_th=args.raw_th, px_size_nm=cfg.px_size_nm, z_max_nm=cfg.z_max,
-                                 phot_max=cfg.phot_max, bg_max=cfg.bg_max)
-    det["frame_ix"] = index[det["frame_ix"]]
-    metrics = smlm_metrics(det["xyz_nm"], det["frame_ix"], gt["xyz_nm"], gt["frame_ix"], gt_crlb_lat_nm=gt["crlb_lat_nm"])
-    metrics["frames"] = float(len(index))
-    return {f"val/{k}": v for k, v in metrics.items()}, det
+    """(metrics as val/*, detections with movie frame indices) at --raw_th, or at the threshold of RAW_TH_GRID
+    with the highest --select_metric (NaN counts as lowest; ties go to the lower threshold)."""
+    best = None
+    for raw_th in (RAW_TH_GRID if args.raw_th is None else (args.raw_th,)):
+        det = detections_from_output(output, raw_th=raw_th, px_size_nm=cfg.px_size_nm, z_max_nm=cfg.z_max,
+                                     phot_max=cfg.phot_max, bg_max=cfg.bg_max)
+        det["frame_ix"] = index[det["frame_ix"]]
+        metrics = smlm_metrics(det["xyz_nm"], det["frame_ix"], gt["xyz_nm"], gt["frame_ix"],
+                               gt_crlb_lat_nm=gt["crlb_lat_nm"])
+        metrics["raw_th"], metrics["frames"] = raw_th, float(len(index))
+        score = metrics[args.select_metric]
+        if best is None or (np.isfinite(score) and not score <= best[0]):
+            best = (score if np.isfinite(score) else -np.inf, metrics, det)
+    return {f"val/{k}": v for k, v in best[1].items()}, best[2]
 
 
 def figure_to_rgb(fig) -> np.ndarray:
@@ -365,7 +378,8 @@ def main():
     metrics = metrics or state.last_metrics  # a resumed run that had already reached max_steps
     ckpt.export_final(model, None, metrics, state)
     if state.best_step < 0:
-        run.log.warning("no best/ export: %s was never finite (nothing matched at raw_th %.2f)", monitor, args.raw_th)
+        run.log.warning("no best/ export: %s was never finite (nothing matched at raw_th %s)", monitor,
+                        args.raw_th if args.raw_th is not None else RAW_TH_GRID)
     if accelerator.is_main_process:
         print(f"\nfinal model (update {state.global_step}, {train_minutes:.1f} min) of {run.dir}; "
               f"best {monitor} at update {state.best_step}:")

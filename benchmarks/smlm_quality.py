@@ -15,7 +15,8 @@ metrics.smlm.emitter_crlb_nm (single-emitter limit, the run's camera and PSF), s
 matched RMSE over the RMS bound of the matched emitters.
 
 Methods, both on the photon frames of the movie:
-- ours:      fit_smlm.localise (SigmaMUNet + SpatialIntegration at --raw_th, default the run's raw_th).
+- ours:      fit_smlm.localise (SigmaMUNet + SpatialIntegration at --raw_th; default: the run's raw_th, or the
+             one it chose on its validation movie, val/raw_th of the export's metrics.json).
 - classical: benchmarks/smlm_classical.fit_movie with its defaults (matched-filter detection at 5 noise
              sigma, 3 x 3 local maxima, Poisson MLE of x, y, [z,] N, b by Levenberg-Marquardt, quality filter).
 Matching and metrics: metrics.smlm.smlm_metrics (250 nm lateral, 500 nm axial, greedy per frame). For a 2D
@@ -178,7 +179,9 @@ def main():
     roi_px = 2 * default_roi_radius(run_cfg) + 1
     if min(img_size) < roi_px:
         fail(f"--img_size {flags.img_size}: frames must be at least {roi_px} px (the classical fitter's ROI)")
-    raw_th = flags.raw_th if flags.raw_th is not None else getattr(train_args, "raw_th", 0.5)
+    raw_th = flags.raw_th if flags.raw_th is not None or train_args is None else train_args.raw_th
+    if model is not None and raw_th is None:
+        fail(f"--checkpoint {flags.checkpoint}: its {flags.weights} export has no val/raw_th; pass --raw_th")
     source = flags.checkpoint or flags.sim_config
     info = print_header("SMLM: trained network vs classical MLE fitter")
 

@@ -52,6 +52,8 @@ def run_dir(tmp_path_factory):
         model.heads["p"][-1].bias.zero_()
     (run / "final").mkdir()
     save_file(model.state_dict(), run / "final" / "model.safetensors")
+    # args.yaml has raw_th null: the threshold the run chose on validation comes from the export's metrics.
+    (run / "final" / "metrics.json").write_text(json.dumps({"global_step": 6, "val/raw_th": 0.5}))
     return run
 
 
@@ -287,6 +289,10 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
     (no_args / "final" / "model.safetensors").write_bytes((run_dir / "final" / "model.safetensors").read_bytes())
     bad_camera = tmp_path / "camera.yaml"
     bad_camera.write_text(yaml.safe_dump({"simulation": {"em_gain": -1}}))
+    no_th = tmp_path / "no_threshold_run"                 # raw_th null and no metrics.json: nothing to fall back on
+    (no_th / "final").mkdir(parents=True)
+    for name in ("args.yaml", "simulation.yaml", "final/model.safetensors"):
+        (no_th / name).write_bytes((run_dir / name).read_bytes())
     foreign_camera = tmp_path / "foreign.yaml"
     foreign_camera.write_text(yaml.safe_dump({"img_size": [8, 8]}))
     out = tmp_path / "locs.csv"
@@ -298,12 +304,16 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
         (["--checkpoint", run_dir, "--frames", stack, "--weights", "final", "--camera", bad_camera], "em_gain"),
         (["--checkpoint", run_dir, "--frames", stack, "--camera", foreign_camera], "img_size"),
         (["--checkpoint", run_dir, "--frames", stack, "--raw_th", "1.5"], "--raw_th"),
+        (["--checkpoint", no_th, "--frames", stack], "--raw_th"),
     ]
     for argv, named in cases:
         code, stdout, err = fit(capsys, *argv, "--out", out, "--device", "cpu")
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and named in err, err
         assert not out.exists() and not (tmp_path / "locs.csv.tmp").exists()
+    code, _, err = fit(capsys, "--checkpoint", no_th, "--frames", stack, "--out", tmp_path / "explicit.csv",
+                       "--raw_th", "0.5", "--device", "cpu")
+    assert code == 0, err
     code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", tmp_path / "locs.h5",
                        "--format", "thunderstorm")
     assert code == 2 and err.count("\n") == 1 and "locs.h5" in err

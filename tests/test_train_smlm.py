@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import read_csv, run_python, run_script
-from data.smlm import read_movie_h5
+from data.smlm import SimConfig, read_movie_h5
+from losses.smlm import MU_CH, P_CH
+from train_smlm import RAW_TH_GRID, Args, evaluate
 
 VAL_FRAMES = 10
 TINY = ["--cpu", "--samples_per_epoch", "16", "--batch_size", "4", "--val_frames", str(VAL_FRAMES),
@@ -69,6 +73,7 @@ def test_two_process_run_gathers_the_whole_validation_movie(tmp_path, preset):
     rows = read_csv(run / "summary.csv")
     # 10 frames over 2 ranks in batches of 4: the padded duplicates must be dropped, every frame counted once.
     assert [r["step"] for r in rows] == ["2"] and float(rows[0]["val/frames"]) == VAL_FRAMES
+    assert float(rows[0]["val/raw_th"]) in RAW_TH_GRID  # no --raw_th: chosen on the validation movie
     assert (run / "final" / "model.safetensors").is_file()
 
 
@@ -106,3 +111,20 @@ def test_presets_parse_both_parts(name):
     # Both parts of the preset load; the deliberately impossible depth then fails on the preset's frame size.
     proc = run_python("train_smlm.py", "--config", f"configs/{name}", "--depth_shared", "9")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "multiple" in proc.stderr, proc.stderr
+
+
+def test_evaluate_picks_the_detection_threshold_with_the_best_selection_metric():
+    """One true emitter at p 0.25 and a false one at p 0.12, far apart: thresholds up to 0.1 keep both
+    (Jaccard 1/2), 0.15 and 0.2 only the true one (Jaccard 1), higher ones nothing; the lowest best wins."""
+    cfg = SimConfig(img_size=(8, 8))
+    output = torch.zeros(1, 10, 8, 8)
+    output[0, P_CH, 3, 4], output[0, P_CH, 6, 0] = 0.25, 0.12
+    output[0, MU_CH.start] = 0.3                                            # photons / phot_max
+    gt = {"xyz_nm": np.array([[400.0, 300.0, 0.0]]), "frame_ix": np.array([0]), "crlb_lat_nm": np.array([5.0])}
+    for select in ("jaccard", "effcy_lat"):
+        metrics, det = evaluate(np.array([0]), output, gt, cfg, Args(select_metric=select))
+        assert metrics["val/raw_th"] == 0.15 and metrics["val/jaccard"] == 1.0 and len(det["frame_ix"]) == 1
+    metrics, _ = evaluate(np.array([0]), output, gt, cfg, Args(raw_th=0.1))
+    assert metrics["val/raw_th"] == 0.1 and metrics["val/jaccard"] == 0.5
+    metrics, _ = evaluate(np.array([0]), output, gt, cfg, Args(raw_th=0.5))
+    assert metrics["val/tp"] == 0 and np.isnan(metrics["val/effcy_lat"])
