@@ -595,13 +595,20 @@ class Movie:
     emitters: Emitters
 
 
-def simulate_movie(cfg: SimConfig, n_frames: int, generator: torch.Generator | None = None,
-                   read_sigma_map: torch.Tensor | None = None) -> Movie:
-    """A blinking-emitter movie of n_frames frames on the generator's device (smlm.md §1.2-1.5)."""
+def simulate_acquisition(cfg: SimConfig, n_frames: int, generator: torch.Generator | None = None,
+                         read_sigma_map: torch.Tensor | None = None) -> tuple[torch.Tensor, Movie]:
+    """(camera frames in ADU (T, H, W), the movie with those frames converted back to photons): a blinking-
+    emitter acquisition of n_frames frames on the generator's device (smlm.md §1.2-1.5)."""
     emitters = bin_emitters(sample_loose_emitters(cfg, n_frames, generator), n_frames)
     bg = sample_background(cfg, n_frames, generator)
-    expected = render(emitters, n_frames, cfg) + bg
-    return Movie(to_photons(camera_forward(expected, cfg, generator, read_sigma_map), cfg), bg, emitters)
+    adu = camera_forward(render(emitters, n_frames, cfg) + bg, cfg, generator, read_sigma_map)
+    return adu, Movie(to_photons(adu, cfg), bg, emitters)
+
+
+def simulate_movie(cfg: SimConfig, n_frames: int, generator: torch.Generator | None = None,
+                   read_sigma_map: torch.Tensor | None = None) -> Movie:
+    """A blinking-emitter movie of n_frames frames in photons on the generator's device (smlm.md §1.2-1.5)."""
+    return simulate_acquisition(cfg, n_frames, generator, read_sigma_map)[1]
 
 
 def scale_frames(frames: torch.Tensor, cfg: SimConfig) -> torch.Tensor:
@@ -760,3 +767,73 @@ def read_movie_h5(path) -> tuple[Movie, SimConfig, dict]:
         raise ValueError(f"{path}: frames {tuple(frames.shape)} and bg {tuple(bg.shape)} must both be "
                          f"(T, {cfg.img_size[0]}, {cfg.img_size[1]})")
     return Movie(frames, bg, Emitters(**em)), cfg, meta
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def write_tiff_movie(out, cfg: SimConfig, n_frames: int, seed: int = 0) -> tuple[Path, Path, dict]:
+    """Simulate n_frames and write what a microscope would give fit_smlm.py: `out` (.tif, uint16 ADU, one page
+    per frame) and the ground truth next to it (`out` with .h5: `write_movie_h5`, frames in photons, emitters
+    in px / nm, the configuration). Returns (tif, h5, summary)."""
+    import tifffile
+
+    tif = Path(out)
+    if tif.suffix.lower() not in (".tif", ".tiff"):
+        raise ValueError(f"--out {tif}: expected a .tif or .tiff file name")
+    adu, movie = simulate_acquisition(cfg, n_frames, torch.Generator().manual_seed(seed), load_read_sigma_map(cfg))
+    adu = adu.numpy()
+    saturated = int((adu > 65535).sum())
+    tif.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(tif, np.clip(adu, 0, 65535).astype(np.uint16), photometric="minisblack")
+    h5 = tif.with_suffix(".h5")
+    write_movie_h5(h5, movie, cfg, seed=seed)
+    return tif, h5, {"frames": n_frames, "emitters": len(movie.emitters), "saturated_pixels": saturated}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m data.smlm", description="SMLM simulator tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("tiff", help="simulate a TIFF stack in ADU (input of fit_smlm.py) and its ground truth")
+    p.add_argument("--sim_config", required=True, help="YAML with a simulation: section, e.g. a preset or "
+                                                      "<run>/simulation.yaml")
+    p.add_argument("--frames", type=int, default=1000, help="frames to simulate")
+    p.add_argument("--img_size", default=None, help="H,W px (default: the config's)")
+    p.add_argument("--emitter_density", type=float, default=None,
+                   help="emitters per um^2 per frame (default: the config's emitter_av / emitter_density)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .tif; the ground truth goes to the same name with .h5")
+    args = parser.parse_args(argv)
+
+    def fail(message: str):
+        sys.stderr.write(f"data.smlm: error: {message}\n")
+        raise SystemExit(2)
+
+    if args.frames < 1:
+        fail(f"--frames must be >= 1, got {args.frames}")
+    try:
+        cfg = load_sim_config(args.sim_config)
+        changes = {}
+        if args.img_size is not None:
+            try:
+                h, w = (int(v) for v in args.img_size.split(","))
+            except ValueError:
+                fail(f"--img_size {args.img_size!r}: expected H,W, e.g. 64,64")
+            changes["img_size"] = (h, w)
+        if args.emitter_density is not None:
+            changes.update(emitter_density=args.emitter_density, emitter_av=None)
+        cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+        tif, h5, info = write_tiff_movie(args.out, cfg, args.frames, args.seed)
+    except ValueError as e:
+        fail(str(e))
+    print(f"{tif}: {info['frames']} frames of {cfg.img_size[0]}x{cfg.img_size[1]} px in ADU ({cfg.camera}), "
+          f"{info['emitters']} emitter-frames, {cfg.em_avg:.1f} emitters/frame on average"
+          + (f", {info['saturated_pixels']} pixels clipped at 65535" if info["saturated_pixels"] else ""))
+    print(f"{h5}: ground truth (data.smlm.read_movie_h5)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,8 @@ import csv
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -20,9 +22,9 @@ import yaml
 from safetensors.torch import save_file
 
 import fit_smlm
-from conftest import read_csv, run_python
-from data.smlm import (SimConfig, bin_emitters, camera_forward, psf_sigmas, render, sample_background,
-                       sample_loose_emitters, to_photons)
+from conftest import ROOT, read_csv, run_python
+from data.smlm import (SimConfig, bin_emitters, camera_forward, psf_sigmas, read_movie_h5, render,
+                       sample_background, sample_loose_emitters, to_photons)
 from train_smlm import Args, build_model
 from training.config import as_dict
 
@@ -347,3 +349,25 @@ def test_quality_benchmark_scores_ours_and_classical(tmp_path, run_dir):
     rerun = json.loads((tmp_path / "smlm_quality.json").read_text())["tables"][0]["rows"]
     speed = lambda r: {k: v for k, v in r.items() if k != "frames/s"}  # noqa: E731
     assert [speed(r) for r in rerun] == [speed(r) for r in rows]        # the same movies, the same results
+
+
+def test_simulated_tiff_cli_feeds_fit_smlm(tmp_path, run_dir):
+    """python -m data.smlm tiff: a uint16 ADU stack whose photons are the ground-truth movie's frames."""
+    sim = tmp_path / "sim.yaml"
+    sim.write_text(yaml.safe_dump({"simulation": SIM}))
+    out = tmp_path / "movie" / "stack.tif"
+    proc = subprocess.run([sys.executable, "-m", "data.smlm", "tiff", "--sim_config", str(sim), "--frames", "5",
+                           "--img_size", "20,24", "--emitter_density", "2", "--seed", "3", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    adu = tifffile.imread(out)
+    assert adu.dtype == np.uint16 and adu.shape == (5, 20, 24)
+    movie, cfg, meta = read_movie_h5(out.with_suffix(".h5"))
+    assert cfg.img_size == (20, 24) and cfg.emitter_density == 2 and cfg.emitter_av is None and meta["seed"] == 3
+    torch.testing.assert_close(to_photons(torch.from_numpy(adu.astype(np.float32)), cfg), movie.frames)
+    code = run_python("fit_smlm.py", "--checkpoint", str(run_dir), "--frames", str(out), "--out",
+                      str(tmp_path / "locs.csv"), "--device", "cpu")
+    assert code.returncode == 0, code.stderr
+    bad = subprocess.run([sys.executable, "-m", "data.smlm", "tiff", "--sim_config", str(sim), "--out",
+                          str(tmp_path / "x.png")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "x.png" in bad.stderr
