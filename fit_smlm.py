@@ -25,9 +25,9 @@ mapping holds some of the keys camera, qe, spur_noise, em_gain, e_per_adu, basel
 read_sigma_map, px_size_nm; they replace the run's values (other keys are an error: the model's training
 distribution cannot be changed at fit time). px_size_nm only changes the nm conversion.
 
-Post-processing: SpatialIntegration + look-up (metrics/smlm.py) with ``--raw_th``; default: the run's raw_th,
-or, for a run that chose it on its validation movie (train_smlm.py's default), val/raw_th of the loaded
-export's metrics.json.
+Post-processing: SpatialIntegration + look-up (metrics/smlm.py) with ``--raw_th``; default: the threshold of
+the evaluation the loaded weights come from (val/raw_th of the export's metrics.json; train_smlm.py chooses
+it on its validation movie unless the run fixed --raw_th), else the run's raw_th.
 
 Output, by ``--format`` (default from the extension: .h5/.hdf5 DECODE HDF5, anything else ThunderSTORM CSV):
   thunderstorm  CSV with the header "id","frame","x [nm]","y [nm]","z [nm]","sigma [nm]","intensity [photon]",
@@ -94,8 +94,9 @@ def _one_line(error: Exception) -> str:
 
 def load_fitter(run_dir, weights: str = "best", device="cpu") -> tuple[torch.nn.Module, SimConfig, Args]:
     """(model in eval mode on device, the run's SimConfig, its training Args) of a train_smlm.py run.
-    A run that chose its detection threshold on validation (raw_th None) gets train_args.raw_th from the
-    loaded export's metrics.json (val/raw_th); it stays None when that file has none.
+    train_args.raw_th is the detection threshold of the evaluation the loaded export comes from (val/raw_th of
+    its metrics.json: chosen on validation, or the run's fixed one); without it, args.yaml's (None for a run
+    that chose it on validation: the caller must then pass one).
 
     weights "best" uses best/model.safetensors, else final/; "final" uses final/ only. Raises UsageError
     (one line naming the file) on a missing or foreign run."""
@@ -132,11 +133,10 @@ def load_fitter(run_dir, weights: str = "best", device="cpu") -> tuple[torch.nn.
     except (RuntimeError, OSError, SafetensorError) as e:
         raise UsageError(f"--checkpoint {weights_path}: weights do not load into the model of args.yaml "
                          f"({str(e).strip().splitlines()[0]})") from None
-    if train_args.raw_th is None:  # chosen on the validation movie at the evaluation these weights come from
-        try:
-            train_args.raw_th = float(json.loads((weights_path.parent / "metrics.json").read_text())["val/raw_th"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # stays None: the caller needs an explicit threshold
+    try:  # the threshold of the evaluation these weights come from (chosen on validation, or the fixed one)
+        train_args.raw_th = float(json.loads((weights_path.parent / "metrics.json").read_text())["val/raw_th"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # an export without it (older runs): args.yaml's raw_th, which may be None
     return model.to(device).eval(), cfg, train_args
 
 

@@ -371,3 +371,16 @@ def test_simulated_tiff_cli_feeds_fit_smlm(tmp_path, run_dir):
     bad = subprocess.run([sys.executable, "-m", "data.smlm", "tiff", "--sim_config", str(sim), "--out",
                           str(tmp_path / "x.png")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "x.png" in bad.stderr
+
+
+def test_threshold_comes_from_the_loaded_export(tmp_path, run_dir):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    for name in ("simulation.yaml", "final/model.safetensors"):
+        (run / name).write_bytes((run_dir / name).read_bytes())
+    values = yaml.safe_load((run_dir / "args.yaml").read_text())
+    (run / "args.yaml").write_text(yaml.safe_dump({**values, "raw_th": 0.5}))
+    (run / "final" / "metrics.json").write_text(json.dumps({"val/raw_th": 0.3}))
+    assert fit_smlm.load_fitter(run, "final")[2].raw_th == 0.3      # the evaluation the weights come from
+    (run / "final" / "metrics.json").unlink()
+    assert fit_smlm.load_fitter(run, "final")[2].raw_th == 0.5      # else the run's fixed threshold
