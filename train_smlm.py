@@ -44,8 +44,8 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_smlm, load_sim_config, simulate_movie,
-                       write_movie_h5)
+from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_smlm, is_target, load_sim_config,
+                       simulate_movie, write_movie_h5)
 from losses.smlm import gmm_loss
 from metrics.smlm import detections_from_output, emitter_crlb_nm, match_emitters, smlm_metrics
 from models.sigma_munet import SigmaMUNet, check_size
@@ -139,24 +139,27 @@ def parse_smlm_args(argv: list[str] | None = None) -> tuple[Args, SimConfig]:
 
 def build_validation(cfg: SimConfig, args: Args):
     """The fixed validation movie (same on every rank: a CPU generator seeded with --val_seed), its window
-    dataset and the ground truth in nm: the emitters the loss treats as targets (>= label_photon_min photons,
-    inside the frame)."""
+    dataset and its `ground_truth`."""
     try:
         movie = simulate_movie(cfg, args.val_frames, torch.Generator().manual_seed(args.val_seed))
         val_ds = MovieWindowDataset(movie, cfg, args.window)
         val_ds[0]  # raises on a frame with more than max_targets emitters
     except ValueError as e:
         fail(f"validation movie: {e}")
+    return movie, val_ds, ground_truth(movie, cfg)
+
+
+def ground_truth(movie, cfg: SimConfig) -> dict:
+    """The targets of a movie (`data.smlm.is_target`) as numpy: frame_ix, xyz_px (x px, y px, z nm), xyz_nm,
+    phot, bg (photons/px at the emitter's pixel) and crlb_lat_nm (metrics.smlm.emitter_crlb_nm, lateral)."""
+    e = movie.emitters.subset(is_target(movie.emitters, cfg))
     h, w = cfg.img_size
-    em = movie.emitters
-    x, y = em.xyz[:, 0], em.xyz[:, 1]
-    keep = (em.phot >= cfg.label_photon_min) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
-    e = em.subset(keep)
-    px = torch.tensor([*cfg.px_size_nm, 1.0])
-    gt = {"frame_ix": e.frame_ix.numpy(), "xyz_px": e.xyz.numpy(), "xyz_nm": (e.xyz * px).numpy(),
-          "phot": e.phot.numpy(), "bg": movie.bg[e.frame_ix, 0, 0].numpy()}
+    row, col = e.xyz[:, 1].round().long().clamp(0, h - 1), e.xyz[:, 0].round().long().clamp(0, w - 1)
+    gt = {"frame_ix": e.frame_ix.numpy(), "xyz_px": e.xyz.numpy().astype(np.float64),
+          "phot": e.phot.numpy(), "bg": movie.bg[e.frame_ix, row, col].numpy()}
+    gt["xyz_nm"] = gt["xyz_px"] * np.array([*cfg.px_size_nm, 1.0])
     gt["crlb_lat_nm"] = np.hypot(*emitter_crlb_nm(gt["xyz_px"], gt["phot"], gt["bg"], cfg)[:, :2].T)
-    return movie, val_ds, gt
+    return gt
 
 
 def build_dataloaders(cfg: SimConfig, val_ds: MovieWindowDataset, args: Args):

@@ -9,8 +9,8 @@ unset) and img_size changed, one movie of --frames frames per density, simulated
 derived from (--seed, density). They are written with data.smlm.write_movie_h5 to
 <out>/smlm_movies/ and reused by later calls when the file's config, seed and length match.
 
-Ground truth: as train_smlm.py's validation, the emitters with >= label_photon_min photons in the frame and
-inside the frame extent. Each one's lateral CRLB is sqrt(crlb_x^2 + crlb_y^2) from
+Ground truth: train_smlm.ground_truth, as for the validation movie: the emitters with >= label_photon_min
+photons in the frame and inside the frame extent. Each one's lateral CRLB is sqrt(crlb_x^2 + crlb_y^2) from
 metrics.smlm.emitter_crlb_nm (single-emitter limit, the run's camera and PSF), so rmse_over_crlb is the
 matched RMSE over the RMS bound of the matched emitters.
 
@@ -44,7 +44,8 @@ from benchmarks.common import positive, print_header, report, table
 from benchmarks.smlm_classical import default_roi_radius, fit_movie
 from data.smlm import SimConfig, load_sim_config, read_movie_h5, simulate_movie, write_movie_h5
 from fit_smlm import load_fitter, localise
-from metrics.smlm import emitter_crlb_nm, smlm_metrics
+from metrics.smlm import smlm_metrics
+from train_smlm import ground_truth
 from training import UsageError
 from training.config import fail
 
@@ -97,22 +98,6 @@ def test_movie(cfg: SimConfig, n_frames: int, base_seed: int, folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     write_movie_h5(path, movie, cfg, seed=seed)
     return movie, path
-
-
-def ground_truth(movie, cfg: SimConfig) -> dict:
-    """Targets as in train_smlm.build_validation, plus each one's background and lateral CRLB (nm)."""
-    h, w = cfg.img_size
-    em = movie.emitters
-    x, y = em.xyz[:, 0], em.xyz[:, 1]
-    keep = (em.phot >= cfg.label_photon_min) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
-    e = em.subset(keep)
-    row = e.xyz[:, 1].round().long().clamp(0, h - 1)
-    col = e.xyz[:, 0].round().long().clamp(0, w - 1)
-    bg = movie.bg[e.frame_ix, row, col].numpy()
-    xyz_px = e.xyz.numpy().astype(np.float64)
-    crlb = emitter_crlb_nm(xyz_px, e.phot.numpy(), bg, cfg)
-    return {"frame_ix": e.frame_ix.numpy(), "xyz_nm": xyz_px * np.array([*cfg.px_size_nm, 1.0]),
-            "crlb_lat_nm": np.hypot(crlb[:, 0], crlb[:, 1])}
 
 
 def timed_call(fn, frames: torch.Tensor, device: torch.device) -> tuple[dict, float]:

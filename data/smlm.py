@@ -616,13 +616,18 @@ def scale_frames(frames: torch.Tensor, cfg: SimConfig) -> torch.Tensor:
     return (frames - cfg.input_offset) / cfg.input_scale
 
 
-def frame_targets(emitters: Emitters, frame: int, cfg: SimConfig) -> torch.Tensor:
-    """(E, 4) targets of one frame in the loss's scaled units (photons / phot_max, x px, y px, z / z_max),
-    keeping rows with >= label_photon_min photons inside the frame extent (smlm.md §1.2 target filter)."""
+def is_target(emitters: Emitters, cfg: SimConfig) -> torch.Tensor:
+    """(N,) bool: rows with >= label_photon_min photons inside the frame extent, the emitters the loss learns
+    and the evaluation counts (smlm.md §1.2 target filter)."""
     h, w = cfg.img_size
     x, y = emitters.xyz[:, 0], emitters.xyz[:, 1]
-    keep = ((emitters.frame_ix == frame) & (emitters.phot >= cfg.label_photon_min)
-            & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5))
+    return (emitters.phot >= cfg.label_photon_min) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+
+
+def frame_targets(emitters: Emitters, frame: int, cfg: SimConfig) -> torch.Tensor:
+    """(E, 4) targets of one frame in the loss's scaled units (photons / phot_max, x px, y px, z / z_max):
+    its rows that pass `is_target`."""
+    keep = (emitters.frame_ix == frame) & is_target(emitters, cfg)
     if int(keep.sum()) > cfg.max_targets:
         raise ValueError(f"frame {frame} has {int(keep.sum())} target emitters, more than max_targets="
                          f"{cfg.max_targets}; raise max_targets or lower the emitter density")
