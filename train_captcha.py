@@ -12,7 +12,6 @@ Bring your own labelled images with ``--train_dir``/``--val_dir`` (a folder with
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,8 +28,9 @@ from metrics.captcha import captcha_metrics, decode, point_errors
 from models.lite_hrnet import LiteHRNet18FPN
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
+from training.export import build_model, model_record
 from training.run import log_images
-from training.summary import append_summary
+from training.summary import TrainMeter, append_summary
 
 
 @dataclass
@@ -43,53 +43,56 @@ class Args:
     batch_size: int = 32                  # per device, per micro-batch
     grad_accum: int = 1                   # micro-batches per optimizer update
     lr: float = 3e-4                      # peak AdamW learning rate
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05            # AdamW decoupled weight decay
     warmup_steps: int = 500               # linear warm-up, in updates
     restart_steps: int = 2_000            # first cosine cycle in updates; each next cycle is twice as long
     min_lr: float = 3e-6                  # floor of every cosine cycle
     clip_grad: float = 1.0                # max global gradient norm
     ema_decay: float = 0.999              # EMA of weights and BN buffers (timm ModelEmaV3); 0 disables
-    seed: int = 42
+    seed: int = 42                        # seeds weights, sampler order and the synthetic training data
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the accelerate config
     cpu: bool = False                     # force CPU (with ACCELERATE_USE_CPU=1 for multi-process gloo runs)
     num_workers: int = 4                  # DataLoader workers per process (the generator runs there)
     log_every_steps: int = 50             # updates between train/* log lines
-    eval_every_steps: int = 1_000         # updates between evaluations
-    save_every_steps: int = 1_000         # updates between full-state checkpoints
+    eval_every_steps: int | None = 1_000  # updates between evaluations; none: one epoch
+    save_every_steps: int | None = 1_000  # updates between full-state checkpoints; none: one epoch
     keep_last: int = 3                    # newest checkpoints kept
     save_top_k: int = 1                   # best checkpoints (by the monitored metric) kept in addition
     resume: str | None = None             # "auto" (newest complete checkpoint) or a checkpoint/run directory
-    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
+    init_from: str | None = None          # start from these weights (run dir, export or checkpoint; EMA if present)
+    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"  # tracker; W&B runs offline unless logged in
     train_size: int = 50_000              # synthetic samples per epoch (new ones every epoch)
     val_size: int = 2_000                 # fixed synthetic validation samples
     val_seed: int = 1_000_003             # seed of the validation set (keep it apart from --seed)
     train_dir: str | None = None          # folder with labels.csv + images to train on instead of synthetic data
     val_dir: str | None = None            # folder with labels.csv + images to validate on
-    fpn_channels: int = 64
-    head_channels: int = 64
+    fpn_channels: int = 64                # LiteFPN width
+    head_channels: int = 64               # width of the CenterNet heads' trunk
     with_angle: bool = True               # predict the gap's rotation (sin, cos)
     freeze_bn: bool = False               # BatchNorm in eval mode (running stats frozen), e.g. tiny per-device batches
     channels_last: bool = False           # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False                 # torch.compile the model
     focal_alpha: float = 2.0              # CenterNet focal loss exponents
-    focal_beta: float = 4.0
+    focal_beta: float = 4.0               # down-weights negatives near a peak: (1 - target)^beta
     pos_threshold: float = 1.0            # heatmap cells >= this are positives (1.0 = peak cell only)
     heatmap_sigma: float = 1.5            # Gaussian target sigma, in output cells (4 px)
-    offset_weight: float = 1.0
+    offset_weight: float = 1.0            # weight of the sub-cell offset L1 loss
     hard_negative_weight: float = 0.5     # margin loss of the true gap against fake gaps
-    hard_negative_margin: float = 0.2
-    angle_weight: float = 0.5
+    hard_negative_margin: float = 0.2     # required logit gap between the true gap and a fake gap
+    angle_weight: float = 0.5             # weight of the gap-rotation loss (with --with_angle)
     patience: int = 10                    # evaluations without improvement before stopping; 0 disables
     min_evals: int = 5                    # evaluations before early stopping may count
     guard_min_delta: float = 0.05         # mae_px gain (px) that credits patience back (second guard)
     num_figures: int = 6                  # samples per figure (overlays, heatmaps, worst failures)
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every_steps", "eval_every_steps",
-                     "save_every_steps", "train_size", "val_size"):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every_steps", "train_size", "val_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "restart_steps"):
+        for name in ("eval_every_steps", "save_every_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1 (or none), got {getattr(self, name)}")
+        for name in ("lr", "restart_steps", "clip_grad"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
@@ -208,13 +211,52 @@ def make_figures(model, val_ds, arrays: dict, args: Args, device) -> dict:
     return {key: np.concatenate(tiles, axis=0) for key, tiles in rows.items() if tiles}
 
 
+def train_step(model, batch, optimizer, accelerator, args: Args):
+    """One micro-batch: forward, loss, backward; on the last micro-batch of an accumulation group also clip
+    and step. -> (detached loss, loss parts, clipped-gradient norm or None between updates)."""
+    grad_norm = None
+    with accelerator.accumulate(model):
+        outputs = model(to_input(batch["image"], args))
+        loss, parts = captcha_loss(outputs, batch, **loss_kwargs(args))
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()  # between updates Accelerate's wrapper skips the step and keeps the gradients
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), parts, grad_norm
+
+
+def validate(model, ema, val_dl, accelerator, run, state: TrainState, args: Args, lr: float) -> dict:
+    """Evaluate the raw and the EMA weights, log val/* and val_ema/*, append summary.csv, draw figures."""
+    metrics, arrays = evaluate(model, val_dl, accelerator, args)
+    metrics = {f"val/{k}": v for k, v in metrics.items()}
+    selected = model
+    if ema is not None:
+        ema_metrics, arrays = evaluate(ema.module, val_dl, accelerator, args)
+        metrics.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
+        selected = ema.module
+    state.last_metrics = metrics
+    accelerator.log(metrics, step=state.global_step)
+    run.log.info("eval %d (epoch %d)  %s", state.global_step, state.epoch,
+                 "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "hit" in k or "mae_px" in k))
+    if accelerator.is_main_process:
+        append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch,
+                                          "train/lr": lr, **metrics})
+        if args.num_figures > 0:
+            figures = make_figures(accelerator.unwrap_model(selected), val_dl.dataset, arrays, args, accelerator.device)
+            log_images(accelerator, run, figures, state.global_step)
+    set_train_mode(model, args.freeze_bn)
+    return metrics
+
+
 def main():
     args = parse_args(Args)
     train_dl, val_dl = build_dataloaders(args)  # before start_run: a bad --train_dir fails before a run exists
     accelerator, run = start_run(args, task="captcha")
-    val_ds = val_dl.dataset
-    model = LiteHRNet18FPN(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels,
-                           with_angle=args.with_angle)
+    model_json = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=args.fpn_channels,
+                              head_channels=args.head_channels, with_angle=args.with_angle)
+    model = build_model(model_json)
+    run.load_init(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     run.log.info("model: %.3f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -223,6 +265,11 @@ def main():
     if args.compile:
         model = torch.compile(model)
     scheduler = build_scheduler(optimizer, args)  # not prepared: stepped once per real update
+    updates_per_epoch = max(1, len(train_dl) // args.grad_accum)  # len(train_dl) is per process after prepare
+    eval_every = args.eval_every_steps or updates_per_epoch
+    save_every = args.save_every_steps or updates_per_epoch
+    # warmup_power 3/4 (timm's default is 2/3): the EMA's effective horizon grows a little faster, so short
+    # CPU runs are not judged on weights averaged mostly over the first, worst updates.
     ema = (ModelEmaV3(accelerator.unwrap_model(model), decay=args.ema_decay, use_warmup=True, warmup_power=3 / 4)
            if args.ema_decay > 0 else None)
     monitor = "val_ema/hit_le_5px" if ema is not None else "val/hit_le_5px"
@@ -231,118 +278,52 @@ def main():
                             guard_monitor=monitor.replace("hit_le_5px", "mae_px"), guard_mode="min",
                             guard_min_delta=args.guard_min_delta)
     ckpt = Checkpointer(accelerator, run, monitor=monitor, mode="max", keep_last=args.keep_last,
-                        save_top_k=args.save_top_k)
+                        save_top_k=args.save_top_k, model_json=model_json)
     ckpt.register(scheduler, state, stopper, *([ema] if ema is not None else []))
     ckpt.resume(state)
 
+    stop = stopper.stopped  # a resumed run that had stopped early stays stopped
     progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
-    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
-    parts_sum: dict[str, torch.Tensor] = {}
-    window_start = time.perf_counter()
-    metrics: dict = {}
-    stop = False
+    meter = TrainMeter(accelerator, run.log)
     set_train_mode(model, args.freeze_bn)
+    if args.init_from and state.global_step == 0:  # the starting point's own score, logged at update 0
+        metrics = validate(model, ema, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"])
+        ckpt.update_best(state, metrics, model, ema)
     while state.global_step < args.max_steps and not stop:
-        train_dl.set_epoch(state.epoch)
-        # Accelerate forwards set_epoch to the dataset only in some sampler layouts (not in
-        # multi-process runs): without this line every epoch would repeat the same samples.
-        train_dl.dataset.set_epoch(state.epoch)
-        fetch_start = time.perf_counter()
-        for batch in ckpt.remaining_batches(train_dl, state):
-            window["data_s"] += time.perf_counter() - fetch_start
-            with accelerator.accumulate(model):
-                outputs = model(to_input(batch["image"], args))
-                loss, parts = captcha_loss(outputs, batch, **loss_kwargs(args))
-                finite = torch.isfinite(loss.detach())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window["loss"] += loss.detach()
-            window["micro"] += 1
-            window["samples"] += batch["image"].shape[0] * accelerator.num_processes
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0) + value
-
-            if accelerator.reduce(finite.float().logical_not().float(), "sum").item() > 0:
-                run.log.error("non-finite loss at update %d (micro-batch %d of epoch %d); stopping. "
-                              "The last good checkpoint is kept in %s", state.global_step + 1, state.step_in_epoch,
-                              state.epoch, run.dir / "checkpoints")
-                accelerator.end_training()
-                raise SystemExit(1)
+        for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
+            loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
+            meter.add(loss, parts, batch["image"].shape[0])
             if not accelerator.sync_gradients:
-                fetch_start = time.perf_counter()
                 continue
-
-            if not accelerator.optimizer_step_was_skipped:
+            ckpt.check_finite(grad_norm, state)
+            if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowing step
                 scheduler.step()
             state.global_step += 1
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=state.global_step)
             progress.update(1)
-
             if state.global_step % args.log_every_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                logs = {"train/loss": accelerator.reduce(window["loss"], "mean").item() / window["micro"],
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm),
-                        "perf/samples_per_s": window["samples"] / elapsed,
-                        "perf/data_time_frac": window["data_s"] / elapsed}
-                logs.update({k.replace("loss/", "train/"): accelerator.reduce(v, "mean").item() / window["micro"]
-                             for k, v in parts_sum.items()})
-                accelerator.log(logs, step=state.global_step)
-                run.log.info("update %d  loss %.4f  lr %.2e  grad %.3f  %.1f samples/s  data %.0f%%",
-                             state.global_step, logs["train/loss"], logs["train/lr"], logs["train/grad_norm"],
-                             logs["perf/samples_per_s"], 100 * logs["perf/data_time_frac"])
-                window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
-                parts_sum = {}
-                window_start = time.perf_counter()
-
+                meter.write(state.global_step, optimizer.param_groups[0]["lr"], grad_norm)
             last_step = state.global_step >= args.max_steps
-            if state.global_step % args.eval_every_steps == 0 or last_step:
-                metrics, arrays = evaluate(model, val_dl, accelerator, args)
-                metrics = {f"val/{k}": v for k, v in metrics.items()}
-                selected_model = model
-                if ema is not None:
-                    ema_metrics, arrays = evaluate(ema.module, val_dl, accelerator, args)
-                    metrics.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
-                    selected_model = ema.module
-                state.last_metrics = metrics
-                accelerator.log(metrics, step=state.global_step)
-                run.log.info("eval %d  %s", state.global_step,
-                             "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "hit" in k or "mae_px" in k))
-                if accelerator.is_main_process:
-                    append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch,
-                                                      "train/lr": scheduler.get_last_lr()[0], **metrics})
-                    if args.num_figures > 0:
-                        figure_model = accelerator.unwrap_model(selected_model)
-                        log_images(accelerator, run, make_figures(figure_model, val_ds, arrays, args,
-                                                                  accelerator.device), state.global_step)
+            if state.global_step % eval_every == 0 or last_step:
+                metrics = validate(model, ema, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"])
                 ckpt.update_best(state, metrics, model, ema)
-                if stopper.step(metrics):
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
+                stop = stopper.should_stop(metrics, accelerator)
+                if stop:
                     run.log.info("early stopping at update %d: %s has not improved for %d evaluations",
                                  state.global_step, monitor, stopper.bad_evals)
-                    stop = True
-                set_train_mode(model, args.freeze_bn)
-            if state.global_step % args.save_every_steps == 0:
+            if state.global_step % save_every == 0 or stop or last_step:  # the end too: resuming is free
                 ckpt.save(state)
             if stop or last_step:
                 break
-            fetch_start = time.perf_counter()
-        else:
-            state.epoch += 1
     progress.close()
 
-    metrics = metrics or state.last_metrics  # a resumed run that had already reached max_steps
-    ckpt.export_final(model, ema, metrics, state)
+    ckpt.export_final(model, ema, state.last_metrics, state)
     if accelerator.is_main_process:
         best = f"{state.best:.2f}" if state.best is not None else "n/a"
         print(f"\nvalidation after {state.global_step} updates:")
-        for key, value in metrics.items():
+        for key, value in state.last_metrics.items():
             print(f"  {key:28s} {value:10.4f}")
         print(f"best {monitor} = {best} at update {state.best_step}")
         print(f"run directory: {run.dir}  (best/ and final/ hold model.safetensors and model_ema.safetensors)")

@@ -1,16 +1,18 @@
-"""Same-digit pair classifier: a siamese ResNet with comparison heads, one run per seed.
+"""Same-digit pair classifier: a siamese ResNet with comparison heads, one seed per launch.
 
     python -m data.pair build --out datasets/pair                                      # once: corrupted MNIST pairs
-    accelerate launch train_pair.py --config configs/pair_quick.yaml --cpu             # minutes on a laptop CPU
-    accelerate launch train_pair.py --config configs/pair_fusion.yaml --seeds 42,2023,2024,2025
-    python stack_pair.py --runs runs/pair/<group>_s* --out runs/pair_stack/<group>     # ensemble the seeds
+    accelerate launch train_pair.py --config configs/pair_fusion.yaml --cpu --epochs 3 --width_mult 0.25
+    python -m training.runs seeds --seeds 42,2023,2024,2025 --name fusion -- \
+        accelerate launch train_pair.py --config configs/pair_fusion.yaml                 # one launch per seed
+    python stack_pair.py --runs runs/pair/fusion_s* --out runs/pair_stack/fusion          # ensemble the seeds
 
 Each sample is two 28x28 grey digits side by side (``x`` uint8 (N, 28, 56) in
 ``train.npz``/``val.npz``/``test.npz``); the label is 1 when both show the same digit.
 Model selection and early stopping use validation accuracy. After training, the best
 weights predict the validation and test files, written to ``predictions/{val,test}.csv``
-(``id,prob,label``) for ``stack_pair.py``. ``--seeds a,b,c`` trains one run per seed
-(``<run_name>_s<seed>``, one W&B group) and prints mean +- std over the seeds.
+(``id,prob,label``) for ``stack_pair.py``, and ``results.json`` holds their metrics. Several seeds are
+separate launches (``python -m training.runs seeds``: runs ``<name>_s<seed>`` in one W&B group, then
+mean +- std over the seeds).
 """
 from __future__ import annotations
 
@@ -18,14 +20,13 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
 import torch
-from accelerate import PartialState
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -36,10 +37,9 @@ from metrics.pair import pair_metrics
 from models.compare_net import ResNetCompareNet
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
+from training.export import build_model, model_record
 from training.run import log_images
-from training.summary import append_summary
-
-SUMMARY_KEYS = ("val/accuracy", "val/roc_auc", "test/accuracy", "test/f1", "test/roc_auc", "train_minutes")
+from training.summary import TrainMeter, append_summary
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Args:
     """Train the same-digit pair classifier (siamese ResNet + comparison heads)."""
     config: str | None = None             # YAML preset that sets defaults; the command line wins
     output_dir: str = "runs/pair"         # runs live in <output_dir>/<run_name>/
-    run_name: str | None = None           # default: <date>-<time>_s<seed>; with --seeds: <run_name>_s<seed>
+    run_name: str | None = None           # default: <date>-<time>_s<seed>
     data_dir: str = "datasets/pair"       # folder with the npz files (python -m data.pair build --out DIR)
     train_file: str = "train.npz"         # inside --data_dir
     val_file: str = "val.npz"             # inside --data_dir; selects the model, feeds the stacker
@@ -58,14 +58,13 @@ class Args:
     batch_size: int = 64                  # per device, per micro-batch
     grad_accum: int = 1                   # micro-batches per optimizer update
     lr: float = 1e-3                      # AdamW learning rate
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4            # AdamW decoupled weight decay
     lr_schedule: Literal["plateau", "cosine"] = "plateau"  # plateau: halve on stalled val accuracy; cosine: to min_lr at max_steps
     plateau_factor: float = 0.5           # lr multiplier when val accuracy stalls (plateau)
     plateau_patience: int = 3             # evaluations without improvement before the lr drops (plateau)
     min_lr: float = 1e-6                  # floor of either schedule
     clip_grad: float = 1.0                # max global gradient norm
-    seed: int = 42
-    seeds: str | None = None              # comma-separated seeds: one run each, then mean +- std (overrides --seed)
+    seed: int = 42                        # seeds weights, sampler order, augmentation and dropout
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the accelerate config
     cpu: bool = False                     # force CPU (with ACCELERATE_USE_CPU=1 for multi-process gloo runs)
     num_workers: int = 2                  # DataLoader workers per process (augmentation runs there)
@@ -75,7 +74,8 @@ class Args:
     keep_last: int = 2                    # newest checkpoints kept
     save_top_k: int = 1                   # best checkpoints (by val/accuracy) kept in addition
     resume: str | None = None             # "auto" (newest complete checkpoint) or a checkpoint/run directory
-    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
+    init_from: str | None = None          # start from these weights (run dir, export or checkpoint)
+    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"  # tracker; W&B runs offline unless logged in
     arch: Literal["resnet", "fpn"] = "resnet"  # fpn: embedding pooled from a top-down pyramid over all stages
     layers: str = "2,2,2"                 # residual blocks per stage (28 -> 14 -> 7 px)
     width_mult: float = 1.0               # stage widths 64/128/256 x this
@@ -85,9 +85,9 @@ class Args:
     fusion: bool = True                   # all six comparison heads mixed by learned softmax weights
     head: Literal["diff", "concat", "product", "cosine", "l2", "residual"] = "concat"  # the one head with --no-fusion
     dropout: float = 0.3                  # in the embedding MLP and the heads
-    loss: Literal["focal", "bce"] = "focal"
-    focal_alpha: float = 1.0
-    focal_gamma: float = 2.0
+    loss: Literal["focal", "bce"] = "focal"  # focal: down-weights pairs the model already gets right
+    focal_alpha: float = 1.0              # focal-loss weight of the positive (same-digit) class
+    focal_gamma: float = 2.0              # focal-loss focusing exponent: (1 - p_t)^gamma
     label_smoothing: float = 0.1          # targets 1 -> 1 - eps/2, 0 -> eps/2 (both losses)
     augment: Literal["none", "affine", "randaugment"] = "affine"  # per-half training augmentation + random swap
     patience: int = 5                     # evaluations without val accuracy gain before stopping; 0 disables
@@ -100,8 +100,8 @@ class Args:
         for name in ("max_steps", "eval_every_steps", "save_every_steps", "max_train_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1 (or none), got {getattr(self, name)}")
-        if self.lr <= 0 or self.width_mult <= 0:
-            raise UsageError("--lr and --width_mult must be > 0")
+        if self.lr <= 0 or self.width_mult <= 0 or self.clip_grad <= 0:
+            raise UsageError("--lr, --width_mult and --clip_grad must be > 0")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise UsageError("--label_smoothing and --dropout must be in [0, 1)")
         if not 0 < self.plateau_factor < 1:
@@ -109,7 +109,6 @@ class Args:
         if min(self.num_workers, self.keep_last, self.save_top_k, self.patience, self.num_figures) < 0:
             raise UsageError("--num_workers, --keep_last, --save_top_k, --patience and --num_figures must be >= 0")
         self.layer_list()
-        self.seed_list()
 
     def layer_list(self) -> tuple[int, ...]:
         try:
@@ -119,17 +118,6 @@ class Args:
         if not layers or min(layers) < 1:
             raise UsageError(f"--layers needs at least one stage with >= 1 block each; got {self.layers!r}")
         return layers
-
-    def seed_list(self) -> list[int]:
-        if self.seeds is None:
-            return [self.seed]
-        try:
-            seeds = [int(v) for v in self.seeds.split(",")]
-        except ValueError:
-            raise UsageError(f"--seeds expects comma-separated integers such as 42,2023; got {self.seeds!r}") from None
-        if len(set(seeds)) != len(seeds):
-            raise UsageError(f"--seeds has duplicates: {self.seeds!r}")
-        return seeds
 
 
 def build_dataloaders(args: Args):
@@ -157,11 +145,11 @@ def build_dataloaders(args: Args):
     return train_dl, val_dl, test_dl
 
 
-def build_model(args: Args) -> ResNetCompareNet:
-    return ResNetCompareNet(arch=args.arch, layers=args.layer_list(),
-                            block="bottleneck" if args.use_bottleneck else "basic", width_mult=args.width_mult,
-                            feat_dim=args.feat_dim, attention=args.attention, fusion=args.fusion, head=args.head,
-                            dropout=args.dropout)
+def model_kwargs(args: Args) -> dict:
+    """ResNetCompareNet's constructor arguments (recorded in model.json, so exports rebuild the model)."""
+    return dict(arch=args.arch, layers=list(args.layer_list()), block="bottleneck" if args.use_bottleneck else "basic",
+                width_mult=args.width_mult, feat_dim=args.feat_dim, attention=args.attention, fusion=args.fusion,
+                head=args.head, dropout=args.dropout)
 
 
 def build_scheduler(optimizer, args: Args, max_steps: int):
@@ -217,15 +205,68 @@ def write_predictions(path: Path, dataset: PairNPZDataset, index: np.ndarray, pr
             writer.writerow([dataset.ids[i], f"{p:.6f}", int(dataset.labels[i])])
 
 
-def train(args: Args) -> dict:
-    """One run (one seed); returns the best model's validation and test metrics."""
+def train_step(model, batch, optimizer, accelerator, args: Args):
+    """One micro-batch: forward, loss, backward; on the last micro-batch of an accumulation group also clip
+    and step. -> (detached loss, loss parts, clipped-gradient norm or None between updates)."""
+    grad_norm = None
+    with accelerator.accumulate(model):
+        logits = model(batch["a"], batch["b"])
+        loss, parts = compute_loss(logits, batch["label"], args)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()  # between updates Accelerate's wrapper skips the step and keeps the gradients
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), parts, grad_norm
+
+
+def validate(model, val_dl, accelerator, run, state: TrainState, args: Args, lr: float) -> dict:
+    """Evaluate on the validation file, log val/* and the fusion weights, append summary.csv, draw the worst pairs."""
+    index, prob, label = predict(model, val_dl, accelerator)
+    metrics = {f"val/{k}": v for k, v in pair_metrics(prob, label).items()}
+    metrics.update({f"fusion/{k}": v for k, v in accelerator.unwrap_model(model).fusion_weights().items()})
+    state.last_metrics = metrics
+    accelerator.log(metrics, step=state.global_step)
+    run.log.info("eval %d (epoch %d)  %s", state.global_step, state.epoch,
+                 "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if accelerator.is_main_process:
+        append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch, "train/lr": lr, **metrics})
+        wrong = np.flatnonzero((prob >= 0.5) != (label == 1))
+        worst = wrong[np.argsort(-np.abs(prob[wrong] - 0.5))][: args.num_figures]
+        if len(worst):
+            log_images(accelerator, run, {"vis/worst": draw_pairs(val_dl.dataset, index[worst], prob[worst])},
+                       state.global_step)
+    model.train()
+    return metrics
+
+
+def predict_splits(model, splits: dict, accelerator, run, state: TrainState, result: dict) -> dict:
+    """The best weights (by validation accuracy) predict every split -> predictions/<split>.csv, and
+    ``result`` with their metrics -> results.json."""
+    accelerator.unwrap_model(model).load_state_dict(load_file(run.dir / "best" / "model.safetensors"))
+    result = {"run": str(run.dir), "best_step": state.best_step, **result}
+    for split, dl in splits.items():
+        index, prob, label = predict(model, dl, accelerator)
+        if accelerator.is_main_process:
+            write_predictions(run.dir / "predictions" / f"{split}.csv", dl.dataset, index, prob)
+        if dl.dataset.has_labels:
+            result.update({f"{split}/{k}": v for k, v in pair_metrics(prob, label).items()})
+    accelerator.log({k: v for k, v in result.items() if k.startswith("test/")}, step=state.global_step)
+    if accelerator.is_main_process:
+        (run.dir / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main():
+    args = parse_args(Args)
     train_dl, val_dl, test_dl = build_dataloaders(args)  # before start_run: bad data fails before a run exists
     accelerator, run = start_run(args, task="pair")
-    val_ds, test_ds = val_dl.dataset, test_dl.dataset if test_dl is not None else None
-    model = build_model(args)
+    model_json = model_record(ResNetCompareNet, **model_kwargs(args))
+    model = build_model(model_json)
+    run.load_init(model)
     n_params = sum(p.numel() for p in model.parameters())
     run.log.info("model: %.3f M parameters (heads: %s); %d training pairs, %d validation pairs",
-                 n_params / 1e6, ", ".join(model.head_names), len(train_dl.dataset), len(val_ds))
+                 n_params / 1e6, ", ".join(model.head_names), len(train_dl.dataset), len(val_dl.dataset))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
@@ -240,170 +281,59 @@ def train(args: Args) -> dict:
     state = TrainState()
     stopper = EarlyStopping(monitor, mode="max", patience=args.patience)
     ckpt = Checkpointer(accelerator, run, monitor=monitor, mode="max", keep_last=args.keep_last,
-                        save_top_k=args.save_top_k)
+                        save_top_k=args.save_top_k, model_json=model_json)
     ckpt.register(scheduler, state, stopper)
     ckpt.resume(state)
-    stop = 0 < args.patience <= stopper.bad_evals  # a resumed run that had stopped early stays stopped
-    if state.global_step >= max_steps or stop:
-        run.log.info("nothing left to train at update %d; exporting and predicting", state.global_step)
 
+    stop = stopper.stopped  # a resumed run that had stopped early stays stopped
     progress = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
-    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
-    parts_sum: dict[str, torch.Tensor] = {}
-    window_start = train_start = time.perf_counter()
-    metrics: dict = {}
+    meter = TrainMeter(accelerator, run.log)
+    train_start = time.perf_counter()
     model.train()
+    if args.init_from and state.global_step == 0:  # the starting point's own score, logged at update 0
+        ckpt.update_best(state, validate(model, val_dl, accelerator, run, state, args, args.lr), model)
     while state.global_step < max_steps and not stop:
-        train_dl.set_epoch(state.epoch)
-        # Accelerate forwards set_epoch to the dataset only in some sampler layouts (not in multi-process runs).
-        train_dl.dataset.set_epoch(state.epoch)
-        fetch_start = time.perf_counter()
-        for batch in ckpt.remaining_batches(train_dl, state):
-            window["data_s"] += time.perf_counter() - fetch_start
-            with accelerator.accumulate(model):
-                logits = model(batch["a"], batch["b"])
-                loss, parts = compute_loss(logits, batch["label"], args)
-                finite = torch.isfinite(loss.detach())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window["loss"] += loss.detach()
-            window["micro"] += 1
-            window["samples"] += batch["a"].shape[0] * accelerator.num_processes
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0) + value
-
-            if accelerator.reduce(finite.float().logical_not().float(), "sum").item() > 0:
-                run.log.error("non-finite loss at update %d (micro-batch %d of epoch %d); stopping. "
-                              "The last good checkpoint is kept in %s", state.global_step + 1, state.step_in_epoch,
-                              state.epoch, run.dir / "checkpoints")
-                accelerator.end_training()
-                raise SystemExit(1)
+        for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
+            loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
+            meter.add(loss, parts, batch["a"].shape[0])
             if not accelerator.sync_gradients:
-                fetch_start = time.perf_counter()
                 continue
-
+            ckpt.check_finite(grad_norm, state)
             if args.lr_schedule == "cosine" and not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
+                scheduler.step()  # fp16: not when the scaler skipped an overflowing step
             state.global_step += 1
             progress.update(1)
-
             if state.global_step % args.log_every_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                logs = {"train/loss": accelerator.reduce(window["loss"], "mean").item() / window["micro"],
-                        "train/lr": optimizer.param_groups[0]["lr"],
-                        "train/grad_norm": float(grad_norm),
-                        "perf/samples_per_s": window["samples"] / elapsed,
-                        "perf/data_time_frac": window["data_s"] / elapsed}
-                logs.update({k.replace("loss/", "train/"): accelerator.reduce(v, "mean").item() / window["micro"]
-                             for k, v in parts_sum.items()})
-                accelerator.log(logs, step=state.global_step)
-                run.log.info("update %d  loss %.4f  lr %.2e  grad %.3f  %.1f samples/s  data %.0f%%",
-                             state.global_step, logs["train/loss"], logs["train/lr"], logs["train/grad_norm"],
-                             logs["perf/samples_per_s"], 100 * logs["perf/data_time_frac"])
-                window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
-                parts_sum = {}
-                window_start = time.perf_counter()
-
+                meter.write(state.global_step, optimizer.param_groups[0]["lr"], grad_norm)
             last_step = state.global_step >= max_steps
             if state.global_step % eval_every == 0 or last_step:
-                index, prob, label = predict(model, val_dl, accelerator)
-                metrics = {f"val/{k}": v for k, v in pair_metrics(prob, label).items()}
-                metrics.update({f"fusion/{k}": v for k, v in accelerator.unwrap_model(model).fusion_weights().items()})
+                metrics = validate(model, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"])
                 if args.lr_schedule == "plateau":
                     scheduler.step(metrics[monitor])
-                state.last_metrics = metrics
-                accelerator.log(metrics, step=state.global_step)
-                run.log.info("eval %d (epoch %d)  %s", state.global_step, state.epoch,
-                             "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                if accelerator.is_main_process:
-                    append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch,
-                                                      "train/lr": optimizer.param_groups[0]["lr"], **metrics})
-                    wrong = np.flatnonzero((prob >= 0.5) != (label == 1))
-                    worst = wrong[np.argsort(-np.abs(prob[wrong] - 0.5))][: args.num_figures]
-                    if len(worst):
-                        log_images(accelerator, run, {"vis/worst": draw_pairs(val_ds, index[worst], prob[worst])},
-                                   state.global_step)
                 ckpt.update_best(state, metrics, model)
-                if stopper.step(metrics):
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
+                stop = stopper.should_stop(metrics, accelerator)
+                if stop:
                     run.log.info("early stopping at update %d: %s has not improved for %d evaluations",
                                  state.global_step, monitor, stopper.bad_evals)
-                    stop = True
-                model.train()
-            if state.global_step % save_every == 0 or stop or last_step:  # the end too: resuming a finished run is free
+            if state.global_step % save_every == 0 or stop or last_step:  # the end too: resuming is free
                 ckpt.save(state)
             if stop or last_step:
                 break
-            fetch_start = time.perf_counter()
-        else:
-            state.epoch += 1
     progress.close()
-    train_minutes = (time.perf_counter() - train_start) / 60
 
-    metrics = metrics or state.last_metrics  # a resumed run that had already reached max_steps
-    ckpt.export_final(model, None, metrics, state)
-    # The best weights (by validation accuracy) predict val and test for reporting and stacking.
-    accelerator.unwrap_model(model).load_state_dict(load_file(run.dir / "best" / "model.safetensors"))
-    result = {"run": str(run.dir), "seed": args.seed, "params": n_params, "best_step": state.best_step,
-              "train_minutes": train_minutes}
-    for split, dl, ds in (("val", val_dl, val_ds), ("test", test_dl, test_ds)):
-        if dl is None:
-            continue
-        index, prob, label = predict(model, dl, accelerator)
-        if accelerator.is_main_process:
-            write_predictions(run.dir / "predictions" / f"{split}.csv", ds, index, prob)
-        if ds.has_labels:
-            result.update({f"{split}/{k}": v for k, v in pair_metrics(prob, label).items()})
-    accelerator.log({k: v for k, v in result.items() if k.startswith("test/")}, step=state.global_step)
+    ckpt.export_final(model, None, state.last_metrics, state)
+    splits = {"val": val_dl, **({"test": test_dl} if test_dl is not None else {})}
+    train_minutes = (time.perf_counter() - train_start) / 60
+    result = predict_splits(model, splits, accelerator, run, state,
+                            {"seed": args.seed, "params": n_params, "train_minutes": train_minutes})
     if accelerator.is_main_process:
-        (run.dir / "results.json").write_text(json.dumps(result, indent=1))
-        print(f"\nbest model (update {state.best_step}) of {run.dir}:")
+        print(f"\nbest model (update {state.best_step}) of {run.dir}, {train_minutes:.1f} min:")
         for key, value in result.items():
             if "/" in key:
                 print(f"  {key:20s} {value:10.4f}")
         print(f"predictions: {run.dir / 'predictions'}  weights: best/ and final/ model.safetensors")
-    for tracker in accelerator.trackers:  # end_training() would also end the process group the next seed needs
-        tracker.finish()
-    return result
-
-
-def seed_summary(results: list[dict]) -> dict[str, tuple[float, float]]:
-    """Mean and sample std (ddof=1; 0 for one seed) of each SUMMARY_KEYS metric over the seeds."""
-    summary = {}
-    for key in SUMMARY_KEYS:
-        values = np.array([r[key] for r in results if key in r], dtype=np.float64)
-        if len(values):
-            summary[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
-    return summary
-
-
-def main():
-    args = parse_args(Args)
-    seeds = args.seed_list()
-    if args.seeds is not None and args.resume == "auto" and not args.run_name:
-        fail("--resume auto with --seeds needs --run_name (the runs are <run_name>_s<seed>)")
-    group = args.run_name
-    results = []
-    for seed in seeds:
-        run_name = f"{group}_s{seed}" if args.seeds is not None and group else args.run_name
-        results.append(train(replace(args, seed=seed, run_name=run_name)))
-        group = group or Path(results[-1]["run"]).name.removesuffix(f"_s{seed}")
-    PartialState().destroy_process_group()
-    if len(results) > 1 and PartialState().is_main_process:
-        summary = seed_summary(results)
-        print(f"\n{len(results)} seeds ({', '.join(str(r['seed']) for r in results)}), mean +- std:")
-        for key, (mean, std) in summary.items():
-            print(f"  {key:20s} {mean:8.3f} +- {std:.3f}")
-        path = Path(args.output_dir) / f"{group}_seeds.json"
-        path.write_text(json.dumps({"runs": [r["run"] for r in results],
-                                    "mean": {k: m for k, (m, _) in summary.items()},
-                                    "std": {k: s for k, (_, s) in summary.items()}}, indent=1))
-        print(f"seed summary: {path}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Layout: ``<run>/checkpoints/step_XXXXXXXX/`` holds what ``save_state`` writes (m
 optimizer, RNG states of every rank, the registered objects as ``custom_checkpoint_i.pkl``)
 plus ``meta.json`` and, written last, an empty ``COMPLETE`` marker: a folder without it
 was interrupted while saving and is never resumed from. ``best/`` and ``final/`` hold
-``model.safetensors``, ``model_ema.safetensors``, ``metrics.json`` and ``args.yaml``.
+``model.safetensors``, ``model_ema.safetensors``, ``model.json`` (how to rebuild the model,
+see ``training.export``), ``metrics.json``, ``args.yaml`` and the script's extra files.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
+
+from training.export import MODEL_JSON
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -65,12 +69,18 @@ class Checkpointer:
     position.
     """
 
-    def __init__(self, accelerator, run, monitor: str, mode: str = "max", keep_last: int = 3, save_top_k: int = 1):
+    def __init__(self, accelerator, run, monitor: str, mode: str = "max", keep_last: int = 3, save_top_k: int = 1,
+                 model_json: dict | None = None, export_files: tuple[str, ...] = ()):
+        """``model_json``: ``training.export.model_record`` of the model, written to the run and every export;
+        ``export_files``: files of the run directory copied into every export (e.g. ``simulation.yaml``)."""
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.accelerator, self.run = accelerator, run
         self.monitor, self.mode = monitor, mode
         self.keep_last, self.save_top_k = keep_last, save_top_k
+        self.export_files = ("args.yaml", *((MODEL_JSON,) if model_json is not None else ()), *export_files)
+        if model_json is not None and accelerator.is_main_process:
+            (run.dir / MODEL_JSON).write_text(json.dumps(model_json, indent=1))
 
     def register(self, *objects) -> None:
         self.accelerator.register_for_checkpointing(*objects)
@@ -84,17 +94,38 @@ class Checkpointer:
                           state.global_step, state.epoch, state.step_in_epoch)
 
     def remaining_batches(self, dataloader, state: TrainState):
-        """Iterate the rest of the current epoch, skipping batches a resumed run already used.
+        """Iterate the rest of epoch ``state.epoch``, skipping the batches a resumed run already used; when the
+        epoch is used up, ``state.epoch`` moves on.
 
-        Call ``dataloader.set_epoch(state.epoch)`` first: with the seedable sampler the order
-        then depends only on (seed, epoch), so skipping reproduces the interrupted epoch.
+        The epoch goes to the sampler (with the seedable sampler the order then depends only on
+        (seed, epoch), so skipping reproduces the interrupted epoch) and to the dataset when it draws fresh
+        samples per epoch: Accelerate forwards it to the dataset only in some sampler layouts.
         """
+        dataloader.set_epoch(state.epoch)
+        if hasattr(dataloader.dataset, "set_epoch"):
+            dataloader.dataset.set_epoch(state.epoch)
         skip = state.step_in_epoch
         loader = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         for batch in loader:
             state.step_in_epoch += 1
             yield batch
-        state.step_in_epoch = 0
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+
+    def check_finite(self, grad_norm: torch.Tensor, state: TrainState) -> None:
+        """Stop the run (exit status 1, last good checkpoint kept) when an update's gradient norm is not finite.
+
+        Call once per optimizer update with the norm ``clip_grad_norm_`` returned: it is computed after the
+        gradient all-reduce, so every rank sees the same value and decides alike without another collective.
+        A non-finite loss makes it non-finite too. Under fp16 an overflow is the scaler's business: it skips
+        that step (``optimizer_step_was_skipped``) and lowers its scale, so that is not a reason to stop.
+        """
+        if bool(torch.isfinite(grad_norm)) or self.accelerator.optimizer_step_was_skipped:
+            return
+        self.run.log.error("non-finite loss at update %d (gradient norm %s, epoch %d); stopping. The last good "
+                           "checkpoint is kept in %s", state.global_step + 1, float(grad_norm), state.epoch,
+                           self.run.dir / "checkpoints")
+        self.accelerator.end_training()
+        raise SystemExit(1)
 
     def is_better(self, value: float, reference: float | None) -> bool:
         if value is None or not math.isfinite(value):
@@ -158,8 +189,9 @@ class Checkpointer:
                           tmp / "model_ema.safetensors")
             record = {"global_step": state.global_step, "epoch": state.epoch, **metrics}
             (tmp / "metrics.json").write_text(json.dumps(record, indent=1))
-            if (self.run.dir / "args.yaml").exists():
-                shutil.copy(self.run.dir / "args.yaml", tmp / "args.yaml")
+            for file in self.export_files:
+                if (self.run.dir / file).exists():
+                    shutil.copy(self.run.dir / file, tmp / file)
             old = self.run.dir / f".{name}.old"
             shutil.rmtree(old, ignore_errors=True)
             if target.exists():

@@ -50,7 +50,18 @@ class EarlyStopping:
             if math.isfinite(guard) and self._improves(guard, self.guard_best, self.guard_mode, self.guard_min_delta):
                 self.guard_best = guard
                 self.bad_evals = max(0, self.bad_evals - self.guard_credit)
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """Patience used up; also true right after resuming a run that had stopped early."""
         return 0 < self.patience <= self.bad_evals
+
+    def should_stop(self, metrics: dict, accelerator) -> bool:
+        """``step`` on every rank, then agree through Accelerate's trigger (any rank that wants to stop stops all)."""
+        if self.step(metrics):
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
 
     def state_dict(self) -> dict:
         return {"num_evals": self.num_evals, "bad_evals": self.bad_evals, "best": self.best, "guard_best": self.guard_best}

@@ -24,6 +24,7 @@ from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, b
 
 from training.checkpoint import find_latest_checkpoint, is_complete
 from training.config import UsageError, as_dict, fail
+from training.export import export_weights, load_weights
 
 
 @dataclass
@@ -32,6 +33,18 @@ class Run:
     name: str
     resume_from: Path | None   # a complete checkpoint directory, or None for a fresh start
     log: logging.Logger        # console + train.log on the main process, warnings only elsewhere
+    init: tuple | None = None  # (state dict, file) of --init_from, read before the run directory existed
+
+    def load_init(self, model) -> None:
+        """Copy the ``--init_from`` weights into ``model`` (before ``prepare``); a resumed run's checkpoint
+        overrides them later."""
+        if self.init is None:
+            return
+        try:
+            load_weights(model, *self.init)
+        except UsageError as e:
+            fail(f"--init_from {e}")
+        self.log.info("initial weights from %s", self.init[1])
 
     @property
     def figures_dir(self) -> Path:
@@ -148,6 +161,12 @@ def start_run(args, task: str) -> tuple[Accelerator, Run]:
         fail(f"launched with WORLD_SIZE={world_size} but Accelerate sees 1 process; on a machine without GPUs "
              "pass --cpu or set ACCELERATE_USE_CPU=1 (otherwise every process trains alone as rank 0)")
     set_seed(args.seed)
+    init = None
+    if getattr(args, "init_from", None):
+        try:
+            init = export_weights(args.init_from)
+        except UsageError as e:
+            fail(f"--init_from {e}")
 
     # The main process decides (timestamps differ between ranks); everyone gets the same answer.
     decision = [None]
@@ -165,7 +184,7 @@ def start_run(args, task: str) -> tuple[Accelerator, Run]:
         (run_dir / "figures").mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     log = _make_logger(run_dir, accelerator.is_main_process)
-    run = Run(dir=run_dir, name=run_dir.name, resume_from=resume_from, log=log)
+    run = Run(dir=run_dir, name=run_dir.name, resume_from=resume_from, log=log, init=init)
 
     config = as_dict(args)
     derived = {
