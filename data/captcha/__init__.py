@@ -1,0 +1,29 @@
+"""Slider-CAPTCHA data: a deterministic synthetic generator, letterboxing to the model canvas, a
+synthetic and a folder dataset, and a PNG + labels.csv exporter.
+
+    python -m data.captcha export --out DIR --n N [--seed S]
+
+    render.py       generate_captcha(seed): backgrounds, piece shapes, gap and slider lighting, layout
+    image.py        letterbox to the CANVAS_W x CANVAS_H canvas, the (4, H, W) input tensor
+    io.py           load_image, labels.csv reading, export (the labelled-folder format)
+    dataset.py      SyntheticCaptchaDataset, CaptchaFolderDataset
+    __main__.py     the command line
+
+Coordinates are continuous pixels: pixel (col, row) covers [col, col+1) x [row, row+1), so its
+centre is (col + 0.5, row + 0.5). This is the convention of the stride-4 decode
+x = (j + 0.5 + du) * 4 and it makes letterboxing an exact affine map,
+canvas = source * scale + pad. Labels are alpha-weighted centroids (image moments) of the
+anti-aliased piece masks, kept as floats (the original truncated them to ints: bug #15).
+
+A sample is a pure function of its seed (np.random.SeedSequence), so training data is
+generated online in DataLoader workers and the validation set is fixed by its seed alone.
+"""
+from .dataset import CaptchaFolderDataset, SyntheticCaptchaDataset
+from .image import CANVAS_H, CANVAS_W, letterbox, to_input_tensor
+from .io import LABEL_COLUMNS, export, load_image
+from .render import _PHOTO_CACHE  # noqa: F401  benchmarks/captcha_data.py clears it to time cold workers
+from .render import CATEGORIES, CATEGORY_PROBS, COMBINABLE, MAX_FAKE_GAPS, SHAPE_PROBS, SHAPES, generate_captcha
+
+__all__ = ["CANVAS_H", "CANVAS_W", "CATEGORIES", "CATEGORY_PROBS", "COMBINABLE", "LABEL_COLUMNS", "MAX_FAKE_GAPS",
+           "SHAPES", "SHAPE_PROBS", "CaptchaFolderDataset", "SyntheticCaptchaDataset", "export", "generate_captcha",
+           "letterbox", "load_image", "to_input_tensor"]
