@@ -4,7 +4,8 @@
     python predict_pair.py --checkpoint runs/pair/<group>_s* --data x.npz --out preds.csv                 # mean prob
     python predict_pair.py --checkpoint runs/pair/<group>_s* --data x.npz --stacker runs/pair_stack/<name> --out preds.csv
 
-Each run contributes the probability of its best weights (``best/``, else ``final/``);
+Each run contributes the probability of its best weights (``best/``, else ``final/``; the model is
+rebuilt from the export's ``model.json``, ``training.export.load_export``);
 several runs are averaged, or combined by the LightGBM meta-learner of ``stack_pair.py``
 (``--stacker``; the runs given must be its members). Output columns: ``id,prob,pred``
 (pred = prob >= 0.5). When the file has labels, accuracy and AUC are printed.
@@ -20,36 +21,13 @@ from pathlib import Path
 import lightgbm
 import numpy as np
 import torch
-import yaml
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from data.pair import PairNPZDataset
 from metrics.pair import pair_metrics
 from stack_pair import features
-from train_pair import Args, build_model
 from training.config import UsageError, fail
-
-
-def load_run(run: Path, device: torch.device):
-    """Model of a train_pair.py run with its best (else final) weights, in eval mode; one-line errors."""
-    if not run.is_dir():
-        fail(f"--checkpoint {run}: no such run directory")
-    weights = next((run / d / "model.safetensors" for d in ("best", "final") if (run / d / "model.safetensors").is_file()), None)
-    if weights is None:
-        fail(f"--checkpoint {run}: no best/ or final/ export with model.safetensors inside")
-    if not (run / "args.yaml").is_file():
-        fail(f"--checkpoint {run}: args.yaml not found (needed to rebuild the model)")
-    try:
-        train_args = Args(**(yaml.safe_load((run / "args.yaml").read_text()) or {}))
-    except (TypeError, UsageError) as e:
-        fail(f"--checkpoint {run}/args.yaml: not the arguments of a train_pair.py run ({e})")
-    model = build_model(train_args)
-    try:
-        model.load_state_dict(load_file(weights))
-    except RuntimeError as e:
-        fail(f"--checkpoint {weights}: weights do not match the model in args.yaml ({str(e).splitlines()[0]})")
-    return model.to(device).eval()
+from training.export import load_export_or_exit, resolve_device
 
 
 @torch.no_grad()
@@ -78,8 +56,8 @@ def main():
     parser.add_argument("--data", required=True, help="npz with x uint8 (N, 28, 56) and id (y optional)")
     parser.add_argument("--out", default="preds.csv", help="output CSV (id,prob,pred)")
     parser.add_argument("--stacker", default=None, help="stack_pair.py output folder: combine the runs with its meta-learner")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=256, help="pairs per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     args = parser.parse_args()
     if args.batch_size < 1:
         fail(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -90,8 +68,11 @@ def main():
         dataset = PairNPZDataset(args.data)
     except (ValueError, FileNotFoundError) as e:
         fail(f"--data {e}")
-    device = torch.device(args.device)
-    models = [load_run(run, device) for run in runs]  # all checked before any work
+    try:
+        device = resolve_device(args.device)
+    except UsageError as e:
+        fail(str(e))
+    models = [load_export_or_exit(run, device).model for run in runs]  # all checked before any work
 
     dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     start = time.perf_counter()

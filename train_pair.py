@@ -286,6 +286,8 @@ def main():
     ckpt.resume(state)
 
     stop = stopper.stopped  # a resumed run that had stopped early stays stopped
+    if state.global_step >= max_steps or stop:
+        run.log.info("nothing left to train at update %d; exporting", state.global_step)
     progress = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
     meter = TrainMeter(accelerator, run.log)

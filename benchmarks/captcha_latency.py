@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from predict_captcha import load_model
 from benchmarks.common import int_list, positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset, export, letterbox, load_image, to_input_tensor
 from losses.captcha import valid_cells
 from metrics.captcha import decode
 from models.lite_hrnet import LiteHRNet18FPN
+from training.export import load_export_or_exit
 
 COLUMNS = ["path", "device", "precision", "batch", "ms_per_batch_median", "ms_per_batch_p90",
            "ms_per_image_median", "ms_per_image_p90", "images_per_s"]
@@ -115,8 +115,8 @@ def main():
     info = print_header("CAPTCHA inference latency")
     cpu = torch.device("cpu")
     if args.checkpoint:
-        model, weights, _ = load_model(args.checkpoint, cpu)
-        source = f"weights {weights}"
+        loaded = load_export_or_exit(args.checkpoint, cpu)
+        model, source = loaded.model, f"weights {loaded.weights}"
     else:
         torch.manual_seed(0)
         model = LiteHRNet18FPN(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels).eval()

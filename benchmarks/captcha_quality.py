@@ -34,8 +34,8 @@ from benchmarks.common import positive, print_header, report, table
 from data.captcha import CATEGORIES, SyntheticCaptchaDataset, generate_captcha, letterbox, to_input_tensor
 from losses.captcha import valid_cells
 from metrics.captcha import captcha_metrics, decode, point_errors
-from predict_captcha import load_model
 from training.config import fail
+from training.export import load_export_or_exit
 
 METHODS = ("model", "TM-oracle", "TM-blind")
 COLUMNS = ["method", "category", "n", "hit_le_1px", "hit_le_2px", "hit_le_5px", "mae_px", "gap_mae",
@@ -231,7 +231,8 @@ def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, category: np.ndar
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    model, weights, train_args = load_model(args.checkpoint, device)
+    export = load_export_or_exit(args.checkpoint, device)
+    model, weights, train_args = export.model, export.weights, export.args
     info = print_header("CAPTCHA localisation quality: model vs template matching")
     seed = args.val_seed if args.val_seed is not None else int(train_args.get("val_seed", 1_000_003))
     print(f"weights {weights}; {args.val_size} validation samples of seed {seed}", flush=True)

@@ -2,13 +2,15 @@
 
     python benchmarks/captcha_step.py [--batch_size 8 --steps 20 --warmup 3 --rounds 3] [--out bench_out]
 
-"ours" repeats, per update, exactly the body of train_captcha.py's loop: the Accelerator-
-prepared model and optimizer, ``accelerator.accumulate``, ``captcha_loss``, the finiteness
-check through ``accelerator.reduce`` (a host sync every update), ``accelerator.backward``,
-``accelerator.clip_grad_norm_``, optimizer step/zero_grad, the scheduler step, the
-ModelEmaV3 update and the loss-window sums. Only logging, evaluation and checkpointing
-(every N updates) are left out. "bare" is model.train(), forward, the same ``captcha_loss``,
-backward, ``torch.nn.utils.clip_grad_norm_`` and AdamW.
+"ours" is one update as train_captcha.py's loop runs it: its own ``train_step`` (imported, not
+copied: the Accelerator-prepared model and optimizer, ``accelerator.accumulate``, ``captcha_loss``,
+``accelerator.backward``, ``accelerator.clip_grad_norm_``, optimizer step/zero_grad), then the
+loop's per-update work (``benchmarks.common.loop_update``): the loss-window sums, the finite check
+of the gradient norm (one host sync per update), the scheduler step and the ModelEmaV3 update.
+Only logging, evaluation and checkpointing (every N updates) are left out. "bare" is
+model.train(), forward, the same ``captcha_loss``, backward, ``torch.nn.utils.clip_grad_norm_``
+and AdamW. ``--previous_check`` adds the loop as it was before, with an all-reduced finite-loss
+flag and a host sync every micro-batch.
 
 Both start from the same weights (deep copies) and get the same pre-generated batches, so
 data loading is excluded. They run in one process in alternating rounds, the order flipped
@@ -26,20 +28,17 @@ sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo'
 import argparse
 import copy
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch.utils.data import default_collate
 
-from benchmarks.common import alternate_rounds, positive, print_header, report, stats_ms, table
+from benchmarks.common import add_step_flags, check_step_flags, loop_update, positive, step_overhead_report
 from data.captcha import SyntheticCaptchaDataset
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
-from train_captcha import Args, build_scheduler, loss_kwargs, set_train_mode, to_input
+from train_captcha import Args, build_scheduler, loss_kwargs, set_train_mode, train_step
 from training.config import UsageError, fail, load_yaml_config
-
-TARGET_RATIO = 1.05
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -54,7 +53,6 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed_precision", choices=("no", "bf16"), default=None,
                    help="default: the preset's value, else no (bf16 needs a GPU or a recent CPU)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
 
 
 def train_args(flags) -> Args:
@@ -90,45 +88,15 @@ def fixed_batches(args: Args, n: int, device) -> list[dict]:
     return batches
 
 
-def make_ours_step(args: Args, model, accelerator: Accelerator):
+def make_ours_step(args: Args, model, accelerator: Accelerator, check: str = "update"):
     """One call = one update of train_captcha.py's loop (without its every-N logging, eval and saving)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = build_scheduler(optimizer, args)
     ema = (ModelEmaV3(accelerator.unwrap_model(model), decay=args.ema_decay, use_warmup=True, warmup_power=3 / 4)
            if args.ema_decay > 0 else None)
-    kwargs = loss_kwargs(args)
-    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0}
-    parts_sum: dict[str, torch.Tensor] = {}
-    state = {"global_step": 0}
     set_train_mode(model, args.freeze_bn)
-
-    def step(batch: dict) -> None:
-        with accelerator.accumulate(model):
-            outputs = model(to_input(batch["image"], args))
-            loss, parts = captcha_loss(outputs, batch, **kwargs)
-            finite = torch.isfinite(loss.detach())
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        window["loss"] += loss.detach()
-        window["micro"] += 1
-        window["samples"] += batch["image"].shape[0] * accelerator.num_processes
-        for key, value in parts.items():
-            parts_sum[key] = parts_sum.get(key, 0) + value
-        if accelerator.reduce(finite.float().logical_not().float(), "sum").item() > 0:
-            raise RuntimeError(f"non-finite loss at update {state['global_step'] + 1}")
-        if not accelerator.sync_gradients:
-            return
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-        state["global_step"] += 1
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model), step=state["global_step"])
-
-    return step
+    return loop_update(train_step, model, optimizer, accelerator, args, lambda batch: batch["image"].shape[0],
+                       scheduler=build_scheduler(optimizer, args), ema=ema, check=check)
 
 
 def make_bare_step(args: Args, model, device: torch.device):
@@ -155,19 +123,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_flags(p)
-    p.add_argument("--steps", type=int, default=20, help="timed updates per method per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed updates per method before the first round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the order flips every round")
-    p.add_argument("--distinct_batches", type=int, default=4, help="pre-generated batches, cycled")
-    p.add_argument("--out", default=None, help="folder for captcha_step.md/.json")
+    add_step_flags(p)
     flags = p.parse_args()
-    for name in ("steps", "rounds", "distinct_batches", "batch_size"):
-        positive(f"--{name}", getattr(flags, name))
-    positive("--warmup", flags.warmup, 0)
-    if flags.threads:
-        torch.set_num_threads(positive("--threads", flags.threads))
+    positive("--batch_size", flags.batch_size)
+    check_step_flags(flags)
     args = train_args(flags)
-    info = print_header("Training step: train_captcha.py vs bare PyTorch")
 
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=1)
     device = accelerator.device
@@ -175,35 +135,18 @@ def main():
     base = build_model(args)
     n_params = sum(p.numel() for p in base.parameters())
     batches = fixed_batches(args, flags.distinct_batches, device)
-    steps = {"ours": make_ours_step(args, copy.deepcopy(base), accelerator),
-             "bare": make_bare_step(args, copy.deepcopy(base), device)}
+    steps = {"ours": make_ours_step(args, copy.deepcopy(base), accelerator)}
+    if flags.previous_check:
+        steps["ours, micro-batch finite check (previous loop)"] = make_ours_step(
+            args, copy.deepcopy(base), accelerator, check="micro_batch")
+    steps["bare"] = make_bare_step(args, copy.deepcopy(base), device)
     print(f"model {n_params / 1e6:.3f} M parameters, batch {args.batch_size}, channels_last {args.channels_last}, "
           f"mixed precision {accelerator.mixed_precision}, device {device}", flush=True)
-
-    seconds, round_medians = alternate_rounds(steps, batches, flags.warmup, flags.rounds, flags.steps, device)
-
-    summary = {name: stats_ms(s) for name, s in seconds.items()}
-    ratio = summary["ours"]["median"] / summary["bare"]["median"]
-    paired = [o / b for o, b in zip(round_medians["ours"], round_medians["bare"])]
-    labels = {"ours": "ours (train_captcha.py step)", "bare": "bare PyTorch"}
-    rows = [{"method": labels[name], "ms_per_step_median": s["median"], "ms_p10": s["p10"], "ms_p90": s["p90"],
-             "samples_per_s": 1000 * args.batch_size / s["median"], "steps_timed": s["n"],
-             "ratio_vs_bare": s["median"] / summary["bare"]["median"]} for name, s in summary.items()]
-    columns = ["method", "ms_per_step_median", "ms_p10", "ms_p90", "samples_per_s", "steps_timed", "ratio_vs_bare"]
-    verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
-    notes = [
-        f"LiteHRNet18FPN {n_params / 1e6:.3f} M parameters (fpn {args.fpn_channels}, heads {args.head_channels}, "
-        f"angle head {args.with_angle}), batch {args.batch_size}, 512x256 input, channels_last {args.channels_last}, "
-        f"mixed precision {accelerator.mixed_precision}, device {device}; "
-        f"preset {args.config or 'train_captcha.py defaults'}.",
-        f"ours/bare = {ratio:.3f} (median of all timed steps): {verdict} the target <= {TARGET_RATIO}. "
-        f"Per-round ratios: {', '.join(f'{q:.3f}' for q in paired)}.",
-        f"{flags.rounds} rounds x {flags.steps} updates per method after {flags.warmup} warm-up updates; "
-        f"{flags.distinct_batches} pre-generated batches cycled (data loading excluded).",
-    ]
-    report("captcha_step", "Training step overhead (ms per update)", info,
-           [table(rows, columns, formats={"ratio_vs_bare": ".3f", "samples_per_s": ".1f"})], notes, flags.out,
-           extra={"round_medians_ms": round_medians, "ratio": ratio, "paired_round_ratios": paired})
+    note = (f"LiteHRNet18FPN {n_params / 1e6:.3f} M parameters (fpn {args.fpn_channels}, heads {args.head_channels}, "
+            f"angle head {args.with_angle}), batch {args.batch_size}, 512x256 input, channels_last "
+            f"{args.channels_last}, mixed precision {accelerator.mixed_precision}, device {device}; "
+            f"preset {args.config or 'train_captcha.py defaults'}.")
+    step_overhead_report("captcha_step", "train_captcha.py", steps, batches, flags, args.batch_size, device, note)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ came from.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shlex
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from training.config import fail
+
+TARGET_RATIO = 1.05  # ours/bare: the loop's bookkeeping may cost at most 5 % of an update
 
 
 def cpu_model() -> str:
@@ -175,3 +178,88 @@ def alternate_rounds(steps: dict, batches: list, warmup: int, rounds: int, n: in
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} ms" for k, v in round_medians.items()),
               flush=True)
     return seconds, round_medians
+
+
+def loop_update(train_step, model, optimizer, accelerator, args, batch_size_of, scheduler=None, ema=None,
+                check: str = "update"):
+    """One call = one optimizer update as a ``train_*.py`` loop runs it, minus its every-N logging, evaluation
+    and checkpointing: the script's own ``train_step``, the ``TrainMeter`` sums, the finite check, the
+    scheduler and the EMA. ``model`` and ``optimizer`` must be prepared, with ``gradient_accumulation_steps=1``.
+
+    ``check="update"`` is the loops' check (``torch.isfinite`` of the clipped gradient norm once per update);
+    ``"micro_batch"`` is the check the loops used before (an all-reduce of a finite-loss flag and a host sync
+    every micro-batch), kept so both costs can be measured side by side.
+    """
+    from training.summary import TrainMeter
+
+    if check not in ("update", "micro_batch"):
+        raise ValueError(f"check must be 'update' or 'micro_batch', got {check!r}")
+    meter = TrainMeter(accelerator, logging.getLogger("benchmark"))
+    state = {"global_step": 0}
+
+    def step(batch: dict) -> None:
+        loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
+        meter.add(loss, parts, batch_size_of(batch))
+        if check == "micro_batch" and accelerator.reduce(torch.isfinite(loss).logical_not().float(), "sum").item():
+            raise RuntimeError(f"non-finite loss at update {state['global_step'] + 1}")
+        if not accelerator.sync_gradients:
+            return
+        if check == "update" and not bool(torch.isfinite(grad_norm)):
+            raise RuntimeError(f"non-finite loss at update {state['global_step'] + 1}")
+        if scheduler is not None and not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        state["global_step"] += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=state["global_step"])
+
+    return step
+
+
+def step_overhead_report(name: str, script: str, steps: dict, batches: list, flags, batch_size: int,
+                         device: torch.device, model_note: str, unit: str = "samples") -> float:
+    """Time ``steps`` ({"ours": ..., ["ours, micro-batch check": ...,] "bare": ...}) in alternating rounds and
+    report ms per update, throughput and the ratio to "bare"; returns ours/bare (median of all timed steps)."""
+    info = print_header(f"Training step: {script} vs bare PyTorch")
+    seconds, round_medians = alternate_rounds(steps, batches, flags.warmup, flags.rounds, flags.steps, device)
+    summary = {method: stats_ms(s) for method, s in seconds.items()}
+    bare = summary["bare"]["median"]
+    ratio = summary["ours"]["median"] / bare
+    paired = [o / b for o, b in zip(round_medians["ours"], round_medians["bare"])]
+    labels = {"ours": f"ours ({script} train_step + loop)", "bare": "bare PyTorch"}
+    throughput = f"{unit}_per_s"
+    rows = [{"method": labels.get(method, method), "ms_per_step_median": s["median"], "ms_p10": s["p10"],
+             "ms_p90": s["p90"], throughput: 1000 * batch_size / s["median"], "steps_timed": s["n"],
+             "ratio_vs_bare": s["median"] / bare} for method, s in summary.items()]
+    columns = ["method", "ms_per_step_median", "ms_p10", "ms_p90", throughput, "steps_timed", "ratio_vs_bare"]
+    notes = [
+        model_note,
+        f"ours/bare = {ratio:.3f} (median of all timed steps): {'meets' if ratio <= TARGET_RATIO else 'MISSES'} "
+        f"the target <= {TARGET_RATIO}. Per-round ratios: {', '.join(f'{q:.3f}' for q in paired)}.",
+        f"{flags.rounds} rounds x {flags.steps} updates per method after {flags.warmup} warm-up updates; "
+        f"{flags.distinct_batches} pre-made batches cycled (data loading excluded).",
+    ]
+    report(name, "Training step overhead (ms per update)", info,
+           [table(rows, columns, formats={"ratio_vs_bare": ".3f", throughput: ".1f"})], notes, flags.out,
+           extra={"round_medians_ms": round_medians, "ratio": ratio, "paired_round_ratios": paired,
+                  "median_ratio_of_rounds": float(np.median(paired))})
+    return ratio
+
+
+def add_step_flags(p) -> None:
+    """The timing flags every *_step.py benchmark shares."""
+    p.add_argument("--steps", type=int, default=20, help="timed updates per method per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed updates per method before the first round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the order flips every round")
+    p.add_argument("--distinct_batches", type=int, default=4, help="pre-made batches, cycled")
+    p.add_argument("--previous_check", action="store_true",
+                   help="also time the loop with the previous per-micro-batch all-reduce finite check")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="folder for the .md/.json report")
+
+
+def check_step_flags(flags) -> None:
+    for name in ("steps", "rounds", "distinct_batches"):
+        positive(f"--{name}", getattr(flags, name))
+    positive("--warmup", flags.warmup, 0)
+    if flags.threads:
+        torch.set_num_threads(positive("--threads", flags.threads))

@@ -21,7 +21,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from training.config import UsageError
+from training.config import UsageError, fail
 
 MODEL_JSON = "model.json"
 EXPORT_NAMES = ("best", "final")
@@ -82,6 +82,8 @@ def resolve_export(path: str | Path) -> tuple[Path, Path]:
     """(folder holding the weights, folder holding model.json and args.yaml) for a run directory
     (its best/, else final/), an export folder, or a ``checkpoints/step_*`` folder."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent  # an export's weights file names its export
     if not path.is_dir():
         raise UsageError(f"{path}: no such run, export or checkpoint directory")
     if (path / "COMPLETE").is_file() and path.parent.name == "checkpoints":
@@ -131,14 +133,15 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 def load_export(path: str | Path, ema: bool = True) -> Export:
     """Rebuild the model of an export, run directory or checkpoint and load its weights (EMA ones if ``ema``
-    and present). Raises ``UsageError`` with one line naming the file on anything missing or malformed."""
+    and present; a ``.safetensors`` file of an export loads that file). Raises ``UsageError`` with one line naming the file on anything missing or malformed."""
+    named = Path(path) if Path(path).is_file() and Path(path).suffix == ".safetensors" else None
     folder, record_dir = resolve_export(path)
     record_path = record_dir / MODEL_JSON
     if not record_path.is_file():
         raise UsageError(f"{record_path}: not found; the export does not say how to rebuild its model "
                          "(made by an older version of the training script?)")
     model = build_model(_read_json(record_path), source=str(record_path))
-    weights = export_weights_path(folder, ema)
+    weights = named or export_weights_path(folder, ema)
     load_weights(model, read_weights(weights), weights)
     args = {}
     if (record_dir / "args.yaml").is_file():
@@ -148,3 +151,29 @@ def load_export(path: str | Path, ema: bool = True) -> Export:
             raise UsageError(f"{record_dir / 'args.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
     metrics = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
     return Export(model=model.eval(), args=args, metrics=metrics, folder=folder, weights=weights, record_dir=record_dir)
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``, checked before any work; one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: no CUDA device is available (use --device cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def load_export_or_exit(path: str | Path, device: torch.device, flag: str = "--checkpoint") -> Export:
+    """``load_export`` for command-line scripts: the model moved to ``device``; a bad path ends the program
+    with one line naming ``flag`` (exit status 2)."""
+    try:
+        export = load_export(path)
+    except UsageError as e:
+        fail(f"{flag} {e}")
+    export.model.to(device)
+    return export
