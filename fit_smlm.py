@@ -71,7 +71,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from data.smlm import SimConfig, load_sim_config, psf_sigmas, scale_frames, to_photons, window_indices
-from metrics.smlm import DETECTION_KEYS, detections_from_output
+from models.sigma_munet_post import DETECTION_KEYS, detections_from_output
 from train_smlm import Args, build_model
 from training import UsageError
 from training.config import fail
@@ -265,7 +265,8 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
         if progress is not None:
             progress.update(stop - start)
     if not dets:  # an all-zero p map has no detections: the empty arrays with the right shapes and dtypes
-        return detections_from_output(torch.zeros(1, 10, 1, 1), raw_th=raw_th)
+        return detections_from_output(torch.zeros(1, 10, 1, 1), raw_th=raw_th, px_size_nm=cfg.px_size_nm,
+                                      z_max_nm=cfg.z_max, phot_max=cfg.phot_max, bg_max=cfg.bg_max)
     return {k: np.concatenate([d[k] for d in dets]) for k in DETECTION_KEYS}
 
 

@@ -47,8 +47,10 @@ from tqdm.auto import tqdm
 from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_smlm, is_target, load_sim_config,
                        simulate_movie, write_movie_h5)
 from losses.smlm import gmm_loss
-from metrics.smlm import detections_from_output, emitter_crlb_nm, match_emitters, smlm_metrics
+from metrics.smlm import match_emitters, smlm_metrics
+from metrics.smlm_crlb import emitter_crlb_nm
 from models.sigma_munet import SigmaMUNet, check_size
+from models.sigma_munet_post import detections_from_output
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
 from training.run import log_images

@@ -4,7 +4,7 @@ Written from the maths (smlm.md §1.3 PSF, Smith et al. Nat Methods 2010 for the
 for Levenberg-Marquardt on a Poisson likelihood); no code from DECODE, SMAP or ThunderSTORM. Every step is
 vectorised over all frames or all candidate ROIs at once.
 
-Units and conventions are those of data/smlm.py: frames (T, H, W) in photons; pixel (row i, col j) has its
+Units and conventions are those of data/smlm: frames (T, H, W) in photons; pixel (row i, col j) has its
 centre at (x, y) = (j, i) px; z in nm.
 
 Camera model of the fit
@@ -36,7 +36,8 @@ ROIs
     in its ROI, which the fit does not mind), so no candidate is skipped and nothing is padded; frames must
     be at least 2 roi_radius + 1 px on each side.
 Model and fit
-    mu_k = N Ex_j(x, s_x) Ey_i(y, s_y) + b, the pixel-integrated (erf) Gaussian of data/smlm.py, with
+    mu_k = N Ex_j(x, s_x) Ey_i(y, s_y) + b, the simulator's pixel-integrated (erf) Gaussian and width curves
+    (data.smlm.pixel_gaussian and psf_sigmas, which also give the derivatives of the Jacobian), with
     parameters (x, y, N, b) for the 2D Gaussian PSF (s_x = s_y = sigma0, known from the calibration) and
     (x, y, z, N, b) for the astigmatic PSF, whose s_x(z), s_y(z) are the calibration curves
     sigma0 sqrt(1 + ((z +- foc_shift) / rl)^2): z is fitted directly by maximum likelihood with the
@@ -70,16 +71,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.smlm import SimConfig, load_read_sigma_map
-from metrics.smlm import EMCCD_EXCESS_NOISE
+from data.smlm import SimConfig, excess_noise, load_read_sigma_map, pixel_gaussian, psf_sigmas
 
 Z_GRID_POINTS = 16
 DECREMENT_TOL = 5e-2      # Newton decrement g^T I^-1 g below which a fit counts as converged
 MAX_SHIFT_PX = 1.5        # largest accepted distance (each of x, y) from the candidate pixel
-
-
-def _excess(cfg: SimConfig) -> float:
-    return EMCCD_EXCESS_NOISE if cfg.camera == "emccd" else 1.0
 
 
 def _read_var(cfg: SimConfig, shape: tuple[int, int], device) -> torch.Tensor:
@@ -93,10 +89,8 @@ def _read_var(cfg: SimConfig, shape: tuple[int, int], device) -> torch.Tensor:
 
 def detection_sigma_px(cfg: SimConfig) -> float:
     """Width (px) of the matched smoothing filter: the PSF's in-focus width (astigmatic: at z = 0)."""
-    if cfg.psf == "gaussian":
-        return float(cfg.sigma0_px)
-    if cfg.psf == "astigmatic":
-        return float(cfg.sigma0_px * math.sqrt(1 + (cfg.foc_shift_nm / cfg.rl_nm) ** 2))
+    if cfg.psf in ("gaussian", "astigmatic"):
+        return float(psf_sigmas(torch.zeros(1, dtype=torch.float64), cfg)[0])
     raise ValueError(f"psf {cfg.psf!r}: the classical fitter knows only 'gaussian' and 'astigmatic'")
 
 
@@ -122,7 +116,7 @@ def snr_map(frames: torch.Tensor, cfg: SimConfig, read_var: torch.Tensor | None 
     half = kernel.shape[-1] // 2
     # Zero-padded correlation with g over the sqrt of the variance correlated with g^2: stays in noise
     # standard deviations at the frame edge, where part of g falls outside.
-    var = _excess(cfg) * (bg[:, None, None] + (0.0 if read_var is None else read_var)).expand_as(frames)
+    var = excess_noise(cfg) * (bg[:, None, None] + (0.0 if read_var is None else read_var)).expand_as(frames)
     signal = F.conv2d((frames - bg[:, None, None])[:, None], kernel[None, None], padding=half)
     noise = F.conv2d(var[:, None], kernel.square()[None, None], padding=half).clamp_min(1e-12).sqrt()
     return (signal / noise)[:, 0], bg
@@ -138,45 +132,27 @@ def detect(frames: torch.Tensor, cfg: SimConfig, threshold: float = 5.0, nms_rad
     return t, row, col, bg
 
 
-def _axis(pos: torch.Tensor, sigma: torch.Tensor, n: int):
-    """Per ROI (R,): the Gaussian's mass on pixels 0..n-1 and its derivatives in pos and sigma, each (R, n).
-    Pixel c covers [c - 1/2, c + 1/2); mass = Phi(b) - Phi(a), a, b = (c -+ 1/2 - pos) / sigma."""
-    c = torch.arange(n, device=pos.device, dtype=pos.dtype)
-    s = sigma[:, None]
-    a = (c - 0.5 - pos[:, None]) / s
-    b = (c + 0.5 - pos[:, None]) / s
-    mass = 0.5 * (torch.erf(b / math.sqrt(2)) - torch.erf(a / math.sqrt(2)))
-    pa = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-    pb = torch.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
-    return mass, (pa - pb) / s, (a * pa - b * pb) / s
-
-
 class _Psf:
     """Parameter layout, calibration and model of one fit; theta (R, P) = (x, y, [z,] N, b), x, y in ROI px."""
 
     def __init__(self, cfg: SimConfig, size: int):
+        self.cfg = cfg
         self.astig = cfg.psf == "astigmatic"
         self.size = size
-        self.s0, self.f, self.rl = cfg.sigma0_px, cfg.foc_shift_nm, cfg.rl_nm
         z_lo, z_hi = cfg.z_range_nm
         self.z_lim = (z_lo, z_hi)
         self.n_ix, self.b_ix = (3, 4) if self.astig else (2, 3)
         self.n_par = 5 if self.astig else 4
 
     def sigmas(self, theta):
-        if not self.astig:
-            s = torch.full_like(theta[:, 0], self.s0)
-            return s, s, None, None
-        z = theta[:, 2]
-        sx = self.s0 * torch.sqrt(1 + ((z + self.f) / self.rl) ** 2)
-        sy = self.s0 * torch.sqrt(1 + ((z - self.f) / self.rl) ** 2)
-        return sx, sy, self.s0 ** 2 * (z + self.f) / (self.rl ** 2 * sx), self.s0 ** 2 * (z - self.f) / (self.rl ** 2 * sy)
+        """(sigma_x, sigma_y, d sigma_x / dz, d sigma_y / dz) per ROI; the 2D PSF's widths do not depend on theta."""
+        return psf_sigmas(theta[:, 2] if self.astig else torch.zeros_like(theta[:, 0]), self.cfg, with_dz=True)
 
     def model(self, theta, jacobian: bool = True):
         """mu (R, S*S) photons and, if asked, d mu / d theta (R, S*S, P)."""
         sx, sy, dsx, dsy = self.sigmas(theta)
-        ex, dex, dex_s = _axis(theta[:, 0], sx, self.size)
-        ey, dey, dey_s = _axis(theta[:, 1], sy, self.size)
+        ex, dex, dex_s = pixel_gaussian(self.size, theta[:, 0], sx, derivatives=True)
+        ey, dey, dey_s = pixel_gaussian(self.size, theta[:, 1], sy, derivatives=True)
         n, b = theta[:, self.n_ix, None, None], theta[:, self.b_ix, None, None]
         psf = ey[:, :, None] * ex[:, None, :]                                     # (R, S, S)
         mu = (n * psf + b).flatten(1)
@@ -319,7 +295,7 @@ def _initial_theta(psf: _Psf, data: torch.Tensor, offset: torch.Tensor, bg: torc
 def _rescale_photons(psf: _Psf, theta, roi_photons):
     """N such that the model puts roi_photons inside the ROI (the PSF's tails fall outside)."""
     sx, sy, _, _ = psf.sigmas(theta)
-    inside = _axis(theta[:, 0], sx, psf.size)[0].sum(1) * _axis(theta[:, 1], sy, psf.size)[0].sum(1)
+    inside = pixel_gaussian(psf.size, theta[:, 0], sx).sum(1) * pixel_gaussian(psf.size, theta[:, 1], sy).sum(1)
     theta = theta.clone()
     theta[:, psf.n_ix] = roi_photons / inside.clamp_min(1e-3)
     return theta
@@ -377,7 +353,7 @@ def fit_movie(frames_photons: torch.Tensor, cfg: SimConfig, threshold: float = 5
     if h < size or w < size:
         raise ValueError(f"frames of {h}x{w} px are smaller than the {size}x{size} px ROI; lower roi_radius")
     psf = _Psf(cfg, size)
-    excess = _excess(cfg)
+    excess = excess_noise(cfg)
     read_var = _read_var(cfg, (h, w), device)
     t, row, col, frame_bg = detect(frames, cfg, threshold, nms_radius, read_var)
     n_cand = len(t)

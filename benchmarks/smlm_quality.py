@@ -11,7 +11,7 @@ derived from (--seed, density). They are written with data.smlm.write_movie_h5 t
 
 Ground truth: train_smlm.ground_truth, as for the validation movie: the emitters with >= label_photon_min
 photons in the frame and inside the frame extent. Each one's lateral CRLB is sqrt(crlb_x^2 + crlb_y^2) from
-metrics.smlm.emitter_crlb_nm (single-emitter limit, the run's camera and PSF), so rmse_over_crlb is the
+metrics.smlm_crlb.emitter_crlb_nm (single-emitter limit, the run's camera and PSF), so rmse_over_crlb is the
 matched RMSE over the RMS bound of the matched emitters.
 
 Methods, both on the photon frames of the movie:

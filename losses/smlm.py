@@ -1,7 +1,7 @@
 """Gaussian-mixture-model loss of DECODE (smlm.md §3.1) for the 10-channel SigmaMUNet output.
 
-Output (B, 10, H, W), already activated by the model (smlm.md §2.2); the loss takes probabilities,
-not logits:
+Output (B, 10, H, W) in the channel layout of models/sigma_munet.py (P_CH, MU_CH, SIGMA_CH, BG_CH),
+already activated by the model (smlm.md §2.2); the loss takes probabilities, not logits:
 
     ch 0     p      detection probability in (0, 1) (the model clamps the logit to [-8, 8])
     ch 1-4   mu     photons / phot_max, x offset (px), y offset (px), z / z_max
@@ -49,11 +49,7 @@ import math
 
 import torch
 
-P_CH = 0
-MU_CH = slice(1, 5)
-SIGMA_CH = slice(5, 9)
-BG_CH = 9
-N_CHANNELS = 10
+from models.sigma_munet import BG_CH, MU_CH, N_CHANNELS, P_CH, SIGMA_CH
 
 # Floors that only matter for degenerate inputs (p exactly 0 or 1 everywhere); the model's logit clamp to
 # [-8, 8] keeps p >= 3.4e-4, far above them, so they never change a trained model's loss.

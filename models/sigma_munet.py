@@ -1,8 +1,9 @@
 """DECODE's SigmaMUNet (smlm.md §2): a shared per-frame U-Net, a union U-Net and four output heads.
 
 Input (B, T, H, W): T consecutive camera frames (T = 3 by default: t-1, t, t+1; T = 1 also works), already
-scaled as (frames - input_offset) / input_scale (smlm.md §1.6). Output (B, 10, H, W) in the layout of
-`losses/smlm.py` (channel constants imported from there), already activated, ready for `gmm_loss`.
+scaled as (frames - input_offset) / input_scale (smlm.md §1.6). Output (B, 10, H, W) in the channel layout
+defined here (P_CH, MU_CH, SIGMA_CH, BG_CH, N_CHANNELS), already activated, ready for `losses.smlm.gmm_loss`;
+models/sigma_munet_post.py turns it into detections.
 
 Structure (features F = initial_features, I = inter_features):
 
@@ -49,7 +50,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses.smlm import BG_CH, MU_CH, N_CHANNELS, P_CH, SIGMA_CH
+# Output channel layout (module docstring), owned here; losses/smlm.py and models/sigma_munet_post.py read it.
+P_CH = 0
+MU_CH = slice(1, 5)
+SIGMA_CH = slice(5, 9)
+BG_CH = 9
+N_CHANNELS = 10
 
 ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU}
 POOL_MODES = ("stride_conv", "max")
@@ -73,10 +79,10 @@ def _check_head_channels() -> None:
     for name, (first, n) in HEAD_CHANNELS.items():
         if first != start:
             raise RuntimeError(f"head {name!r} starts at channel {first}, expected {start}: HEAD_CHANNELS must tile "
-                               f"the output channels of losses/smlm.py in order")
+                               f"the output channels P_CH .. BG_CH in order")
         start = first + n
     if start != N_CHANNELS:
-        raise RuntimeError(f"HEAD_CHANNELS cover {start} channels, losses/smlm.py expects {N_CHANNELS}")
+        raise RuntimeError(f"HEAD_CHANNELS cover {start} channels, the layout has {N_CHANNELS}")
 
 
 _check_head_channels()

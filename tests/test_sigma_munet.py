@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from losses.smlm import BG_CH, MU_CH, N_CHANNELS, P_CH, SIGMA_CH, gmm_loss
-from models.sigma_munet import P_BIAS_INIT, SIGMA_EPS, SIGMA_SCALE, SigmaMUNet
+from losses.smlm import gmm_loss
+from models.sigma_munet import BG_CH, MU_CH, N_CHANNELS, P_BIAS_INIT, P_CH, SIGMA_CH, SIGMA_EPS, SIGMA_SCALE, SigmaMUNet
 
 TINY = dict(initial_features=8, inter_features=8, depth_shared=2, depth_union=2)
 

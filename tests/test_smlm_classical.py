@@ -1,7 +1,7 @@
 """The classical SMLM fitter (benchmarks/smlm_classical.py) on hand-placed isolated emitters.
 
 Reference values: positions and photons are the simulation's own; the lateral bound is
-metrics.smlm.gaussian_2d_crlb (Mortensen et al. 2010 limit, tested in test_smlm_metrics.py).
+metrics.smlm_crlb.emitter_crlb_nm (Mortensen et al. 2010 limit, tested in test_smlm_metrics.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 from benchmarks.smlm_classical import _drop_duplicates, fit_movie
 from data.smlm import Emitters, SimConfig, camera_forward, render, to_photons
-from metrics.smlm import emitter_crlb_nm, gaussian_2d_crlb, match_emitters
+from metrics.smlm import match_emitters
+from metrics.smlm_crlb import emitter_crlb_nm
 
 
 def make_movie(cfg: SimConfig, frame_ix, xyz, phot, bg: float, n_frames: int, seed: int = 0) -> torch.Tensor:
@@ -91,8 +92,8 @@ def test_perfect_camera_rmse_close_to_crlb():
     pi, gi, res = matched(det, frame_ix, xyz)
     assert len(pi) == len(xyz) == len(det["frame_ix"])                       # bright and isolated: all found, no FP
     crlb_px = emitter_crlb_nm(xyz[gi], phot, bg, cfg) / 100.0                 # per emitter, at its sub-pixel offset
-    centred = gaussian_2d_crlb(phot, bg, 1.0, px_size_nm=1.0)
-    assert np.mean(crlb_px[:, 0]) == pytest.approx(centred["x_nm"], rel=0.1)
+    centred_px = emitter_crlb_nm([[10.0, 10.0, 0.0]], phot, bg, cfg)[0, 0] / 100.0   # on a pixel centre
+    assert np.mean(crlb_px[:, 0]) == pytest.approx(centred_px, rel=0.1)
     for axis in (0, 1):
         rmse, bound = np.sqrt(np.mean(res[:, axis] ** 2)), np.sqrt(np.mean(crlb_px[:, axis] ** 2))
         assert 0.7 * bound < rmse < 1.5 * bound, (axis, rmse, bound)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from losses.smlm import BG_CH, gmm_loss, gmm_terms
+from losses.smlm import gmm_loss, gmm_terms
+from models.sigma_munet import BG_CH
 
 
 def random_output(batch: int, height: int, width: int, seed: int, dtype=torch.float64) -> torch.Tensor:

@@ -14,13 +14,95 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.integrate import quad
+from scipy.special import ndtr
 
-from data.smlm import SimConfig
-from metrics.smlm import (ALPHA_AX, ALPHA_LAT, EMCCD_EXCESS_NOISE, astigmatic_sigma, crlb_from_fisher, default_roi_px,
-                          detection_metrics, efficiency, emitter_crlb_nm, fisher_information, gaussian_2d_crlb,
-                          gaussian_2d_fisher, gaussian_psf_image, localisation_errors, match_emitters, rmse_over_crlb,
-                          smlm_metrics)
+from data.smlm import EMCCD_EXCESS_NOISE, SimConfig, pixel_gaussian
+from metrics.smlm import (ALPHA_AX, ALPHA_LAT, detection_metrics, efficiency, localisation_errors, match_emitters,
+                          rmse_over_crlb, smlm_metrics)
+from metrics.smlm_crlb import crlb_from_fisher, default_roi_px, emitter_crlb_nm
+
+
+# Reference routes to the bound of one emitter, against which the batched emitter_crlb_nm is checked: the
+# closed-form 2D Fisher information and a finite-difference one of any expected image.
+
+def astigmatic_sigma(z_nm, sigma0_px: float, foc_shift_nm: float = 250.0, rl_nm: float = 280.0):
+    """(sigma_x, sigma_y) in px of DECODE's astigmatic Gaussian (smlm.md §1.3) at depth z_nm."""
+    z = np.asarray(z_nm, dtype=np.float64)
+    return (sigma0_px * np.sqrt(1 + ((z + foc_shift_nm) / rl_nm) ** 2),
+            sigma0_px * np.sqrt(1 + ((z - foc_shift_nm) / rl_nm) ** 2))
+
+
+def gaussian_psf_image(x_px, y_px, n_photons, bg, sigma_px, roi_px: int) -> np.ndarray:
+    """Expected photons per pixel (roi, roi) of the pixel-integrated Gaussian plus bg, through scipy's normal CDF
+    (independent of data.smlm.pixel_gaussian). x_px, y_px in ROI coordinates (pixel centres 0 .. roi - 1, x along
+    columns); sigma_px a scalar or an (sigma_x, sigma_y) pair; n_photons total photons; bg photons per pixel."""
+    sx, sy = (sigma_px, sigma_px) if np.ndim(sigma_px) == 0 else sigma_px
+    lo_edges = np.arange(roi_px, dtype=np.float64) - 0.5
+
+    def mass(pos, sigma):
+        lo, hi = (lo_edges - pos) / sigma, (lo_edges + 1.0 - pos) / sigma
+        # Upper-tail difference right of the mean: no 1 - 1 cancellation in the tails.
+        return np.where(lo > 0, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
+
+    return n_photons * mass(y_px, sy)[:, None] * mass(x_px, sx)[None, :] + bg
+
+
+def gaussian_2d_fisher(n_photons, bg, sigma_px: float, offset_px=(0.0, 0.0), roi_px: int | None = None,
+                       excess_noise: float = 1.0) -> np.ndarray:
+    """Fisher information (..., 4, 4) over (x px, y px, N photons, b photons/px), analytic derivatives of
+    data.smlm.pixel_gaussian. The emitter sits at the centre pixel of an odd roi_px ROI plus offset_px (x, y);
+    n_photons and bg broadcast; excess_noise is 1 for a Poisson camera and 2 for an EMCCD at high gain."""
+    roi = default_roi_px(sigma_px) if roi_px is None else int(roi_px)
+    sigma = torch.tensor(float(sigma_px), dtype=torch.float64)
+
+    def axis(offset):
+        pos = torch.tensor((roi - 1) / 2 + offset, dtype=torch.float64)
+        mass, d_pos, _ = pixel_gaussian(roi, pos, sigma, derivatives=True)
+        return mass.numpy(), d_pos.numpy()
+
+    (ex, dex), (ey, dey) = axis(offset_px[0]), axis(offset_px[1])
+    n = np.asarray(n_photons, dtype=np.float64)[..., None, None]
+    b = np.asarray(bg, dtype=np.float64)[..., None, None]
+    n, b = np.broadcast_arrays(n, b)
+    psf = ey[:, None] * ex[None, :]                                          # (roi, roi), sums to ~1
+    mu = n * psf + b
+    if np.any(mu <= 0):
+        raise ValueError("the expected image has pixels with mu <= 0; use bg > 0 "
+                         "(a tiny bg gives the no-background limit)")
+    jac = np.stack(np.broadcast_arrays(n * ey[:, None] * dex[None, :], n * dey[:, None] * ex[None, :],
+                                       psf, np.ones_like(mu)), axis=-1)   # (..., roi, roi, 4)
+    return np.einsum("...hwi,...hwj,...hw->...ij", jac, jac, 1.0 / mu) / excess_noise
+
+
+def gaussian_2d_crlb(n_photons, bg, sigma_px: float, px_size_nm: float = 100.0, offset_px=(0.0, 0.0),
+                     roi_px: int | None = None, excess_noise: float = 1.0) -> dict:
+    """CRLB of the 2D pixel-integrated Gaussian with (x, y, N, b) all estimated: "x_nm", "y_nm", "lat_nm" =
+    sqrt(x_nm^2 + y_nm^2), "photons" and "bg" (photons/px); floats for scalar inputs, arrays otherwise."""
+    crlb = crlb_from_fisher(gaussian_2d_fisher(n_photons, bg, sigma_px, offset_px, roi_px, excess_noise))
+    x_nm, y_nm = crlb[..., 0] * px_size_nm, crlb[..., 1] * px_size_nm
+    out = {"x_nm": x_nm, "y_nm": y_nm, "lat_nm": np.hypot(x_nm, y_nm), "photons": crlb[..., 2], "bg": crlb[..., 3]}
+    return {k: float(v) if np.ndim(v) == 0 else v for k, v in out.items()}
+
+
+def fisher_information(image_fn, theta, steps=None, excess_noise: float = 1.0) -> np.ndarray:
+    """Fisher information (P, P) of any expected-image model image_fn(theta) -> photons per pixel (all > 0) by
+    central finite differences; steps (P,) default 1e-4 * max(|theta_i|, 1) (truncation ~ step^2, round-off
+    ~ 1e-16 / step)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    steps = 1e-4 * np.maximum(np.abs(theta), 1.0) if steps is None else np.asarray(steps, dtype=np.float64)
+    mu = np.asarray(image_fn(theta), dtype=np.float64).reshape(-1)
+    if np.any(mu <= 0):
+        raise ValueError("image_fn(theta) must be positive in every pixel; add a background > 0")
+    flat = lambda t: np.asarray(image_fn(t), dtype=np.float64).reshape(-1)  # noqa: E731
+    jac = np.empty((mu.size, theta.size))
+    for i, h in enumerate(steps):
+        e = np.zeros_like(theta)
+        e[i] = h
+        jac[:, i] = (flat(theta + e) - flat(theta - e)) / (2 * h)
+    return (jac / mu[:, None]).T @ jac / excess_noise
+
 
 # Two-plus frames, positions in nm. Frame 0: a duplicate prediction near A, one pair inside and one
 # outside the lateral threshold; frame 1: one pair beyond the axial threshold and one TP; frame 2: two

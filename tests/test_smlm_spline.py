@@ -1,4 +1,4 @@
-"""Cubic-spline PSF of data/smlm.py: coefficient indexing and axes, a spline built from the astigmatic Gaussian
+"""Cubic-spline PSF of data/smlm/psf.py: coefficient indexing and axes, a spline built from the astigmatic Gaussian
 against the Gaussian itself, SMAP .mat files (v5 and v7.3), config validation and simulation end to end."""
 import dataclasses
 

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import read_csv, run_python, run_script
 from data.smlm import SimConfig, read_movie_h5
-from losses.smlm import MU_CH, P_CH
+from models.sigma_munet import MU_CH, P_CH
 from train_smlm import RAW_TH_GRID, Args, evaluate
 
 VAL_FRAMES = 10

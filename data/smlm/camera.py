@@ -1,0 +1,96 @@
+"""Background and camera (smlm.md §1.4-1.5): expected photons -> noisy ADU frames, and ADU back to photons."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import SimConfig
+
+# Excess noise factor F^2 of an EMCCD at high gain: the Gamma gain stage doubles the variance of the photon
+# counts, so likelihood fits and Fisher information treat counts / F^2 as Poisson (Mortensen et al. 2010).
+EMCCD_EXCESS_NOISE = 2.0
+
+
+def excess_noise(cfg: SimConfig) -> float:
+    """F^2 of cfg's camera: EMCCD_EXCESS_NOISE for "emccd", 1 for the cameras without EM gain."""
+    return EMCCD_EXCESS_NOISE if cfg.camera == "emccd" else 1.0
+
+
+def sample_background(cfg: SimConfig, n_frames: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n_frames, H, W) photons/px: one Uniform(bg_uniform) level per frame (smlm.md §1.4, `UniformBackground`)."""
+    lo, hi = cfg.bg_uniform
+    device = generator.device if generator is not None else torch.device("cpu")
+    level = lo + (hi - lo) * torch.rand(n_frames, generator=generator, device=device)
+    return level[:, None, None].expand(n_frames, *cfg.img_size).contiguous()
+
+
+def _standard_gamma_int(shape: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gamma(shape, 1) for integer shapes >= 0 (Gamma(0) = 0), Marsaglia-Tsang rejection on every element at
+    once. Each round accepts > 95 % of the pending draws for shape >= 1, so the loop ends after a few rounds."""
+    dims, shape = shape.shape, shape.reshape(-1)
+    out = torch.zeros_like(shape)
+    d = shape.clamp_min(1.0) - 1.0 / 3.0
+    c = 1.0 / torch.sqrt(9.0 * d)
+    pending = (shape > 0).nonzero().squeeze(1)
+    while pending.numel():
+        x = torch.randn(pending.numel(), generator=generator, device=shape.device, dtype=shape.dtype)
+        u = torch.rand(pending.numel(), generator=generator, device=shape.device, dtype=shape.dtype)
+        dp, v = d[pending], (1 + c[pending] * x) ** 3
+        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dp - dp * v + dp * torch.log(v.clamp_min(1e-30)))
+        out[pending[ok]] = dp[ok] * v[ok]
+        pending = pending[~ok]
+    return out.view(dims)
+
+
+def camera_forward(photons: torch.Tensor, cfg: SimConfig, generator: torch.Generator | None = None,
+                   read_sigma_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Noisy camera frames in ADU from expected photons per pixel (any shape ending in (H, W)), smlm.md §1.5.
+
+    emccd: Poisson(qe x + spur) e-, EM gain Gamma(shape = count, scale = em_gain), + Normal(0, read_sigma),
+    / e_per_adu, floor, + baseline, clamped at 0. scmos: the same without gain; the read noise std may be a
+    per-pixel (H, W) map in e-. perfect: Poisson(x) only, in photons (DECODE's PerfectCamera: qe 1, no offset,
+    1 e-/ADU; the config's camera numbers are ignored). noiseless: x itself (debugging; no randomness).
+    Returns float32 on photons' device.
+    """
+    x = photons.to(torch.float32).clamp_min(0)
+    if cfg.camera == "noiseless":
+        return x
+    if cfg.camera == "perfect":
+        return torch.poisson(x, generator=generator)
+    electrons = torch.poisson(x * cfg.qe + cfg.spur_noise, generator=generator)
+    if cfg.camera == "emccd":
+        electrons = _standard_gamma_int(electrons, generator) * cfg.em_gain
+    sigma = cfg.read_sigma if read_sigma_map is None else read_sigma_map.to(x)
+    electrons = electrons + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+    return (torch.floor(electrons / cfg.e_per_adu) + cfg.baseline).clamp_min(0)
+
+
+def to_photons(adu: torch.Tensor, cfg: SimConfig) -> torch.Tensor:
+    """Photons from ADU with the camera's mean response (smlm.md §1.5 step 9):
+    ((adu - baseline) e_per_adu / em_gain - spur) / qe, without the gain division for scmos; identity for
+    perfect and noiseless. Not an exact inverse of `camera_forward` (smlm.md §10 #4): the floor to whole ADU
+    loses 0.5 ADU on average, i.e. 0.5 e_per_adu / (em_gain qe) photons (0.075 at the default EMCCD; gain 1
+    for scmos), which DECODE's formula keeps and so does this one."""
+    if cfg.camera in ("perfect", "noiseless"):
+        return adu.to(torch.float32)
+    electrons = (adu.to(torch.float32) - cfg.baseline) * cfg.e_per_adu
+    if cfg.em_gain is not None:
+        electrons = electrons / cfg.em_gain
+    return (electrons - cfg.spur_noise) / cfg.qe
+
+
+def load_read_sigma_map(cfg: SimConfig) -> torch.Tensor | None:
+    """The scmos per-pixel read noise (H, W) e- from cfg.read_sigma_map (.npy), or None."""
+    if cfg.read_sigma_map is None:
+        return None
+    path = Path(cfg.read_sigma_map)
+    if not path.is_file():
+        raise ValueError(f"read_sigma_map: {path} not found")
+    arr = np.load(path, allow_pickle=False)
+    if arr.shape != tuple(cfg.img_size) or not np.all(np.isfinite(arr)) or arr.min() < 0:
+        raise ValueError(f"read_sigma_map: {path} must hold a finite, non-negative {tuple(cfg.img_size)} array, "
+                         f"got shape {arr.shape}")
+    return torch.from_numpy(arr.astype(np.float32))
+

@@ -1,0 +1,97 @@
+"""Cramer-Rao lower bound of single-emitter localisation (not in smlm.md, which only names CRLB variances as
+EmitterSet fields).
+
+For an emitter with expected image mu_k(theta) on pixels k and independent Poisson counts, the Fisher
+information is I_ij = sum_k (d mu_k / d theta_i)(d mu_k / d theta_j) / mu_k; an EMCCD at high gain doubles the
+count variance (excess noise factor F^2 = 2), which divides I by 2 (Mortensen et al. 2010). CRLB_i =
+sqrt(inv(I)_ii). The PSF is the simulator's pixel-integrated Gaussian (data.smlm.pixel_gaussian, smlm.md §1.3)
+with theta = (x px, y px, [z nm,] N photons, b photons/px), N the total photons of the unbounded PSF, b the
+per-pixel background, all estimated. Pixel (row i, col j) of the ROI covers [j - 1/2, j + 1/2) x
+[i - 1/2, i + 1/2) px (centre (j, i)), as in losses/smlm.py. In the no-background limit with a centred emitter
+this gives var_x = sigma_a^2 / N, sigma_a^2 = sigma^2 + a^2 / 12 (a the pixel size), Mortensen's
+maximum-likelihood result (times F^2 for an EMCCD). The lateral bound sqrt(CRLB_x^2 + CRLB_y^2) bounds
+sqrt(E[dx^2 + dy^2]), so it compares with metrics.smlm's rmse_lat, which also sums both axes.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from data.smlm import SimConfig, excess_noise, pixel_gaussian, psf_sigmas
+
+
+def default_roi_px(sigma_px) -> int:
+    """Odd ROI side (px) holding +-6 sigma, so the no-background Fisher information lost in the tails is < 1e-7."""
+    return 2 * int(math.ceil(6 * float(np.max(sigma_px)))) + 1
+
+
+def _axis(roi: int, pos: np.ndarray, sigma: np.ndarray):
+    """`pixel_gaussian` with derivatives on float64 (n,) arrays: fraction, d/d pos, d/d sigma, each (n, roi)."""
+    pos, sigma = (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for v in (pos, sigma))
+    return tuple(v.numpy() for v in pixel_gaussian(roi, pos, sigma, derivatives=True))
+
+
+def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512) -> np.ndarray:
+    """CRLB (N, 3) in nm of x, y and z for each emitter of a simulation, z NaN for a 2D PSF.
+
+    xyz_px (N, 3): x, y in px, z in nm; phot: the emitter's photons in its frame; bg: that frame's
+    background (photons/px). cfg: the simulation's SimConfig (psf, sigma0_px, foc_shift_nm, rl_nm, px_size_nm,
+    camera, qe). The parameters estimated are (x, y, z, N, b) for the astigmatic PSF, so the lateral bound
+    includes the cost of not knowing z, and (x, y, N, b) for the 2D Gaussian; photons and background are
+    detected electrons (x qe), the EMCCD excess-noise factor 2 divides the information. Each emitter sits
+    alone at its sub-pixel offset in its own ROI of default_roi_px(max(sigma_x, sigma_y)) pixels (the ROI
+    size matters through b: more pixels pin the background down better); frame edges and neighbours are
+    ignored, so this is the single-emitter limit. A spline PSF has no closed form here: all NaN.
+    """
+    xyz = np.asarray(xyz_px, dtype=np.float64).reshape(-1, 3)
+    n_em = len(xyz)
+    out = np.full((n_em, 3), np.nan)
+    if cfg.psf not in ("gaussian", "astigmatic") or n_em == 0:
+        return out
+    astig = cfg.psf == "astigmatic"
+    excess = excess_noise(cfg)
+    n_all = np.broadcast_to(np.asarray(phot, dtype=np.float64), (n_em,)) * cfg.qe
+    # A floor of 1e-3 photons/px keeps mu > 0 (the information divides by it) for a frame without background.
+    b_all = np.maximum(np.broadcast_to(np.asarray(bg, dtype=np.float64), (n_em,)) * cfg.qe, 1e-3)
+    for lo in range(0, n_em, chunk):
+        sl = slice(lo, lo + chunk)
+        n, b = n_all[sl, None, None], b_all[sl, None, None]
+        sx, sy, dsx, dsy = (s.numpy() for s in psf_sigmas(torch.from_numpy(xyz[sl, 2].copy()), cfg, with_dz=True))
+        roi = default_roi_px(max(sx.max(), sy.max()))
+        centres = np.arange(roi, dtype=np.float64)
+        # Pixels outside an emitter's own ROI (same centre, smaller side) carry no weight.
+        own_half = np.array([default_roi_px(max(a, c)) // 2 for a, c in zip(sx, sy)])[:, None]
+        inside = np.abs(centres - (roi - 1) / 2) <= own_half                       # (n, roi)
+        weight = (inside[:, :, None] & inside[:, None, :]).astype(np.float64)          # (n, roi, roi)
+        pos = (roi - 1) / 2 + xyz[sl, :2] - np.round(xyz[sl, :2])
+        ex, dex, dex_s = _axis(roi, pos[:, 0], sx)
+        ey, dey, dey_s = _axis(roi, pos[:, 1], sy)
+        psf = ey[:, :, None] * ex[:, None, :]                                   # (n, roi, roi)
+        mu = n * psf + b
+        jac = [n * ey[:, :, None] * dex[:, None, :], n * dey[:, :, None] * ex[:, None, :]]
+        if astig:
+            # z moves the image only through the two widths: chain rule through sigma_x(z), sigma_y(z).
+            jac.append(n * (ey[:, :, None] * (dex_s * dsx[:, None])[:, None, :]
+                            + (dey_s * dsy[:, None])[:, :, None] * ex[:, None, :]))
+        jac += [psf, np.ones_like(mu)]
+        jac = np.stack(jac, axis=-1)                                            # (n, roi, roi, P)
+        crlb = crlb_from_fisher(np.einsum("nhwi,nhwj,nhw->nij", jac, jac, weight / mu) / excess)
+        out[sl, 0] = crlb[:, 0] * cfg.px_size_nm[0]
+        out[sl, 1] = crlb[:, 1] * cfg.px_size_nm[1]
+        if astig:
+            out[sl, 2] = crlb[:, 2]
+    return out
+
+
+def crlb_from_fisher(fisher: np.ndarray) -> np.ndarray:
+    """sqrt(diag(inv(I))) for (..., P, P) Fisher matrices, each parameter in its own unit.
+
+    Jacobi-scaled before inverting because the entries span many decades (photons vs px).
+    """
+    fisher = np.asarray(fisher, dtype=np.float64)
+    d = 1.0 / np.sqrt(np.diagonal(fisher, axis1=-2, axis2=-1))
+    scaled = fisher * d[..., :, None] * d[..., None, :]
+    return np.sqrt(np.diagonal(np.linalg.inv(scaled), axis1=-2, axis2=-1)) * d
+
