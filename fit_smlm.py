@@ -5,10 +5,12 @@
     python fit_smlm.py --checkpoint runs/smlm/<run> --frames stack.tif --out locs.csv --format decode # DECODE CSV
     python fit_smlm.py --checkpoint runs/smlm/<run> --frames stack.tif --camera my_camera.yaml --out locs.csv
 
-Model: ``--checkpoint`` is a run directory; the SigmaMUNet is rebuilt from ``<run>/args.yaml`` and loaded from
+Model: ``--checkpoint`` is a run directory, an export folder (``best/``, ``final/``) or a checkpoint; the
+SigmaMUNet is rebuilt from the export's ``model.json`` (``training.export.load_export``) and loaded from
 ``best/model.safetensors`` (``--weights best``, the default; falls back to ``final/`` when the run has no
 best/ export) or ``final/model.safetensors`` (``--weights final``). The input scaling, the output scales
-(phot_max, z_max, bg_max) and the PSF come from the run's ``simulation.yaml`` and are never changed.
+(phot_max, z_max, bg_max) and the PSF come from the run's ``simulation.yaml`` (copied into every export)
+and are never changed.
 
 Frames: a TIFF stack in ADU (uint16 or float), one 2-D page per frame or a single 3-D page (T, H, W). It is
 read ``--chunk_frames`` frames at a time, so a stack larger than memory works; each chunk carries
@@ -25,7 +27,7 @@ mapping holds some of the keys camera, qe, spur_noise, em_gain, e_per_adu, basel
 read_sigma_map, px_size_nm; they replace the run's values (other keys are an error: the model's training
 distribution cannot be changed at fit time). px_size_nm only changes the nm conversion.
 
-Post-processing: SpatialIntegration + look-up (metrics/smlm.py) with ``--raw_th``; default: the threshold of
+Post-processing: SpatialIntegration + look-up (models/sigma_munet_post.py) with ``--raw_th``; default: the threshold of
 the evaluation the loaded weights come from (val/raw_th of the export's metrics.json; train_smlm.py chooses
 it on its validation movie unless the run fixed --raw_th), else the run's raw_th.
 
@@ -66,15 +68,13 @@ import tifffile
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from data.smlm import SimConfig, load_sim_config, psf_sigmas, scale_frames, to_photons, window_indices
 from models.sigma_munet_post import DETECTION_KEYS, detections_from_output
-from train_smlm import Args, build_model
 from training import UsageError
 from training.config import fail
+from training.export import load_export, resolve_device
 
 CAMERA_KEYS = ("camera", "qe", "spur_noise", "em_gain", "e_per_adu", "baseline", "read_sigma", "read_sigma_map",
                "px_size_nm")
@@ -92,52 +92,44 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def load_fitter(run_dir, weights: str = "best", device="cpu") -> tuple[torch.nn.Module, SimConfig, Args]:
-    """(model in eval mode on device, the run's SimConfig, its training Args) of a train_smlm.py run.
-    train_args.raw_th is the detection threshold of the evaluation the loaded export comes from (val/raw_th of
-    its metrics.json: chosen on validation, or the run's fixed one); without it, args.yaml's (None for a run
-    that chose it on validation: the caller must then pass one).
+@dataclasses.dataclass
+class FitSettings:
+    window: int               # frames per network input (the model's n_frames)
+    raw_th: float | None      # detection threshold of the loaded export's evaluation, else the run's fixed one
+    weights: Path             # the safetensors file that was loaded
 
-    weights "best" uses best/model.safetensors, else final/; "final" uses final/ only. Raises UsageError
-    (one line naming the file) on a missing or foreign run."""
-    run = Path(run_dir)
+
+def load_fitter(checkpoint, weights: str = "best", device="cpu") -> tuple[torch.nn.Module, SimConfig, FitSettings]:
+    """(model in eval mode on device, the run's SimConfig, FitSettings) of a train_smlm.py run, export or checkpoint,
+    through ``training.export.load_export`` (the model is rebuilt from the export's model.json). settings.raw_th is
+    the detection threshold of the evaluation the loaded export comes from (val/raw_th of its metrics.json: chosen
+    on validation, or the run's fixed one); without it, args.yaml's (None for a run that chose it on validation:
+    the caller must then pass one).
+
+    weights "best" uses a run's best/, else final/; "final" uses final/. Raises UsageError (one line naming the
+    file) on a missing or foreign run."""
     if weights not in ("best", "final"):
         raise UsageError(f"--weights must be best or final, got {weights!r}")
-    if not run.is_dir():
-        raise UsageError(f"--checkpoint {run}: no such run directory")
-    args_path, sim_path = run / "args.yaml", run / "simulation.yaml"
-    for path, why in ((args_path, "to rebuild the model"), (sim_path, "for the camera and the scaling")):
-        if not path.is_file():
-            raise UsageError(f"--checkpoint {path}: not found (needed {why}; is {run} a train_smlm.py run?)")
-    candidates = ("best", "final") if weights == "best" else ("final",)
-    weights_path = next((run / d / "model.safetensors" for d in candidates
-                         if (run / d / "model.safetensors").is_file()), None)
-    if weights_path is None:
-        raise UsageError(f"--checkpoint {run}: no {' or '.join(d + '/' for d in candidates)} export with "
-                         "model.safetensors inside")
+    path = Path(checkpoint)
+    if weights == "final" and (path / "final" / "model.safetensors").is_file():
+        path = path / "final"
     try:
-        values = yaml.safe_load(args_path.read_text())
-        train_args = Args(**(values or {}))
-    except (TypeError, ValueError, yaml.YAMLError) as e:
-        raise UsageError(f"--checkpoint {args_path}: not the arguments of a train_smlm.py run "
-                         f"({_one_line(e)})") from None
+        export = load_export(path)
+    except UsageError as e:
+        raise UsageError(f"--checkpoint {e}") from None
+    # An export carries the run's simulation.yaml; a checkpoint's is the run's own.
+    sim_path = next((d / "simulation.yaml" for d in (export.record_dir, export.folder.parent)
+                     if (d / "simulation.yaml").is_file()), export.record_dir / "simulation.yaml")
     try:
         cfg = load_sim_config(sim_path)
     except ValueError as e:
-        raise UsageError(f"--checkpoint {_one_line(e)}") from None
+        raise UsageError(f"--checkpoint {_one_line(e)} (needed for the camera and the scaling)") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--checkpoint {sim_path}: not valid YAML ({_one_line(e)})") from None
-    model = build_model(train_args)
-    try:
-        model.load_state_dict(load_file(weights_path))
-    except (RuntimeError, OSError, SafetensorError) as e:
-        raise UsageError(f"--checkpoint {weights_path}: weights do not load into the model of args.yaml "
-                         f"({str(e).strip().splitlines()[0]})") from None
-    try:  # the threshold of the evaluation these weights come from (chosen on validation, or the fixed one)
-        train_args.raw_th = float(json.loads((weights_path.parent / "metrics.json").read_text())["val/raw_th"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # an export without it (older runs): args.yaml's raw_th, which may be None
-    return model.to(device).eval(), cfg, train_args
+    raw_th = export.metrics.get("val/raw_th", export.args.get("raw_th"))
+    settings = FitSettings(window=int(export.record["kwargs"].get("n_frames", 3)),
+                           raw_th=None if raw_th is None else float(raw_th), weights=export.weights)
+    return export.model.to(device).eval(), cfg, settings
 
 
 def apply_camera(cfg: SimConfig, path) -> SimConfig:
@@ -226,7 +218,7 @@ def iter_tiff_chunks(path, chunk_frames: int, context: int):
 def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 3, raw_th: float = 0.5,
              batch_size: int = 32, device="cpu", *, centre: tuple[int, int] | None = None,
              progress=None) -> dict[str, np.ndarray]:
-    """Detections (metrics.smlm keys, numpy) of the frames (T, H, W) photons.
+    """Detections (models.sigma_munet_post.DETECTION_KEYS, numpy) of the frames (T, H, W) photons.
 
     Windows of `window` frames centred on each frame, indices clamped to [0, T) (data.smlm.window_indices);
     only the windows centred on frames [centre[0], centre[1]) are run (default all), in batches of
@@ -374,14 +366,6 @@ def output_format(out: Path, fmt: str | None) -> str:
     return fmt
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="train_smlm.py run directory")
@@ -393,7 +377,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--chunk_frames", type=int, default=512,
                         help="frames read at a time (rounded up to a multiple of --batch_size)")
     parser.add_argument("--batch_size", type=int, default=32, help="frames per forward pass")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--weights", choices=("best", "final"), default="best",
                         help="best/ (else final/) or final/ weights of the run")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -25,14 +25,13 @@ lateral efficiency; it is NaN until something is matched, so no best/ exists bef
 
 val/rmse_over_crlb = rmse_lat / crlb_lat, where crlb_lat = sqrt(mean(CRLB_lat^2)) over the matched
 ground-truth emitters (the same emitters rmse_lat averages over), CRLB_lat = sqrt(CRLB_x^2 + CRLB_y^2) of each
-emitter from metrics.smlm.emitter_crlb_nm: its photons in that frame, the frame's background, its PSF widths,
+emitter from metrics.smlm_crlb.emitter_crlb_nm: its photons in that frame, the frame's background, its PSF widths,
 (x, y, z, photons, bg) all estimated (z only for the astigmatic PSF), the EMCCD excess-noise factor 2. It
 ignores the multi-frame input, neighbours and the frame edge, so it is the single-emitter, single-frame limit;
 a network that sees 3 frames of a blinking emitter can go below 1.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,13 +47,14 @@ from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_sm
                        simulate_movie, write_movie_h5)
 from losses.smlm import gmm_loss
 from metrics.smlm import match_emitters, smlm_metrics
-from metrics.smlm_crlb import emitter_crlb_nm
+from metrics.smlm_crlb import ground_truth
 from models.sigma_munet import SigmaMUNet, check_size
 from models.sigma_munet_post import detections_from_output
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
+from training.export import build_model, model_record
 from training.run import log_images
-from training.summary import append_summary
+from training.summary import TrainMeter, append_summary
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,7 +68,7 @@ class Args:
     config: str | None = None             # YAML preset: flat training flags, optionally a simulation: section
     sim_config: str | None = None         # YAML whose simulation: section sets the simulator; default: --config's, else SimConfig defaults
     output_dir: str = "runs/smlm"         # runs live in <output_dir>/<run_name>/
-    run_name: str | None = None           # default: <date>-<time>
+    run_name: str | None = None           # default: <date>-<time>_s<seed>
     samples_per_epoch: int = 10_000       # fresh training windows simulated per epoch (smlm.md §1.7, §4)
     val_frames: int = 512                 # frames of the fixed validation movie (smlm.md §1.7)
     val_seed: int = 1                     # seed of the validation movie (independent of --seed)
@@ -86,11 +86,11 @@ class Args:
     inter_features: int = 48              # features between the shared U-Net, the union U-Net and the heads
     depth_shared: int = 2                 # down steps of the per-frame U-Net
     depth_union: int = 2                  # down steps of the union U-Net
-    activation: Literal["elu", "relu"] = "elu"
+    activation: Literal["elu", "relu"] = "elu"  # U-Net non-linearity (DECODE: elu)
     raw_th: float | None = None           # SpatialIntegration threshold on p (smlm.md §5, §12); None: best of RAW_TH_GRID on val
     select_metric: Literal["effcy_lat", "jaccard"] = "effcy_lat"  # val metric that picks best/ and checkpoints
     patience: int = 0                     # evaluations without improvement before stopping; 0 disables (DECODE has none)
-    seed: int = 42
+    seed: int = 42                        # seeds weights and the simulated training windows
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the accelerate config
     cpu: bool = False                     # force CPU (with ACCELERATE_USE_CPU=1 for multi-process gloo runs)
     num_workers: int = 4                  # DataLoader workers per process; they run the simulation (smlm.md §1.7)
@@ -100,8 +100,9 @@ class Args:
     keep_last: int = 2                    # newest checkpoints kept
     save_top_k: int = 1                   # best checkpoints (by --select_metric) kept in addition
     resume: str | None = None             # "auto" (newest complete checkpoint) or a checkpoint/run directory
-    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
-    figures: bool = True                  # per evaluation: a frame with true/predicted emitters and residual histograms
+    init_from: str | None = None          # start from these weights (run dir, export or checkpoint)
+    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"  # tracker; W&B runs offline unless logged in
+    num_figures: int = 1                  # busiest validation frames drawn per evaluation (with residual histograms); 0 disables
 
     def __post_init__(self):
         for name in ("samples_per_epoch", "val_frames", "max_steps", "batch_size", "grad_accum", "lr_step_epochs",
@@ -118,8 +119,9 @@ class Args:
         if not 0 < self.lr_gamma <= 1 or (self.raw_th is not None and not 0 < self.raw_th < 1):
             raise UsageError("--lr_gamma must be in (0, 1] and --raw_th in (0, 1) (or none)")
         if min(self.depth_shared, self.depth_union, self.num_workers, self.keep_last, self.save_top_k,
-               self.patience) < 0:
-            raise UsageError("--depth_*, --num_workers, --keep_last, --save_top_k and --patience must be >= 0")
+               self.patience, self.num_figures) < 0:
+            raise UsageError("--depth_*, --num_workers, --keep_last, --save_top_k, --patience and --num_figures "
+                             "must be >= 0")
 
 
 def parse_smlm_args(argv: list[str] | None = None) -> tuple[Args, SimConfig]:
@@ -151,19 +153,6 @@ def build_validation(cfg: SimConfig, args: Args):
     return movie, val_ds, ground_truth(movie, cfg)
 
 
-def ground_truth(movie, cfg: SimConfig) -> dict:
-    """The targets of a movie (`data.smlm.is_target`) as numpy: frame_ix, xyz_px (x px, y px, z nm), xyz_nm,
-    phot, bg (photons/px at the emitter's pixel) and crlb_lat_nm (metrics.smlm.emitter_crlb_nm, lateral)."""
-    e = movie.emitters.subset(is_target(movie.emitters, cfg))
-    h, w = cfg.img_size
-    row, col = e.xyz[:, 1].round().long().clamp(0, h - 1), e.xyz[:, 0].round().long().clamp(0, w - 1)
-    gt = {"frame_ix": e.frame_ix.numpy(), "xyz_px": e.xyz.numpy().astype(np.float64),
-          "phot": e.phot.numpy(), "bg": movie.bg[e.frame_ix, row, col].numpy()}
-    gt["xyz_nm"] = gt["xyz_px"] * np.array([*cfg.px_size_nm, 1.0])
-    gt["crlb_lat_nm"] = np.hypot(*emitter_crlb_nm(gt["xyz_px"], gt["phot"], gt["bg"], cfg)[:, :2].T)
-    return gt
-
-
 def build_dataloaders(cfg: SimConfig, val_ds: MovieWindowDataset, args: Args):
     train_ds = SMLMSimDataset(cfg, args.samples_per_epoch, seed=args.seed, window=args.window)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_smlm,
@@ -175,10 +164,10 @@ def build_dataloaders(cfg: SimConfig, val_ds: MovieWindowDataset, args: Args):
     return train_dl, val_dl
 
 
-def build_model(args: Args) -> SigmaMUNet:
-    return SigmaMUNet(n_frames=args.window, depth_shared=args.depth_shared, depth_union=args.depth_union,
-                      initial_features=args.initial_features, inter_features=args.inter_features,
-                      activation=args.activation)
+def model_kwargs(args: Args) -> dict:
+    """SigmaMUNet's constructor arguments (recorded in model.json, so exports rebuild the model)."""
+    return dict(n_frames=args.window, depth_shared=args.depth_shared, depth_union=args.depth_union,
+                initial_features=args.initial_features, inter_features=args.inter_features, activation=args.activation)
 
 
 @torch.no_grad()
@@ -249,6 +238,43 @@ def draw_residuals(gt: dict, det: dict) -> np.ndarray:
     return figure_to_rgb(fig)
 
 
+def train_step(model, batch, optimizer, accelerator, args: Args):
+    """One micro-batch: forward, loss, backward; on the last micro-batch of an accumulation group also clip
+    and step. -> (detached loss, loss parts, clipped-gradient norm or None between updates)."""
+    grad_norm = None
+    with accelerator.accumulate(model):
+        output = model(batch["frames"])
+        # The loss in float32 also under bf16 autocast: the Gaussian-mixture log-likelihood needs the range.
+        loss, parts = gmm_loss(output.float(), batch["target_emitters"], batch["target_mask"], batch["target_bg"],
+                               count_times_num_emitters=args.count_times_num_emitters)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()  # between updates Accelerate's wrapper skips the step and keeps the gradients
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), parts, grad_norm
+
+
+def validate(model, val_dl, accelerator, run, state: TrainState, args: Args, lr: float, movie, gt: dict,
+             cfg: SimConfig) -> dict:
+    """Localise the validation movie, log val/*, append summary.csv, draw the busiest frames and the residuals."""
+    index, output = predict(model, val_dl, accelerator)
+    metrics, det = evaluate(index, output, gt, cfg, args)
+    state.last_metrics = metrics
+    accelerator.log(metrics, step=state.global_step)
+    run.log.info("eval %d (epoch %d)  %s", state.global_step, state.epoch,
+                 "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if accelerator.is_main_process:
+        append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch, "train/lr": lr, **metrics})
+        if args.num_figures > 0:
+            busiest = np.argsort(-np.bincount(gt["frame_ix"], minlength=len(index)), kind="stable")[:args.num_figures]
+            frames = np.concatenate([draw_frame(movie, int(f), gt, det) for f in busiest], axis=0)
+            log_images(accelerator, run, {"vis/frames": frames, "vis/residuals": draw_residuals(gt, det)},
+                       state.global_step)
+    model.train()
+    return metrics
+
+
 def main():
     args, cfg = parse_smlm_args()
     # The validation movie, its ground truth and the model size check come first: bad input fails before a run exists.
@@ -258,19 +284,20 @@ def main():
         (run.dir / "simulation.yaml").write_text(yaml.safe_dump({"simulation": cfg.to_dict()}, sort_keys=False))
         write_movie_h5(run.dir / "val_movie.h5", movie, cfg, seed=args.val_seed)
     train_dl, val_dl = build_dataloaders(cfg, val_ds, args)
-    model = build_model(args)
-    n_params = sum(p.numel() for p in model.parameters())
+    model_json = model_record(SigmaMUNet, **model_kwargs(args))
+    model = build_model(model_json)
+    run.load_init(model)
     run.log.info("model: %.3f M parameters; frames %dx%d px, %.1f emitters/frame; validation: %d frames, %d "
-                 "emitters, median lateral CRLB %.1f nm", n_params / 1e6, *cfg.img_size, cfg.em_avg, len(val_ds),
-                 len(gt["phot"]), float(np.median(gt["crlb_lat_nm"])) if len(gt["phot"]) else float("nan"))
+                 "emitters, median lateral CRLB %.1f nm", sum(p.numel() for p in model.parameters()) / 1e6,
+                 *cfg.img_size, cfg.em_avg, len(val_ds), len(gt["phot"]),
+                 float(np.median(gt["crlb_lat_nm"])) if len(gt["phot"]) else float("nan"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     updates_per_epoch = max(1, len(train_dl) // args.grad_accum)  # len(train_dl) is per process after prepare
-    max_steps = args.max_steps
     eval_every = args.eval_every_steps or updates_per_epoch
     save_every = args.save_every_steps or updates_per_epoch
     run.log.info("%d updates (%d per epoch), evaluation every %d, checkpoint every %d",
-                 max_steps, updates_per_epoch, eval_every, save_every)
+                 args.max_steps, updates_per_epoch, eval_every, save_every)
     # DECODE steps StepLR once per epoch; stepping once per update with the step size in updates is the same.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_epochs * updates_per_epoch,
                                                 gamma=args.lr_gamma)  # not prepared: stepped once per real update
@@ -278,117 +305,55 @@ def main():
     state = TrainState()
     stopper = EarlyStopping(monitor, mode="max", patience=args.patience)
     ckpt = Checkpointer(accelerator, run, monitor=monitor, mode="max", keep_last=args.keep_last,
-                        save_top_k=args.save_top_k)
+                        save_top_k=args.save_top_k, model_json=model_json, export_files=("simulation.yaml",))
     ckpt.register(scheduler, state, stopper)
     ckpt.resume(state)
-    stop = 0 < args.patience <= stopper.bad_evals  # a resumed run that had stopped early stays stopped
-    if state.global_step >= max_steps or stop:
+
+    stop = stopper.stopped  # a resumed run that had stopped early stays stopped
+    if state.global_step >= args.max_steps or stop:
         run.log.info("nothing left to train at update %d; exporting", state.global_step)
-
-    progress = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
-    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
-    parts_sum: dict[str, torch.Tensor] = {}
-    window_start = train_start = time.perf_counter()
-    metrics: dict = {}
+    meter = TrainMeter(accelerator, run.log)
     model.train()
-    while state.global_step < max_steps and not stop:
-        train_dl.set_epoch(state.epoch)
-        # A fresh simulated movie per epoch; Accelerate forwards set_epoch to the dataset only in some layouts.
-        train_dl.dataset.set_epoch(state.epoch)
-        fetch_start = time.perf_counter()
-        for batch in ckpt.remaining_batches(train_dl, state):
-            window["data_s"] += time.perf_counter() - fetch_start
-            with accelerator.accumulate(model):
-                output = model(batch["frames"])
-                loss, parts = gmm_loss(output.float(), batch["target_emitters"], batch["target_mask"],
-                                       batch["target_bg"], count_times_num_emitters=args.count_times_num_emitters)
-                finite = torch.isfinite(loss.detach())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window["loss"] += loss.detach()
-            window["micro"] += 1
-            window["samples"] += batch["frames"].shape[0] * accelerator.num_processes
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0) + value
-
-            if accelerator.reduce(finite.float().logical_not().float(), "sum").item() > 0:
-                run.log.error("non-finite loss at update %d (micro-batch %d of epoch %d); stopping. "
-                              "The last good checkpoint is kept in %s", state.global_step + 1, state.step_in_epoch,
-                              state.epoch, run.dir / "checkpoints")
-                accelerator.end_training()
-                raise SystemExit(1)
+    if args.init_from and state.global_step == 0:  # the starting point's own score, logged at update 0
+        metrics = validate(model, val_dl, accelerator, run, state, args, args.lr, movie, gt, cfg)
+        ckpt.update_best(state, metrics, model)
+    while state.global_step < args.max_steps and not stop:
+        for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
+            loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
+            meter.add(loss, parts, batch["frames"].shape[0])
             if not accelerator.sync_gradients:
-                fetch_start = time.perf_counter()
                 continue
-
-            if not accelerator.optimizer_step_was_skipped:
+            ckpt.check_finite(grad_norm, state)
+            if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowing step
                 scheduler.step()
             state.global_step += 1
             progress.update(1)
-
             if state.global_step % args.log_every_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                logs = {"train/loss": accelerator.reduce(window["loss"], "mean").item() / window["micro"],
-                        "train/lr": optimizer.param_groups[0]["lr"],
-                        "train/grad_norm": float(grad_norm),
-                        "perf/samples_per_s": window["samples"] / elapsed,
-                        "perf/data_time_frac": window["data_s"] / elapsed}
-                logs.update({k.replace("loss/", "train/"): accelerator.reduce(v, "mean").item() / window["micro"]
-                             for k, v in parts_sum.items()})
-                accelerator.log(logs, step=state.global_step)
-                run.log.info("update %d  loss %.4f  lr %.2e  grad %.3f  %.1f samples/s  data %.0f%%",
-                             state.global_step, logs["train/loss"], logs["train/lr"], logs["train/grad_norm"],
-                             logs["perf/samples_per_s"], 100 * logs["perf/data_time_frac"])
-                window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "samples": 0, "data_s": 0.0}
-                parts_sum = {}
-                window_start = time.perf_counter()
-
-            last_step = state.global_step >= max_steps
+                meter.write(state.global_step, optimizer.param_groups[0]["lr"], grad_norm)
+            last_step = state.global_step >= args.max_steps
             if state.global_step % eval_every == 0 or last_step:
-                index, output = predict(model, val_dl, accelerator)
-                metrics, det = evaluate(index, output, gt, cfg, args)
-                state.last_metrics = metrics
-                accelerator.log(metrics, step=state.global_step)
-                run.log.info("eval %d (epoch %d)  %s", state.global_step, state.epoch,
-                             "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                if accelerator.is_main_process:
-                    append_summary(run.summary_path, {"step": state.global_step, "epoch": state.epoch,
-                                                      "train/lr": optimizer.param_groups[0]["lr"], **metrics})
-                    if args.figures:
-                        busiest = int(np.bincount(gt["frame_ix"], minlength=len(index)).argmax())
-                        log_images(accelerator, run, {"vis/frame": draw_frame(movie, busiest, gt, det),
-                                                      "vis/residuals": draw_residuals(gt, det)}, state.global_step)
+                metrics = validate(model, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"],
+                                   movie, gt, cfg)
                 ckpt.update_best(state, metrics, model)
-                if stopper.step(metrics):
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
+                stop = stopper.should_stop(metrics, accelerator)
+                if stop:
                     run.log.info("early stopping at update %d: %s has not improved for %d evaluations",
                                  state.global_step, monitor, stopper.bad_evals)
-                    stop = True
-                model.train()
-            if state.global_step % save_every == 0 or stop or last_step:  # the end too: resuming a finished run is free
+            if state.global_step % save_every == 0 or stop or last_step:  # the end too: resuming is free
                 ckpt.save(state)
             if stop or last_step:
                 break
-            fetch_start = time.perf_counter()
-        else:
-            state.epoch += 1
     progress.close()
-    train_minutes = (time.perf_counter() - train_start) / 60
 
-    metrics = metrics or state.last_metrics  # a resumed run that had already reached max_steps
-    ckpt.export_final(model, None, metrics, state)
+    ckpt.export_final(model, None, state.last_metrics, state)
     if state.best_step < 0:
         run.log.warning("no best/ export: %s was never finite (nothing matched at raw_th %s)", monitor,
                         args.raw_th if args.raw_th is not None else RAW_TH_GRID)
     if accelerator.is_main_process:
-        print(f"\nfinal model (update {state.global_step}, {train_minutes:.1f} min) of {run.dir}; "
-              f"best {monitor} at update {state.best_step}:")
-        for key, value in metrics.items():
+        print(f"\nfinal model (update {state.global_step}) of {run.dir}; best {monitor} at update {state.best_step}:")
+        for key, value in state.last_metrics.items():
             print(f"  {key:22s} {value:10.4f}")
         print(f"weights: best/ and final/ model.safetensors; validation movie: {run.dir / 'val_movie.h5'}")
     accelerator.end_training()

@@ -9,7 +9,7 @@ unset) and img_size changed, one movie of --frames frames per density, simulated
 derived from (--seed, density). They are written with data.smlm.write_movie_h5 to
 <out>/smlm_movies/ and reused by later calls when the file's config, seed and length match.
 
-Ground truth: train_smlm.ground_truth, as for the validation movie: the emitters with >= label_photon_min
+Ground truth: metrics.smlm_crlb.ground_truth, as for the validation movie: the emitters with >= label_photon_min
 photons in the frame and inside the frame extent. Each one's lateral CRLB is sqrt(crlb_x^2 + crlb_y^2) from
 metrics.smlm_crlb.emitter_crlb_nm (single-emitter limit, the run's camera and PSF), so rmse_over_crlb is the
 matched RMSE over the RMS bound of the matched emitters.
@@ -45,7 +45,7 @@ from benchmarks.smlm_classical import default_roi_radius, fit_movie
 from data.smlm import SimConfig, load_sim_config, read_movie_h5, simulate_movie, write_movie_h5
 from fit_smlm import load_fitter, localise
 from metrics.smlm import smlm_metrics
-from train_smlm import ground_truth
+from metrics.smlm_crlb import ground_truth
 from training import UsageError
 from training.config import fail
 

@@ -11,7 +11,8 @@ Measured, with the preset's frame size, density, camera, PSF and model:
   block b windows are cut from one simulated movie (train_smlm.py uses 16; 1 = one movie per window).
 - "simulator, one movie on <device>": ``simulate_movie`` of a long movie in one vectorised call, frames per
   second (one frame = one window's worth of new data): the rate of simulating on the accelerator itself.
-- "training step": windows per second of forward + GMM loss + backward + clipping + AdamW on pre-made batches.
+- "training step": windows per second of train_smlm.py's ``train_step`` (forward + GMM loss + backward +
+  clipping + AdamW through Accelerate) and the loop's per-update work, on pre-made batches.
 - "inference": frames per second of the forward pass alone (what fit_smlm.py's network part costs).
 
 The ratio column is rate / training-step rate: >= 1 means that source keeps the training step fed. On a CPU
@@ -29,12 +30,13 @@ import argparse
 import time
 
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from benchmarks.common import int_list, positive, print_header, report, table
+from benchmarks.common import int_list, loop_update, positive, print_header, report, table
 from data.smlm import SMLMSimDataset, collate_smlm, simulate_movie
-from losses.smlm import gmm_loss
-from train_smlm import build_model, parse_smlm_args
+from models.sigma_munet import SigmaMUNet
+from train_smlm import model_kwargs, parse_smlm_args, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -64,19 +66,14 @@ def movie_rate(cfg, frames: int, device: torch.device) -> float:
 
 
 def model_rates(args, batches: list[dict], steps: int, device: torch.device) -> tuple[float, float]:
-    """(training windows/s, inference frames/s) of the preset's model on pre-made batches."""
-    model = build_model(args).to(device)
+    """(training windows/s, inference frames/s) of the preset's model on pre-made batches; training runs
+    train_smlm.py's own ``train_step`` and per-update loop work (``benchmarks.common.loop_update``)."""
+    accelerator = Accelerator(cpu=device.type == "cpu", gradient_accumulation_steps=1)
+    model = SigmaMUNet(**model_kwargs(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-
-    def train_step(b):
-        output = model(b["frames"])
-        loss, _ = gmm_loss(output, b["target_emitters"], b["target_mask"], b["target_bg"],
-                           count_times_num_emitters=args.count_times_num_emitters)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    update = loop_update(train_step, model, optimizer, accelerator, args, lambda batch: batch["frames"].shape[0])
 
     def rate(step) -> float:
         step(batches[0])  # warm-up
@@ -88,7 +85,7 @@ def model_rates(args, batches: list[dict], steps: int, device: torch.device) -> 
         return steps * args.batch_size / (time.perf_counter() - start)
 
     model.train()
-    train = rate(train_step)
+    train = rate(update)
     model.eval()
     with torch.no_grad():
         infer = rate(lambda b: model(b["frames"]))

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from data.smlm import SimConfig, excess_noise, pixel_gaussian, psf_sigmas
+from data.smlm import SimConfig, excess_noise, is_target, pixel_gaussian, psf_sigmas
 
 
 def default_roi_px(sigma_px) -> int:
@@ -95,3 +95,17 @@ def crlb_from_fisher(fisher: np.ndarray) -> np.ndarray:
     scaled = fisher * d[..., :, None] * d[..., None, :]
     return np.sqrt(np.diagonal(np.linalg.inv(scaled), axis1=-2, axis2=-1)) * d
 
+
+
+def ground_truth(movie, cfg: SimConfig) -> dict:
+    """The targets of a simulated movie (``data.smlm.is_target``, the emitters the loss trains on) as numpy, with
+    their bound: frame_ix, xyz_px (x px, y px, z nm), xyz_nm, phot, bg (photons/px at the emitter's pixel) and
+    crlb_lat_nm (``emitter_crlb_nm``, lateral). Validation and the quality benchmark score against this."""
+    e = movie.emitters.subset(is_target(movie.emitters, cfg))
+    h, w = cfg.img_size
+    row, col = e.xyz[:, 1].round().long().clamp(0, h - 1), e.xyz[:, 0].round().long().clamp(0, w - 1)
+    gt = {"frame_ix": e.frame_ix.numpy(), "xyz_px": e.xyz.numpy().astype(np.float64),
+          "phot": e.phot.numpy(), "bg": movie.bg[e.frame_ix, row, col].numpy()}
+    gt["xyz_nm"] = gt["xyz_px"] * np.array([*cfg.px_size_nm, 1.0])
+    gt["crlb_lat_nm"] = np.hypot(*emitter_crlb_nm(gt["xyz_px"], gt["phot"], gt["bg"], cfg)[:, :2].T)
+    return gt

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,23 @@ def run_script(script: str, args: list[str], nproc: int = 1, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def kill_after_checkpoint(script: str, args: list[str], nproc: int, marker: Path, timeout: float = 300) -> None:
+    """Launch a training run and SIGKILL all its processes as soon as ``marker`` (a COMPLETE file) appears."""
+    cmd, env = launch_cmd(script, args, nproc)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    start = time.time()
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {marker} appeared: {proc.stderr.read().decode()[-3000:]}")
+        if time.time() - start > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the checkpoint")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def run_python(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -25,8 +25,10 @@ import fit_smlm
 from conftest import ROOT, read_csv, run_python
 from data.smlm import (SimConfig, bin_emitters, camera_forward, psf_sigmas, read_movie_h5, render,
                        sample_background, sample_loose_emitters, to_photons)
-from train_smlm import Args, build_model
+from models.sigma_munet import SigmaMUNet
+from train_smlm import Args, model_kwargs
 from training.config import as_dict
+from training.export import build_model, model_record
 
 N_FRAMES = 10
 SIM = {"img_size": [16, 16], "emitter_av": 3.0}
@@ -49,10 +51,12 @@ def run_dir(tmp_path_factory):
     (run / "args.yaml").write_text(yaml.safe_dump(as_dict(args), sort_keys=False))
     (run / "simulation.yaml").write_text(yaml.safe_dump({"simulation": SimConfig.from_dict(SIM).to_dict()}))
     torch.manual_seed(0)
-    model = build_model(args)
+    record = model_record(SigmaMUNet, **model_kwargs(args))
+    model = build_model(record)
     with torch.no_grad():
         model.heads["p"][-1].bias.zero_()
     (run / "final").mkdir()
+    (run / "final" / "model.json").write_text(json.dumps(record))
     save_file(model.state_dict(), run / "final" / "model.safetensors")
     # args.yaml has raw_th null: the threshold the run chose on validation comes from the export's metrics.
     (run / "final" / "metrics.json").write_text(json.dumps({"global_step": 6, "val/raw_th": 0.5}))
@@ -285,15 +289,20 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
     not_tiff.write_text("not an image\n")
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((3, 16, 16, 3), np.uint8), photometric="rgb")
-    no_args = tmp_path / "no_args_run"
-    (no_args / "final").mkdir(parents=True)
-    (no_args / "simulation.yaml").write_text((run_dir / "simulation.yaml").read_text())
-    (no_args / "final" / "model.safetensors").write_bytes((run_dir / "final" / "model.safetensors").read_bytes())
+    no_record = tmp_path / "no_record_run"                 # weights but no model.json: the model cannot be rebuilt
+    (no_record / "final").mkdir(parents=True)
+    (no_record / "simulation.yaml").write_text((run_dir / "simulation.yaml").read_text())
+    (no_record / "final" / "model.safetensors").write_bytes((run_dir / "final" / "model.safetensors").read_bytes())
+    truncated = tmp_path / "truncated_run"
+    (truncated / "final").mkdir(parents=True)
+    for name in ("args.yaml", "simulation.yaml", "final/model.json"):
+        (truncated / name).write_bytes((run_dir / name).read_bytes())
+    (truncated / "final" / "model.safetensors").write_bytes((run_dir / "final" / "model.safetensors").read_bytes()[:100])
     bad_camera = tmp_path / "camera.yaml"
     bad_camera.write_text(yaml.safe_dump({"simulation": {"em_gain": -1}}))
     no_th = tmp_path / "no_threshold_run"                 # raw_th null and no metrics.json: nothing to fall back on
     (no_th / "final").mkdir(parents=True)
-    for name in ("args.yaml", "simulation.yaml", "final/model.safetensors"):
+    for name in ("args.yaml", "simulation.yaml", "final/model.safetensors", "final/model.json"):
         (no_th / name).write_bytes((run_dir / name).read_bytes())
     foreign_camera = tmp_path / "foreign.yaml"
     foreign_camera.write_text(yaml.safe_dump({"img_size": [8, 8]}))
@@ -301,7 +310,8 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
     cases = [
         (["--checkpoint", run_dir, "--frames", not_tiff], "notes.tif"),
         (["--checkpoint", run_dir, "--frames", rgb], "rgb.tif"),
-        (["--checkpoint", no_args, "--frames", stack], "args.yaml"),
+        (["--checkpoint", no_record, "--frames", stack], "model.json"),
+        (["--checkpoint", truncated, "--frames", stack], "model.safetensors"),
         (["--checkpoint", tmp_path / "missing_run", "--frames", stack], "missing_run"),
         (["--checkpoint", run_dir, "--frames", stack, "--weights", "final", "--camera", bad_camera], "em_gain"),
         (["--checkpoint", run_dir, "--frames", stack, "--camera", foreign_camera], "img_size"),
@@ -313,6 +323,9 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and named in err, err
         assert not out.exists() and not (tmp_path / "locs.csv.tmp").exists()
+    for device in ("gpu", "cuda:0" if not torch.cuda.is_available() else "tpu"):
+        code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", out, "--device", device)
+        assert code == 2 and err.count("\n") == 1 and f"--device {device}" in err and not out.exists(), err
     code, _, err = fit(capsys, "--checkpoint", no_th, "--frames", stack, "--out", tmp_path / "explicit.csv",
                        "--raw_th", "0.5", "--device", "cpu")
     assert code == 0, err
@@ -376,7 +389,7 @@ def test_simulated_tiff_cli_feeds_fit_smlm(tmp_path, run_dir):
 def test_threshold_comes_from_the_loaded_export(tmp_path, run_dir):
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
-    for name in ("simulation.yaml", "final/model.safetensors"):
+    for name in ("simulation.yaml", "final/model.safetensors", "final/model.json"):
         (run / name).write_bytes((run_dir / name).read_bytes())
     values = yaml.safe_load((run_dir / "args.yaml").read_text())
     (run / "args.yaml").write_text(yaml.safe_dump({**values, "raw_th": 0.5}))

@@ -4,14 +4,16 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
-from conftest import read_csv, run_python, run_script
+from conftest import kill_after_checkpoint, read_csv, run_python, run_script
 from data.smlm import SimConfig, read_movie_h5
 from models.sigma_munet import MU_CH, P_CH
 from train_smlm import RAW_TH_GRID, Args, evaluate
@@ -59,10 +61,22 @@ def test_one_process_run_writes_layout_metrics_and_figures(tmp_path, preset):
             float(rows[-1]["val/rmse_lat"]) / float(rows[-1]["val/crlb_lat"]), rel=1e-3)
     assert float(rows[-1]["val/tp"]) + float(rows[-1]["val/fn"]) > 0
     figures = sorted(p.name for p in (run / "figures").iterdir())
-    assert "vis_frame_step00000006.png" in figures and "vis_residuals_step00000006.png" in figures
+    assert "vis_frames_step00000006.png" in figures and "vis_residuals_step00000006.png" in figures
     assert "final model (update 6" in proc.stdout and "val/jaccard" in proc.stdout
     log = (run / "train.log").read_text()
     assert "update 2  loss" in log and "lr 6.00e-04" in log
+    for name in ("model.json", "simulation.yaml", "args.yaml"):  # an export is self-contained
+        assert (run / "best" / name).is_file(), name
+
+    # --init_from: the new run's first evaluation (update 0) scores the export's weights exactly.
+    proc = run_script("train_smlm.py", [*TINY, "--config", str(preset), "--output_dir", str(tmp_path / "runs"),
+                                        "--run_name", "ft", "--raw_th", "0.005", "--max_steps", "1",
+                                        "--init_from", str(run / "best")])
+    first = read_csv(tmp_path / "runs" / "ft" / "summary.csv")[0]
+    export = json.loads((run / "best" / "metrics.json").read_text())
+    assert first["step"] == "0"
+    for key in ("val/jaccard", "val/tp", "val/fp", "val/rmse_lat", "val/effcy_lat"):
+        assert float(first[key]) == pytest.approx(export[key], rel=1e-6, nan_ok=True), key
 
 
 def test_two_process_run_gathers_the_whole_validation_movie(tmp_path, preset):
@@ -75,6 +89,26 @@ def test_two_process_run_gathers_the_whole_validation_movie(tmp_path, preset):
     assert [r["step"] for r in rows] == ["2"] and float(rows[0]["val/frames"]) == VAL_FRAMES
     assert float(rows[0]["val/raw_th"]) in RAW_TH_GRID  # no --raw_th: chosen on the validation movie
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, preset):
+    """Killed right after its update-2 checkpoint (mid-epoch: 4 updates per epoch) and resumed, a run ends with
+    the weights of an uninterrupted one: the simulated windows, sampler and RNG states are restored exactly."""
+    common = [*TINY, "--config", str(preset), "--max_steps", "7", "--save_every_steps", "2", "--eval_every_steps", "7",
+              "--raw_th", "0.005", "--num_figures", "0"]
+    run_script("train_smlm.py", [*common, "--output_dir", str(tmp_path / "a"), "--run_name", "a"])
+    b = tmp_path / "b" / "b"
+    kill_after_checkpoint("train_smlm.py", [*common, "--output_dir", str(tmp_path / "b"), "--run_name", "b"], 1,
+                          b / "checkpoints" / "step_00000002" / "COMPLETE")
+    assert not (b / "final").exists(), "the run finished before it was killed"
+    run_script("train_smlm.py", [*common, "--output_dir", str(tmp_path / "b"), "--run_name", "b", "--resume", "auto"])
+    assert "resuming from" in (b / "train.log").read_text()
+    a_w, b_w = load_file(tmp_path / "a" / "a" / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert a_w.keys() == b_w.keys()
+    assert all(torch.equal(a_w[k], b_w[k]) for k in a_w)
+    a_row, b_row = read_csv(tmp_path / "a" / "a" / "summary.csv")[-1], read_csv(b / "summary.csv")[-1]
+    assert a_row["step"] == b_row["step"] == "7"
+    assert float(a_row["val/jaccard"]) == pytest.approx(float(b_row["val/jaccard"]), rel=1e-6)
 
 
 @pytest.mark.parametrize("simulation, key", [({**SIM, "em_gain": -1}, "em_gain"),

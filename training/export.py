@@ -66,6 +66,7 @@ class Export:
     folder: Path              # the export or checkpoint folder the weights came from
     weights: Path             # the safetensors file that was loaded
     record_dir: Path          # the folder holding model.json, args.yaml and the run's extra files
+    record: dict              # model.json: module, class and constructor kwargs
 
 
 def _read_json(path: Path) -> dict:
@@ -136,21 +137,26 @@ def load_export(path: str | Path, ema: bool = True) -> Export:
     and present; a ``.safetensors`` file of an export loads that file). Raises ``UsageError`` with one line naming the file on anything missing or malformed."""
     named = Path(path) if Path(path).is_file() and Path(path).suffix == ".safetensors" else None
     folder, record_dir = resolve_export(path)
+    if not (record_dir / MODEL_JSON).is_file() and (record_dir.parent / MODEL_JSON).is_file():
+        record_dir = record_dir.parent  # an export folder without its own copy: the run's files beside it
     record_path = record_dir / MODEL_JSON
     if not record_path.is_file():
         raise UsageError(f"{record_path}: not found; the export does not say how to rebuild its model "
                          "(made by an older version of the training script?)")
-    model = build_model(_read_json(record_path), source=str(record_path))
+    record = _read_json(record_path)
+    model = build_model(record, source=str(record_path))
     weights = named or export_weights_path(folder, ema)
     load_weights(model, read_weights(weights), weights)
     args = {}
-    if (record_dir / "args.yaml").is_file():
+    args_path = next((d / "args.yaml" for d in (record_dir, record_dir.parent) if (d / "args.yaml").is_file()), None)
+    if args_path is not None:
         try:
-            args = yaml.safe_load((record_dir / "args.yaml").read_text()) or {}
+            args = yaml.safe_load(args_path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise UsageError(f"{record_dir / 'args.yaml'}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"{args_path}: not valid YAML ({str(e).splitlines()[0]})") from None
     metrics = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
-    return Export(model=model.eval(), args=args, metrics=metrics, folder=folder, weights=weights, record_dir=record_dir)
+    return Export(model=model.eval(), args=args, metrics=metrics, folder=folder, weights=weights, record_dir=record_dir,
+                  record=record)
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
