@@ -30,6 +30,7 @@ bench: $(BIN)/.installed datasets/pair/meta.json
 	$(BIN)/python benchmarks/captcha_quality.py --out bench_out   # newest run under runs/captcha
 	$(BIN)/python benchmarks/pair_step.py --out bench_out
 	$(BIN)/python benchmarks/pair_quality.py --train --out bench_out   # trains 4 variants x 3 seeds (~80 min on 2 cores)
+	$(BIN)/python benchmarks/smlm_step.py --out bench_out
 	$(BIN)/python benchmarks/smlm_throughput.py --out bench_out
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train_smlm.py --config configs/smlm_cpu.yaml \
 		--cpu --run_name cpu --resume auto --report_to none   # ~70 min on 2 cores; a finished run only re-exports

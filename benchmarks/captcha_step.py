@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo's modules live one level up
 
 import argparse
-import copy
 
 import torch
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch.utils.data import default_collate
 
-from benchmarks.common import add_step_flags, check_step_flags, loop_update, positive, step_overhead_report
+from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, positive,
+                               step_methods, step_overhead_report)
 from data.captcha import SyntheticCaptchaDataset
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
@@ -101,22 +101,13 @@ def make_ours_step(args: Args, model, accelerator: Accelerator, check: str = "up
 
 def make_bare_step(args: Args, model, device: torch.device):
     """The same update in plain PyTorch: no Accelerate, scheduler, EMA or host sync."""
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     kwargs = loss_kwargs(args)
-    bf16 = args.mixed_precision == "bf16"
 
-    def step(batch: dict) -> None:
-        image = batch["image"].contiguous(memory_format=torch.channels_last) if args.channels_last else batch["image"]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(image)
-        loss, _ = captcha_loss(outputs, batch, **kwargs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def forward(model, batch):
+        image = batch["image"]
+        return model(image.contiguous(memory_format=torch.channels_last) if args.channels_last else image)
 
-    return step
+    return bare_update(model, args, device, forward, lambda outputs, batch: captcha_loss(outputs, batch, **kwargs))
 
 
 def main():
@@ -135,11 +126,8 @@ def main():
     base = build_model(args)
     n_params = sum(p.numel() for p in base.parameters())
     batches = fixed_batches(args, flags.distinct_batches, device)
-    steps = {"ours": make_ours_step(args, copy.deepcopy(base), accelerator)}
-    if flags.previous_check:
-        steps["ours, micro-batch finite check (previous loop)"] = make_ours_step(
-            args, copy.deepcopy(base), accelerator, check="micro_batch")
-    steps["bare"] = make_bare_step(args, copy.deepcopy(base), device)
+    steps = step_methods(lambda model, check: make_ours_step(args, model, accelerator, check),
+                         lambda model: make_bare_step(args, model, device), base, flags.previous_check)
     print(f"model {n_params / 1e6:.3f} M parameters, batch {args.batch_size}, channels_last {args.channels_last}, "
           f"mixed precision {accelerator.mixed_precision}, device {device}", flush=True)
     note = (f"LiteHRNet18FPN {n_params / 1e6:.3f} M parameters (fpn {args.fpn_channels}, heads {args.head_channels}, "

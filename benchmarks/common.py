@@ -263,3 +263,35 @@ def check_step_flags(flags) -> None:
     positive("--warmup", flags.warmup, 0)
     if flags.threads:
         torch.set_num_threads(positive("--threads", flags.threads))
+
+
+def bare_update(model, args, device: torch.device, forward, loss_of):
+    """The reference update in plain PyTorch on the same model: no Accelerate, scheduler, EMA or host sync.
+    ``forward(model, batch)`` runs under bf16 autocast when ``args.mixed_precision`` is bf16;
+    ``loss_of(outputs, batch) -> (loss, parts)`` outside it, as the scripts' losses do."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    bf16 = args.mixed_precision == "bf16"
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = forward(model, batch)
+        loss, _ = loss_of(outputs, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_methods(make_ours, make_bare, base, previous_check: bool) -> dict:
+    """{"ours": ..., ["ours, micro-batch finite check (previous loop)": ...,] "bare": ...}, each on its own deep
+    copy of ``base`` so that all start from the same weights. ``make_ours(model, check)``, ``make_bare(model)``."""
+    import copy
+
+    steps = {"ours": make_ours(copy.deepcopy(base), "update")}
+    if previous_check:
+        steps["ours, micro-batch finite check (previous loop)"] = make_ours(copy.deepcopy(base), "micro_batch")
+    steps["bare"] = make_bare(copy.deepcopy(base))
+    return steps

@@ -5,7 +5,7 @@
 
 With ``--train`` every variant preset (``configs/pair_<variant>.yaml``) is trained once per
 seed through ``accelerate launch train_pair.py`` with the CPU overrides below (runs that
-already have ``results.json`` are kept, so an interrupted benchmark continues); seeds are
+already have ``results.json`` are kept, an interrupted one continues from its newest checkpoint); seeds are
 the outer loop, so an early stop still leaves every variant with the same seeds. Without
 ``--train`` it only reads ``<runs_dir>/cpu_<variant>_s<seed>/``.
 
@@ -40,8 +40,8 @@ VARIANTS = ("resnet222", "resnet333", "fusion", "fpn")
 def train_variant(variant: str, seed: int, flags) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "train_pair.py"),
-           "--config", str(ROOT / "configs" / f"pair_{variant}.yaml"), "--cpu", "--seeds", str(seed),
-           "--run_name", f"cpu_{variant}", "--output_dir", flags.runs_dir, "--data_dir", flags.data_dir,
+           "--config", str(ROOT / "configs" / f"pair_{variant}.yaml"), "--cpu", "--seed", str(seed),
+           "--run_name", f"cpu_{variant}_s{seed}", "--resume", "auto", "--output_dir", flags.runs_dir, "--data_dir", flags.data_dir,
            "--epochs", str(flags.epochs), "--width_mult", str(flags.width_mult), "--feat_dim", str(flags.feat_dim),
            "--lr_schedule", "cosine", "--num_workers", "1", "--report_to", "none", "--num_figures", "0"]
     print(f"training {variant} seed {seed}: {' '.join(cmd[2:])}", flush=True)

@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo's modules live one level up
 
 import argparse
-import copy
 import tempfile
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import default_collate
 
-from benchmarks.common import add_step_flags, check_step_flags, loop_update, step_overhead_report
+from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, step_methods,
+                               step_overhead_report)
 from data.pair import PairNPZDataset, build_pair_splits
 from models.compare_net import ResNetCompareNet
 from train_pair import Args, compute_loss, model_kwargs, train_step
@@ -75,20 +75,8 @@ def make_ours_step(args: Args, model, accelerator: Accelerator, total_steps: int
 
 def make_bare_step(args: Args, model, device: torch.device):
     """The same update in plain PyTorch: no Accelerate, scheduler or host sync."""
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    bf16 = args.mixed_precision == "bf16"
-
-    def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch["a"], batch["b"])
-        loss, _ = compute_loss(logits, batch["label"], args)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return bare_update(model, args, device, lambda model, batch: model(batch["a"], batch["b"]),
+                       lambda logits, batch: compute_loss(logits, batch["label"], args))
 
 
 def main():
@@ -113,11 +101,8 @@ def main():
     n_params = sum(p.numel() for p in base.parameters())
     batches = fixed_batches(args, flags.distinct_batches, device)
     total = (flags.warmup + flags.rounds * flags.steps) * (2 if flags.previous_check else 1)
-    steps = {"ours": make_ours_step(args, copy.deepcopy(base), accelerator, total)}
-    if flags.previous_check:
-        steps["ours, micro-batch finite check (previous loop)"] = make_ours_step(
-            args, copy.deepcopy(base), accelerator, total, check="micro_batch")
-    steps["bare"] = make_bare_step(args, copy.deepcopy(base), device)
+    steps = step_methods(lambda model, check: make_ours_step(args, model, accelerator, total, check),
+                         lambda model: make_bare_step(args, model, device), base, flags.previous_check)
     print(f"model {n_params / 1e6:.3f} M parameters, batch {args.batch_size}, mixed precision "
           f"{accelerator.mixed_precision}, device {device}", flush=True)
     note = (f"ResNetCompareNet {n_params / 1e6:.3f} M parameters (arch {args.arch}, layers {args.layers}, width "

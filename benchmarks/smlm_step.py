@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo's modules live one level up
 
 import argparse
-import copy
 
 import torch
 from accelerate import Accelerator
 
-from benchmarks.common import add_step_flags, check_step_flags, loop_update, positive, step_overhead_report
+from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, positive,
+                               step_methods, step_overhead_report)
 from data.smlm import SMLMSimDataset, collate_smlm
 from losses.smlm import gmm_loss
 from models.sigma_munet import SigmaMUNet
@@ -53,21 +53,11 @@ def make_ours_step(args, model, accelerator: Accelerator, check: str = "update")
 
 def make_bare_step(args, model, device: torch.device):
     """The same update in plain PyTorch: no Accelerate, scheduler or host sync."""
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    bf16 = args.mixed_precision == "bf16"
+    def loss_of(output, batch):
+        return gmm_loss(output.float(), batch["target_emitters"], batch["target_mask"], batch["target_bg"],
+                        count_times_num_emitters=args.count_times_num_emitters)
 
-    def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            output = model(batch["frames"])
-        loss, _ = gmm_loss(output.float(), batch["target_emitters"], batch["target_mask"], batch["target_bg"],
-                           count_times_num_emitters=args.count_times_num_emitters)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return bare_update(model, args, device, lambda model, batch: model(batch["frames"]), loss_of)
 
 
 def main():
@@ -96,11 +86,8 @@ def main():
     base = SigmaMUNet(**model_kwargs(args))
     n_params = sum(p.numel() for p in base.parameters())
     batches = fixed_batches(cfg, args, flags.distinct_batches, device)
-    steps = {"ours": make_ours_step(args, copy.deepcopy(base), accelerator)}
-    if flags.previous_check:
-        steps["ours, micro-batch finite check (previous loop)"] = make_ours_step(
-            args, copy.deepcopy(base), accelerator, check="micro_batch")
-    steps["bare"] = make_bare_step(args, copy.deepcopy(base), device)
+    steps = step_methods(lambda model, check: make_ours_step(args, model, accelerator, check),
+                         lambda model: make_bare_step(args, model, device), base, flags.previous_check)
     print(f"model {n_params / 1e6:.3f} M parameters, batch {args.batch_size}, {cfg.img_size[0]}x{cfg.img_size[1]} px, "
           f"mixed precision {accelerator.mixed_precision}, device {device}", flush=True)
     note = (f"SigmaMUNet {n_params / 1e6:.3f} M parameters ({args.initial_features} features, depth "
