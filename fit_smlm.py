@@ -71,7 +71,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from data.smlm import SimConfig, load_sim_config, psf_sigmas, scale_frames, to_photons, window_indices
-from models.sigma_munet_post import DETECTION_KEYS, detections_from_output
+from models.sigma_munet_post import DETECTION_KEYS, MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM, detections_from_output
 from training import UsageError
 from training.config import fail
 from training.export import load_export, resolve_device
@@ -217,14 +217,16 @@ def iter_tiff_chunks(path, chunk_frames: int, context: int):
 @torch.inference_mode()
 def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 3, raw_th: float = 0.5,
              batch_size: int = 32, device="cpu", *, centre: tuple[int, int] | None = None,
-             progress=None) -> dict[str, np.ndarray]:
+             progress=None, sigma_filter: bool = False) -> dict[str, np.ndarray]:
     """Detections (models.sigma_munet_post.DETECTION_KEYS, numpy) of the frames (T, H, W) photons.
 
     Windows of `window` frames centred on each frame, indices clamped to [0, T) (data.smlm.window_indices);
     only the windows centred on frames [centre[0], centre[1]) are run (default all), in batches of
     batch_size starting at centre[0]. frame_ix indexes frames_photons. Frames are scaled with the run's
     input scaling and padded (replicate, bottom/right) to a multiple of 2^model.depth; the output is
-    cropped back before post-processing. `progress` (a tqdm) is advanced by the frames done.
+    cropped back before post-processing. `progress` (a tqdm) is advanced by the frames done. `sigma_filter`
+    drops detections whose predicted sigmas exceed DECODE's fitting-notebook limits (MAX_SIGMA_XY_NM,
+    MAX_SIGMA_Z_NM).
 
     A frame's output can change in the last bits with the batch it is computed in (CPU kernels pick their
     blocking by batch shape), so per-chunk calls equal one whole-movie call exactly only when every chunk
@@ -241,6 +243,7 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
     multiple = 2 ** getattr(model, "depth", 0)
     pad_h, pad_w = -height % multiple, -width % multiple
     windows = window_indices(n_frames, window)                               # (T, window)
+    limits = dict(max_sigma_xy_nm=MAX_SIGMA_XY_NM, max_sigma_z_nm=MAX_SIGMA_Z_NM) if sigma_filter else {}
     dets = []
     for start in range(lo, hi, batch_size):
         stop = min(start + batch_size, hi)
@@ -253,7 +256,7 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         out = model(x)[..., :height, :width].float()
         dets.append(detections_from_output(out, raw_th=raw_th, px_size_nm=cfg.px_size_nm, z_max_nm=cfg.z_max,
-                                           phot_max=cfg.phot_max, bg_max=cfg.bg_max, frame_ix0=start))
+                                           phot_max=cfg.phot_max, bg_max=cfg.bg_max, frame_ix0=start, **limits))
         if progress is not None:
             progress.update(stop - start)
     if not dets:  # an all-zero p map has no detections: the empty arrays with the right shapes and dtypes
@@ -380,6 +383,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--weights", choices=("best", "final"), default="best",
                         help="best/ (else final/) or final/ weights of the run")
+    parser.add_argument("--sigma_filter", action="store_true",
+                        help=f"drop detections with a predicted sigma above {MAX_SIGMA_XY_NM:g} nm (x, y) or "
+                             f"{MAX_SIGMA_Z_NM:g} nm (z), as DECODE's fitting notebook")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
 
@@ -416,7 +422,7 @@ def main(argv: list[str] | None = None):
             photons = to_photons(torch.from_numpy(block), cfg)
             det = localise(model, photons, cfg, window=train_args.window, raw_th=raw_th,
                            batch_size=args.batch_size, device=device, centre=(lo - block_lo, hi - block_lo),
-                           progress=progress)
+                           progress=progress, sigma_filter=args.sigma_filter)
             det["frame_ix"] = det["frame_ix"] + block_lo
             dets.append(det)
     except UsageError as e:

@@ -124,6 +124,8 @@ def build_scheduler(optimizer, args: Args):
         optimizer, T_0=args.restart_steps, T_mult=2, eta_min=args.min_lr)
     if args.warmup_steps == 0:
         return cosine
+    # From lr/1000, not 0: LinearLR cannot start at 0, and the first updates of a freshly initialised model
+    # (random heads, BatchNorm statistics still settling) are the ones a full-size step would blow up.
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=args.warmup_steps)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup_steps])
 

@@ -397,3 +397,21 @@ def test_threshold_comes_from_the_loaded_export(tmp_path, run_dir):
     assert fit_smlm.load_fitter(run, "final")[2].raw_th == 0.3      # the evaluation the weights come from
     (run / "final" / "metrics.json").unlink()
     assert fit_smlm.load_fitter(run, "final")[2].raw_th == 0.5      # else the run's fixed threshold
+
+
+def test_sigma_filter_keeps_the_confident_detections(tmp_path, capsys, run_dir, stack, whole_movie_det):
+    """--sigma_filter: DECODE's notebook limits on the predicted sigmas, applied after SpatialIntegration."""
+    from models.sigma_munet_post import filter_by_sigma
+
+    det, cfg = whole_movie_det
+    model, _, settings = fit_smlm.load_fitter(run_dir)
+    photons = to_photons(torch.from_numpy(tifffile.imread(stack).astype(np.float32)), cfg)
+    kept = fit_smlm.localise(model, photons, cfg, window=settings.window, raw_th=settings.raw_th, batch_size=3,
+                             sigma_filter=True)
+    expected = filter_by_sigma(det)
+    assert len(kept["prob"]) == len(expected["prob"]) and 0 < len(kept["prob"]) < len(det["prob"]), (len(kept["prob"]), len(det["prob"]))
+    np.testing.assert_array_equal(kept["frame_ix"], expected["frame_ix"])
+    code, _, err = fit(capsys, "--checkpoint", run_dir, "--frames", stack, "--out", tmp_path / "f.csv",
+                       "--batch_size", "3", "--device", "cpu", "--sigma_filter")
+    assert code == 0, err
+    assert len(read_csv(tmp_path / "f.csv")) == len(expected["prob"])

@@ -193,3 +193,16 @@ def test_step_benchmark_prints_the_ratio(tmp_path):
     report = json.loads((tmp_path / "pair_step.json").read_text())
     methods = [row["method"] for row in report["tables"][0]["rows"]]
     assert methods == ["ours (train_pair.py train_step + loop)", "bare PyTorch"] and report["ratio"] > 0
+
+
+def test_init_from_an_export_starts_at_its_metrics(two_seeds, data_dir, tmp_path):
+    """--init_from: the new run's first evaluation (update 0) scores the export's weights exactly."""
+    out, _ = two_seeds
+    source = out / "grp_s11"
+    run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--max_steps", "1",
+                                 "--run_name", "ft", "--init_from", str(source)])
+    first = read_csv(tmp_path / "ft" / "summary.csv")[0]
+    export = json.loads((source / "best" / "metrics.json").read_text())
+    assert first["step"] == "0"
+    for key in ("val/accuracy", "val/roc_auc", "val/log_loss"):
+        assert float(first[key]) == pytest.approx(export[key], rel=1e-6), key

@@ -206,3 +206,125 @@ def test_summary_csv_union_header(tmp_path):
     append_summary(path, {"step": 2, "val/a": 0.6, "val/b": 1.0})
     lines = path.read_text().splitlines()
     assert lines == ["step,val/a,val/b", "1,0.5,", "2,0.6,1.0"]
+
+
+def _export_of(tmp_path, accelerator) -> tuple[Path, torch.nn.Module]:
+    """A real best/ export of a tiny LiteHRNet18FPN (a class of the models package) through the Checkpointer."""
+    from models.lite_hrnet import LiteHRNet18FPN
+    from training.export import build_model, model_record
+
+    record = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=8, head_channels=8, with_angle=False)
+    net = build_model(record)
+    ckpt = Checkpointer(accelerator, _run(tmp_path), monitor="val/acc", mode="max", model_json=record)
+    assert ckpt.update_best(TrainState(global_step=3), {"val/acc": 0.5}, net)
+    return tmp_path / "best", net
+
+
+def test_load_export_rebuilds_the_model_and_refuses_what_it_cannot_trust(tmp_path, accelerator):
+    from safetensors.torch import load_file, save_file
+
+    from training.export import load_export, model_record
+
+    folder, net = _export_of(tmp_path, accelerator)
+    for path in (tmp_path, folder, folder / "model.safetensors"):
+        export = load_export(path)
+        assert export.folder == folder and export.metrics["val/acc"] == 0.5 and export.metrics["global_step"] == 3
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in export.model.state_dict().items())
+        assert not export.model.training
+    with pytest.raises(UsageError, match="nowhere: no such run"):
+        load_export(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no model.safetensors found"):
+        load_export(tmp_path / "empty")
+    record = json.loads((folder / "model.json").read_text())
+    for bad, message in (({**record, "module": "os"}, "models package"),
+                         ({**record, "module": "models.lite_hrnet", "class": "conv_bn"}, "not a model class"),
+                         ({**record, "class": "Nope"}, "no model class"),
+                         ({**record, "kwargs": {"in_chans": 4, "width": 3}}, "failed"),
+                         ({"kwargs": {}}, "expected keys")):
+        (folder / "model.json").write_text(json.dumps(bad))
+        with pytest.raises(UsageError, match=message):
+            load_export(folder)
+    (folder / "model.json").write_text(json.dumps(record))
+    weights = load_file(folder / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith(".weight"))  # (BatchNorm tolerates a missing counter)
+    save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors")
+    with pytest.raises(UsageError, match="weights do not fit the model"):
+        load_export(folder)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(UsageError, match="not a readable safetensors file"):
+        load_export(folder)
+    with pytest.raises(ValueError, match="models package"):
+        model_record(torch.nn.Linear, in_features=2, out_features=2)
+
+
+def test_load_export_of_a_checkpoint_strips_wrapper_prefixes(tmp_path, accelerator):
+    from safetensors.torch import save_file
+
+    from training.export import load_export
+
+    folder, net = _export_of(tmp_path, accelerator)
+    step = tmp_path / "checkpoints" / "step_00000003"
+    step.mkdir(parents=True)
+    save_file({f"module._orig_mod.{k}": v for k, v in net.state_dict().items()}, step / "model.safetensors")
+    (step / "COMPLETE").touch()
+    export = load_export(step)
+    assert export.weights == step / "model.safetensors" and export.metrics == {}
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in export.model.state_dict().items())
+
+
+def test_train_meter_logs_the_design_keys_once_per_window(accelerator, caplog):
+    from training.summary import TrainMeter
+
+    meter = TrainMeter(accelerator, logging.getLogger("meter"))
+    for batch in meter.timed([1, 2, 3, 4]):
+        meter.add(torch.tensor(float(batch)), {"loss/a": torch.tensor(2.0 * batch)}, batch_size=8)
+    with caplog.at_level(logging.INFO, logger="meter"):
+        logs = meter.write(step=4, lr=1e-3, grad_norm=torch.tensor(0.5))
+    assert set(logs) == {"train/loss", "train/lr", "train/grad_norm", "train/a", "perf/samples_per_s",
+                         "perf/data_time_frac"}
+    assert logs["train/loss"] == pytest.approx(2.5) and logs["train/a"] == pytest.approx(5.0)
+    assert logs["train/grad_norm"] == 0.5 and 0 <= logs["perf/data_time_frac"] <= 1 and logs["perf/samples_per_s"] > 0
+    assert "update 4  loss 2.5000" in caplog.text
+    assert meter.micro == 0 and meter.samples == 0 and not meter.parts  # a new window
+
+
+def test_remaining_batches_sets_the_epoch_and_moves_it_on(accelerator):
+    """The epoch reaches sampler and dataset (when it has set_epoch); a used-up epoch advances state.epoch."""
+    class Data(torch.utils.data.Dataset):
+        epochs: list = []
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return i
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    dl = accelerator.prepare(torch.utils.data.DataLoader(Data(), batch_size=2))
+    ckpt = Checkpointer(accelerator, _run(Path(".")), monitor="val/acc")
+    state = TrainState(epoch=1, step_in_epoch=1)
+    seen = list(ckpt.remaining_batches(dl, state))
+    assert len(seen) == 2 and (state.epoch, state.step_in_epoch) == (2, 0) and set(Data.epochs) == {1}
+    plain = accelerator.prepare(torch.utils.data.DataLoader(list(range(4)), batch_size=2))  # no set_epoch
+    assert len(list(ckpt.remaining_batches(plain, state))) == 2 and state.epoch == 3
+
+
+def test_check_finite_stops_with_exit_1_and_a_line(tmp_path, accelerator, caplog):
+    ckpt = Checkpointer(accelerator, _run(tmp_path), monitor="val/acc")
+    ckpt.check_finite(torch.tensor(3.0), TrainState())
+    with caplog.at_level(logging.ERROR, logger="test"), pytest.raises(SystemExit) as stop:
+        ckpt.check_finite(torch.tensor(float("nan")), TrainState(global_step=6))
+    assert stop.value.code == 1 and "non-finite loss at update 7" in caplog.text
+
+
+def test_early_stopping_stays_stopped_after_resume():
+    stopper = EarlyStopping("val/acc", mode="max", patience=2)
+    for value in (0.5, 0.4, 0.4):
+        stopper.step({"val/acc": value})
+    assert stopper.stopped
+    resumed = EarlyStopping("val/acc", mode="max", patience=2)
+    resumed.load_state_dict(stopper.state_dict())
+    assert resumed.stopped and not EarlyStopping("val/acc", patience=0).stopped
