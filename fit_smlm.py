@@ -111,7 +111,9 @@ def load_fitter(checkpoint, weights: str = "best", device="cpu") -> tuple[torch.
     if weights not in ("best", "final"):
         raise UsageError(f"--weights must be best or final, got {weights!r}")
     path = Path(checkpoint)
-    if weights == "final" and (path / "final" / "model.safetensors").is_file():
+    if weights == "final" and path.is_dir() and not (path / "model.safetensors").is_file():  # a run: final/ only
+        if not (path / "final" / "model.safetensors").is_file():
+            raise UsageError(f"--checkpoint {path}: no final/ export (the run has not finished); use --weights best")
         path = path / "final"
     try:
         export = load_export(path)
@@ -371,7 +373,8 @@ def output_format(out: Path, fmt: str | None) -> str:
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="train_smlm.py run directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="train_smlm.py run directory, an export folder (best/, final/) or a checkpoint")
     parser.add_argument("--frames", required=True, help="TIFF stack in ADU: (T, H, W), uint16 or float")
     parser.add_argument("--out", required=True, help="output file: .csv (ThunderSTORM or DECODE) or .h5/.hdf5 (DECODE)")
     parser.add_argument("--camera", default=None, help="YAML with camera keys replacing the run's (module docstring)")
@@ -382,7 +385,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--batch_size", type=int, default=32, help="frames per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--weights", choices=("best", "final"), default="best",
-                        help="best/ (else final/) or final/ weights of the run")
+                        help="for a run directory: best/ (else final/) or final/ weights")
     parser.add_argument("--sigma_filter", action="store_true",
                         help=f"drop detections with a predicted sigma above {MAX_SIGMA_XY_NM:g} nm (x, y) or "
                              f"{MAX_SIGMA_Z_NM:g} nm (z), as DECODE's fitting notebook")
@@ -402,16 +405,16 @@ def main(argv: list[str] | None = None):
         fmt = output_format(out, args.format)
         n_frames, height, width = tiff_stack_shape(args.frames)
         device = resolve_device(args.device)
-        model, cfg, train_args = load_fitter(args.checkpoint, args.weights, device)
+        model, cfg, settings = load_fitter(args.checkpoint, args.weights, device)
         if args.camera is not None:
             cfg = apply_camera(cfg, args.camera)
     except UsageError as e:
         fail(str(e))
-    raw_th = train_args.raw_th if args.raw_th is None else args.raw_th
+    raw_th = settings.raw_th if args.raw_th is None else args.raw_th
     if raw_th is None:
         fail(f"--checkpoint {args.checkpoint}: its {args.weights} export has no val/raw_th in metrics.json "
              "(the run picks its detection threshold on validation); pass --raw_th")
-    context = train_args.window // 2
+    context = settings.window // 2
     chunk = -(-args.chunk_frames // args.batch_size) * args.batch_size
 
     start_s = time.perf_counter()
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None):
     try:
         for lo, hi, block_lo, block in iter_tiff_chunks(args.frames, chunk, context):
             photons = to_photons(torch.from_numpy(block), cfg)
-            det = localise(model, photons, cfg, window=train_args.window, raw_th=raw_th,
+            det = localise(model, photons, cfg, window=settings.window, raw_th=raw_th,
                            batch_size=args.batch_size, device=device, centre=(lo - block_lo, hi - block_lo),
                            progress=progress, sigma_filter=args.sigma_filter)
             det["frame_ix"] = det["frame_ix"] + block_lo

@@ -130,6 +130,11 @@ def build_scheduler(optimizer, args: Args):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup_steps])
 
 
+def model_kwargs(args: Args) -> dict:
+    """LiteHRNet18FPN's constructor arguments (recorded in model.json, so exports rebuild the model)."""
+    return dict(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels, with_angle=args.with_angle)
+
+
 def loss_kwargs(args: Args) -> dict:
     return dict(alpha=args.focal_alpha, beta=args.focal_beta, pos_threshold=args.pos_threshold,
                 sigma=args.heatmap_sigma, offset_weight=args.offset_weight,
@@ -254,9 +259,8 @@ def validate(model, ema, val_dl, accelerator, run, state: TrainState, args: Args
 def main():
     args = parse_args(Args)
     train_dl, val_dl = build_dataloaders(args)  # before start_run: a bad --train_dir fails before a run exists
-    accelerator, run = start_run(args, task="captcha")
-    model_json = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=args.fpn_channels,
-                              head_channels=args.head_channels, with_angle=args.with_angle)
+    model_json = model_record(LiteHRNet18FPN, **model_kwargs(args))
+    accelerator, run = start_run(args, task="captcha", model_json=model_json)
     model = build_model(model_json)
     run.load_init(model)
     if args.channels_last:
@@ -289,11 +293,11 @@ def main():
         run.log.info("nothing left to train at update %d; exporting", state.global_step)
     progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
-    meter = TrainMeter(accelerator, run.log)
     set_train_mode(model, args.freeze_bn)
     if args.init_from and state.global_step == 0:  # the starting point's own score, logged at update 0
         metrics = validate(model, ema, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"])
         ckpt.update_best(state, metrics, model, ema)
+    meter = TrainMeter(accelerator, run.log)
     while state.global_step < args.max_steps and not stop:
         for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
             loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
@@ -301,7 +305,8 @@ def main():
             if not accelerator.sync_gradients:
                 continue
             ckpt.check_finite(grad_norm, state)
-            if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowing step
+            # The schedule counts applied updates: under fp16 the scaler may skip an overflowing one.
+            if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.global_step += 1
             if ema is not None:

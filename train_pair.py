@@ -27,7 +27,6 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -37,7 +36,7 @@ from metrics.pair import pair_metrics
 from models.compare_net import ResNetCompareNet
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
-from training.export import build_model, model_record
+from training.export import build_model, load_weights, model_record, read_weights
 from training.run import log_images
 from training.summary import TrainMeter, append_summary
 
@@ -243,7 +242,8 @@ def validate(model, val_dl, accelerator, run, state: TrainState, args: Args, lr:
 def predict_splits(model, splits: dict, accelerator, run, state: TrainState, result: dict) -> dict:
     """The best weights (by validation accuracy) predict every split -> predictions/<split>.csv, and
     ``result`` with their metrics -> results.json."""
-    accelerator.unwrap_model(model).load_state_dict(load_file(run.dir / "best" / "model.safetensors"))
+    best = run.dir / "best" / "model.safetensors"
+    load_weights(accelerator.unwrap_model(model), read_weights(best), best)
     result = {"run": str(run.dir), "best_step": state.best_step, **result}
     for split, dl in splits.items():
         index, prob, label = predict(model, dl, accelerator)
@@ -260,8 +260,8 @@ def predict_splits(model, splits: dict, accelerator, run, state: TrainState, res
 def main():
     args = parse_args(Args)
     train_dl, val_dl, test_dl = build_dataloaders(args)  # before start_run: bad data fails before a run exists
-    accelerator, run = start_run(args, task="pair")
     model_json = model_record(ResNetCompareNet, **model_kwargs(args))
+    accelerator, run = start_run(args, task="pair", model_json=model_json)
     model = build_model(model_json)
     run.load_init(model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -290,11 +290,12 @@ def main():
         run.log.info("nothing left to train at update %d; exporting", state.global_step)
     progress = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
-    meter = TrainMeter(accelerator, run.log)
     train_start = time.perf_counter()
     model.train()
     if args.init_from and state.global_step == 0:  # the starting point's own score, logged at update 0
-        ckpt.update_best(state, validate(model, val_dl, accelerator, run, state, args, args.lr), model)
+        metrics = validate(model, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"])
+        ckpt.update_best(state, metrics, model)
+    meter = TrainMeter(accelerator, run.log)
     while state.global_step < max_steps and not stop:
         for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
             loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
@@ -302,8 +303,9 @@ def main():
             if not accelerator.sync_gradients:
                 continue
             ckpt.check_finite(grad_norm, state)
+            # The schedule counts applied updates: under fp16 the scaler may skip an overflowing one.
             if args.lr_schedule == "cosine" and not accelerator.optimizer_step_was_skipped:
-                scheduler.step()  # fp16: not when the scaler skipped an overflowing step
+                scheduler.step()
             state.global_step += 1
             progress.update(1)
             if state.global_step % args.log_every_steps == 0:
@@ -324,11 +326,15 @@ def main():
                 break
     progress.close()
 
-    ckpt.export_final(model, None, state.last_metrics, state)
+    # final/ is written last (a run with final/ is finished): the best weights predict first, then the final
+    # weights come back for the export.
+    final_weights = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     splits = {"val": val_dl, **({"test": test_dl} if test_dl is not None else {})}
     train_minutes = (time.perf_counter() - train_start) / 60
     result = predict_splits(model, splits, accelerator, run, state,
                             {"seed": args.seed, "params": n_params, "train_minutes": train_minutes})
+    accelerator.unwrap_model(model).load_state_dict(final_weights)
+    ckpt.export_final(model, None, state.last_metrics, state)
     if accelerator.is_main_process:
         print(f"\nbest model (update {state.best_step}) of {run.dir}, {train_minutes:.1f} min:")
         for key, value in result.items():

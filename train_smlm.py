@@ -43,7 +43,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_smlm, is_target, load_sim_config,
+from data.smlm import (MovieWindowDataset, SimConfig, SMLMSimDataset, collate_smlm, load_sim_config,
                        simulate_movie, write_movie_h5)
 from losses.smlm import gmm_loss
 from metrics.smlm import match_emitters, smlm_metrics
@@ -279,12 +279,12 @@ def main():
     args, cfg = parse_smlm_args()
     # The validation movie, its ground truth and the model size check come first: bad input fails before a run exists.
     movie, val_ds, gt = build_validation(cfg, args)
-    accelerator, run = start_run(args, task="smlm")
+    model_json = model_record(SigmaMUNet, **model_kwargs(args))
+    accelerator, run = start_run(args, task="smlm", model_json=model_json)
     if accelerator.is_main_process:
         (run.dir / "simulation.yaml").write_text(yaml.safe_dump({"simulation": cfg.to_dict()}, sort_keys=False))
         write_movie_h5(run.dir / "val_movie.h5", movie, cfg, seed=args.val_seed)
     train_dl, val_dl = build_dataloaders(cfg, val_ds, args)
-    model_json = model_record(SigmaMUNet, **model_kwargs(args))
     model = build_model(model_json)
     run.load_init(model)
     run.log.info("model: %.3f M parameters; frames %dx%d px, %.1f emitters/frame; validation: %d frames, %d "
@@ -314,11 +314,12 @@ def main():
         run.log.info("nothing left to train at update %d; exporting", state.global_step)
     progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="updates", dynamic_ncols=True)
-    meter = TrainMeter(accelerator, run.log)
     model.train()
     if args.init_from and state.global_step == 0:  # the starting point's own score, logged at update 0
-        metrics = validate(model, val_dl, accelerator, run, state, args, args.lr, movie, gt, cfg)
+        metrics = validate(model, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"], movie,
+                           gt, cfg)
         ckpt.update_best(state, metrics, model)
+    meter = TrainMeter(accelerator, run.log)
     while state.global_step < args.max_steps and not stop:
         for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
             loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
@@ -326,7 +327,8 @@ def main():
             if not accelerator.sync_gradients:
                 continue
             ckpt.check_finite(grad_norm, state)
-            if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowing step
+            # The schedule counts applied updates: under fp16 the scaler may skip an overflowing one.
+            if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.global_step += 1
             progress.update(1)

@@ -207,7 +207,7 @@ def check_same_samples(ours: QualitySamples, seed: int) -> None:
     same = torch.equal(mine["image"], reference["image"]) and all(
         torch.equal(mine[k], reference[k]) for k in ("gap", "slider", "category"))
     if not same:
-        raise RuntimeError("benchmark inputs differ from SyntheticCaptchaDataset: data/captcha.py changed how "
+        raise RuntimeError("benchmark inputs differ from SyntheticCaptchaDataset: the data.captcha package changed how "
                            "samples are packed; update QualitySamples.__getitem__ to match")
 
 

@@ -37,7 +37,7 @@ from benchmarks.common import (add_step_flags, bare_update, check_step_flags, lo
 from data.captcha import SyntheticCaptchaDataset
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
-from train_captcha import Args, build_scheduler, loss_kwargs, set_train_mode, train_step
+from train_captcha import Args, build_scheduler, loss_kwargs, model_kwargs, set_train_mode, train_step
 from training.config import UsageError, fail, load_yaml_config
 
 
@@ -73,8 +73,7 @@ def train_args(flags) -> Args:
 
 
 def build_model(args: Args) -> LiteHRNet18FPN:
-    model = LiteHRNet18FPN(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels,
-                           with_angle=args.with_angle)
+    model = LiteHRNet18FPN(**model_kwargs(args))
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 

@@ -1,10 +1,12 @@
-"""Shared plumbing of the benchmark scripts: the machine, the command line, timing
-statistics and the Markdown/JSON report. Nothing here measures anything by itself.
+"""Shared plumbing of the benchmark scripts: the machine, the command line, timing statistics,
+the Markdown/JSON report, and for the *_step.py benchmarks the pieces they compare (one update
+of a train script's loop around its own ``train_step``, the bare PyTorch reference update, the
+alternating timing rounds and the overhead table).
 
 Every benchmark prints the machine and its exact command line before it starts and a
 Markdown table at the end, and with ``--out DIR`` also writes ``DIR/<name>.md`` and
-``DIR/<name>.json``, so README tables can be copied from a file that says where they
-came from.
+``DIR/<name>.json``, so the tables of README and docs/ can be copied from a file that says
+where they came from.
 """
 from __future__ import annotations
 
@@ -217,7 +219,7 @@ def loop_update(train_step, model, optimizer, accelerator, args, batch_size_of, 
 
 def step_overhead_report(name: str, script: str, steps: dict, batches: list, flags, batch_size: int,
                          device: torch.device, model_note: str, unit: str = "samples") -> float:
-    """Time ``steps`` ({"ours": ..., ["ours, micro-batch check": ...,] "bare": ...}) in alternating rounds and
+    """Time ``steps`` (from ``step_methods``: "ours", optionally the previous loop, "bare") in alternating rounds and
     report ms per update, throughput and the ratio to "bare"; returns ours/bare (median of all timed steps)."""
     info = print_header(f"Training step: {script} vs bare PyTorch")
     seconds, round_medians = alternate_rounds(steps, batches, flags.warmup, flags.rounds, flags.steps, device)

@@ -151,10 +151,10 @@ def main():
     if flags.checkpoint is None and not flags.classical_only:
         fail("--checkpoint RUN is required (a train_smlm.py run directory), or pass --classical_only")
 
-    model = train_args = None
+    model = settings = None
     try:
         if not flags.classical_only:
-            model, run_cfg, train_args = load_fitter(flags.checkpoint, flags.weights, device)
+            model, run_cfg, settings = load_fitter(flags.checkpoint, flags.weights, device)
         elif flags.checkpoint is not None:
             run_cfg = load_sim_config(Path(flags.checkpoint) / "simulation.yaml")
         else:
@@ -164,7 +164,7 @@ def main():
     roi_px = 2 * default_roi_radius(run_cfg) + 1
     if min(img_size) < roi_px:
         fail(f"--img_size {flags.img_size}: frames must be at least {roi_px} px (the classical fitter's ROI)")
-    raw_th = flags.raw_th if flags.raw_th is not None or train_args is None else train_args.raw_th
+    raw_th = flags.raw_th if flags.raw_th is not None or settings is None else settings.raw_th
     if model is not None and raw_th is None:
         fail(f"--checkpoint {flags.checkpoint}: its {flags.weights} export has no val/raw_th; pass --raw_th")
     source = flags.checkpoint or flags.sim_config
@@ -186,7 +186,7 @@ def main():
         name = f"{density:g} ({labels[rank]})"
         base = {"density": name, "emitters/frame": len(gt["frame_ix"]) / flags.frames}
         results = {}
-        methods = [] if model is None else [("ours", lambda f: localise(model, f, cfg, window=train_args.window,
+        methods = [] if model is None else [("ours", lambda f: localise(model, f, cfg, window=settings.window,
                                                                           raw_th=raw_th, batch_size=flags.batch_size,
                                                                           device=device))]
         methods.append(("classical", lambda f: fit_movie(f, cfg, threshold=flags.threshold, device=device)))

@@ -45,7 +45,8 @@ def make_ours_step(args, model, accelerator: Accelerator, check: str = "update")
     """One call = one update of train_smlm.py's loop (without its every-N logging, eval and saving)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1000, gamma=args.lr_gamma)
+    # train_smlm.py's StepLR: the step size (epochs x updates per epoch) only sets when the lr drops, not the cost.
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_epochs * 1000, gamma=args.lr_gamma)
     model.train()
     return loop_update(train_step, model, optimizer, accelerator, args, lambda batch: batch["frames"].shape[0],
                        scheduler=scheduler, check=check)

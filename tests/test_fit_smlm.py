@@ -415,3 +415,14 @@ def test_sigma_filter_keeps_the_confident_detections(tmp_path, capsys, run_dir, 
                        "--batch_size", "3", "--device", "cpu", "--sigma_filter")
     assert code == 0, err
     assert len(read_csv(tmp_path / "f.csv")) == len(expected["prob"])
+
+
+def test_weights_final_never_falls_back_to_best(tmp_path, run_dir):
+    run = tmp_path / "unfinished"
+    (run / "best").mkdir(parents=True)
+    for name in ("model.safetensors", "model.json", "metrics.json"):
+        (run / "best" / name).write_bytes((run_dir / "final" / name).read_bytes())
+    (run / "simulation.yaml").write_bytes((run_dir / "simulation.yaml").read_bytes())
+    assert fit_smlm.load_fitter(run, "best")[2].weights == run / "best" / "model.safetensors"
+    with pytest.raises(fit_smlm.UsageError, match="no final/ export"):
+        fit_smlm.load_fitter(run, "final")

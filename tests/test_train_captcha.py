@@ -166,6 +166,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     (["--train_dir", "/nonexistent/data"], "/nonexistent/data"),
     (["--init_from", "/nonexistent/run"], "--init_from /nonexistent/run: no such run"),
     (["--clip_grad", "0"], "--clip_grad must be > 0"),
+    (["--init_from", "RUN", "--fpn_channels", "32"], "weights do not fit the model: 42 tensors of another shape"),
 ])
 def test_bad_input_one_line_exit_2_and_runs_untouched(one_process_run, tmp_path, extra, message):
     out, _ = one_process_run
@@ -174,6 +175,7 @@ def test_bad_input_one_line_exit_2_and_runs_untouched(one_process_run, tmp_path,
         bad = tmp_path / "bad.yaml"
         bad.write_text("learning_rate: 0.1\n")
         extra = ["--config", str(bad)]
+    extra = [str(only_run(out)) if e == "RUN" else e for e in extra]
     # Plain python: `accelerate launch` adds its own traceback and exit status 1 around the script's.
     proc = subprocess.run([os.sys.executable, str(ROOT / "train_captcha.py"), *tiny(out, *extra)], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

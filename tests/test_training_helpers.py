@@ -328,3 +328,41 @@ def test_early_stopping_stays_stopped_after_resume():
     resumed = EarlyStopping("val/acc", mode="max", patience=2)
     resumed.load_state_dict(stopper.state_dict())
     assert resumed.stopped and not EarlyStopping("val/acc", patience=0).stopped
+
+
+def test_fp16_skips_are_tolerated_until_they_never_end(tmp_path, accelerator, caplog, monkeypatch):
+    """Under fp16 the scaler skips overflowing steps (norm inf): a few are normal, a NaN loss skips forever."""
+    from training import checkpoint
+
+    ckpt = Checkpointer(accelerator, _run(tmp_path), monitor="val/acc")
+    monkeypatch.setattr(type(accelerator), "optimizer_step_was_skipped", property(lambda self: True))
+    for _ in range(checkpoint.MAX_SKIPPED_IN_A_ROW - 1):
+        ckpt.check_finite(torch.tensor(float("inf")), TrainState())
+    ckpt.check_finite(torch.tensor(2.0), TrainState())  # a finite update resets the count
+    for _ in range(checkpoint.MAX_SKIPPED_IN_A_ROW - 1):
+        ckpt.check_finite(torch.tensor(float("inf")), TrainState())
+    with caplog.at_level(logging.ERROR, logger="test"), pytest.raises(SystemExit):
+        ckpt.check_finite(torch.tensor(float("nan")), TrainState(global_step=40))
+    assert "non-finite loss at update 41" in caplog.text
+
+
+def test_export_refuses_incomplete_checkpoints_and_init_weights_that_do_not_fit(tmp_path, accelerator):
+    from models.lite_hrnet import LiteHRNet18FPN
+    from safetensors.torch import save_file
+
+    from training.export import check_weights_fit, export_weights, load_export, model_record
+
+    folder, net = _export_of(tmp_path, accelerator)
+    step = tmp_path / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    save_file(net.state_dict(), step / "model.safetensors")  # no COMPLETE: interrupted while saving
+    with pytest.raises(UsageError, match="incomplete checkpoint"):
+        load_export(step)
+    weights, source = export_weights(tmp_path)
+    check_weights_fit(json.loads((folder / "model.json").read_text()), weights, source)
+    wider = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=16, head_channels=8, with_angle=False)
+    with pytest.raises(UsageError, match="of another shape"):
+        check_weights_fit(wider, weights, source)
+    angle = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=8, head_channels=8, with_angle=True)
+    with pytest.raises(UsageError, match="missing"):
+        check_weights_fit(angle, weights, source)

@@ -22,6 +22,9 @@ from safetensors.torch import save_file
 from training.export import MODEL_JSON
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# fp16: GradScaler halves its scale at every skipped step, so 20 skips in a row take its initial 2^16 below 1,
+# far past any real overflow; only a loss that is NaN at every scale gets there.
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 def is_complete(path: Path) -> bool:
@@ -79,6 +82,7 @@ class Checkpointer:
         self.monitor, self.mode = monitor, mode
         self.keep_last, self.save_top_k = keep_last, save_top_k
         self.export_files = ("args.yaml", *((MODEL_JSON,) if model_json is not None else ()), *export_files)
+        self.skipped_in_a_row = 0  # fp16 steps the scaler skipped since the last finite gradient norm
         if model_json is not None and accelerator.is_main_process:
             (run.dir / MODEL_JSON).write_text(json.dumps(model_json, indent=1))
 
@@ -117,10 +121,16 @@ class Checkpointer:
         Call once per optimizer update with the norm ``clip_grad_norm_`` returned: it is computed after the
         gradient all-reduce, so every rank sees the same value and decides alike without another collective.
         A non-finite loss makes it non-finite too. Under fp16 an overflow is the scaler's business: it skips
-        that step (``optimizer_step_was_skipped``) and lowers its scale, so that is not a reason to stop.
+        that step (``optimizer_step_was_skipped``) and halves its scale, so a few skips are normal; a NaN loss
+        makes every step skip, so MAX_SKIPPED_IN_A_ROW skips in a row stop the run as well.
         """
-        if bool(torch.isfinite(grad_norm)) or self.accelerator.optimizer_step_was_skipped:
+        if bool(torch.isfinite(grad_norm)):
+            self.skipped_in_a_row = 0
             return
+        if self.accelerator.optimizer_step_was_skipped:
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
+                return
         self.run.log.error("non-finite loss at update %d (gradient norm %s, epoch %d); stopping. The last good "
                            "checkpoint is kept in %s", state.global_step + 1, float(grad_norm), state.epoch,
                            self.run.dir / "checkpoints")
@@ -176,7 +186,8 @@ class Checkpointer:
         return is_best
 
     def export(self, name: str, model, ema, metrics: dict, state: TrainState) -> Path:
-        """Write ``<run>/<name>/`` atomically: weights (raw and EMA) as safetensors, metrics, args."""
+        """Write ``<run>/<name>/`` atomically: weights (raw and EMA) as safetensors, metrics.json, and the run's
+        args.yaml, model.json and extra files (``export_files``)."""
         weights = self.accelerator.get_state_dict(model)  # gathers FSDP shards; every rank must call it
         target = self.run.dir / name
         if self.accelerator.is_main_process:

@@ -87,7 +87,9 @@ def resolve_export(path: str | Path) -> tuple[Path, Path]:
         path = path.parent  # an export's weights file names its export
     if not path.is_dir():
         raise UsageError(f"{path}: no such run, export or checkpoint directory")
-    if (path / "COMPLETE").is_file() and path.parent.name == "checkpoints":
+    if path.parent.name == "checkpoints" and (path / "model.safetensors").is_file():
+        if not (path / "COMPLETE").is_file():
+            raise UsageError(f"{path}: an incomplete checkpoint (no COMPLETE marker: interrupted while saving)")
         return path, path.parent.parent  # a full-state checkpoint: model.json and args.yaml are the run's
     if (path / "model.safetensors").is_file():
         return path, path
@@ -104,9 +106,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         weights = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
-    for prefix in _WRAPPER_PREFIXES:
-        if weights and all(k.startswith(prefix) for k in weights):
-            weights = {k[len(prefix):]: v for k, v in weights.items()}
+    stripped = True
+    while weights and stripped:  # wrappers nest (a compiled DDP model: module._orig_mod.)
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in weights):
+                weights, stripped = {k[len(prefix):]: v for k, v in weights.items()}, True
     return weights
 
 
@@ -122,6 +127,21 @@ def export_weights(path: str | Path, ema: bool = True) -> tuple[dict[str, torch.
     folder, _ = resolve_export(path)
     file = export_weights_path(folder, ema)
     return read_weights(file), file
+
+
+def check_weights_fit(record: dict, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise a one-line UsageError unless ``weights`` has exactly the keys and shapes of the model of ``record``;
+    the model is built on the meta device, so this costs no memory and can run before anything is written."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(record).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        first = (f"{len(missing)} tensors missing, e.g. {missing[0]}" if missing else
+                 f"{len(unexpected)} tensors unexpected, e.g. {unexpected[0]}" if unexpected else
+                 f"{len(wrong)} tensors of another shape, e.g. {wrong[0]}: {tuple(weights[wrong[0]].shape)} "
+                 f"instead of {expected[wrong[0]]}")
+        raise UsageError(f"{source}: weights do not fit the model: {first}")
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -169,6 +189,8 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
         raise UsageError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{flag} {name}: no CUDA device is available (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N")
     return device

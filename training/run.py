@@ -24,7 +24,7 @@ from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, b
 
 from training.checkpoint import find_latest_checkpoint, is_complete
 from training.config import UsageError, as_dict, fail
-from training.export import export_weights, load_weights
+from training.export import check_weights_fit, export_weights, load_weights
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Run:
         except UsageError as e:
             fail(f"--init_from {e}")
         self.log.info("initial weights from %s", self.init[1])
+        self.init = None  # the state dict is not needed any more
 
     @property
     def figures_dir(self) -> Path:
@@ -138,12 +139,13 @@ def _wandb_init_kwargs(run_dir: Path, run_name: str) -> dict:
                       "id": run_name.replace("/", "-"), "resume": "allow"}}
 
 
-def start_run(args, task: str) -> tuple[Accelerator, Run]:
+def start_run(args, task: str, model_json: dict | None = None) -> tuple[Accelerator, Run]:
     """Create the Accelerator and the run directory; write ``args.yaml``/``env.yaml``; start trackers.
 
     ``args`` must have: output_dir, seed, resume, cpu, mixed_precision, grad_accum, batch_size,
-    report_to (and optionally run_name). Bad ``--resume`` values end the program (exit 2)
-    before anything is written.
+    report_to (and optionally run_name, init_from). Bad ``--resume`` or ``--init_from`` values end the program
+    (exit 2) before anything is written; ``--init_from`` weights are checked against ``model_json`` (the
+    ``training.export.model_record`` of the model the script will build) then.
     """
     accelerator = Accelerator(
         cpu=args.cpu,
@@ -165,6 +167,8 @@ def start_run(args, task: str) -> tuple[Accelerator, Run]:
     if getattr(args, "init_from", None):
         try:
             init = export_weights(args.init_from)
+            if model_json is not None:
+                check_weights_fit(model_json, *init)
         except UsageError as e:
             fail(f"--init_from {e}")
 

@@ -300,6 +300,9 @@ def cmd_seeds(args, command_argv: list[str] | None) -> int:
             stop(f"seed {seed}: {run_dir} has neither best/metrics.json nor final/metrics.json after its launch", 1)
         metrics.append(record)
     keys = [k for k in metrics[0] if all(k in m for m in metrics[1:])]
+    dropped = sorted({k for m in metrics for k in m} - set(keys))
+    if dropped:
+        print(f"warning: left out of the summary, missing in some seeds' runs: {', '.join(dropped)}", flush=True)
     summary = {k: mean_std([m[k] for m in metrics]) for k in keys}
     print_seed_table(seeds, metrics, summary)
     path = output_dir / f"{name}_seeds.json"

@@ -47,7 +47,9 @@ class TrainMeter:
         """Log the window as ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/<part>``,
         ``perf/samples_per_s`` and ``perf/data_time_frac`` at ``step``, print one line, start a new window."""
         elapsed = time.perf_counter() - self.start
-        mean = lambda value: self.accelerator.reduce(value, "mean").item() / self.micro  # noqa: E731
+        def mean(total: torch.Tensor) -> float:  # over the processes, then over the window's micro-batches
+            return self.accelerator.reduce(total, "mean").item() / self.micro
+
         logs = {"train/loss": mean(self.loss), "train/lr": lr, "train/grad_norm": float(grad_norm),
                 "perf/samples_per_s": self.samples / elapsed, "perf/data_time_frac": self.data_s / elapsed}
         logs.update({key.replace("loss/", "train/"): mean(value) for key, value in self.parts.items()})
