@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-import data.captcha as generator
+import data.captcha.render as generator  # its photo cache is cleared to time cold workers
 from benchmarks.captcha_step import add_model_flags, build_model, fixed_batches, make_ours_step, train_args
 from benchmarks.common import int_list, positive, print_header, report, table, timed
 from data.captcha import CATEGORIES, SyntheticCaptchaDataset

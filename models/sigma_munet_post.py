@@ -13,7 +13,7 @@ split_th = 0.6:
     mask1  = [p > raw_th] * [p == maxpool3x3(p_clip)]        local maxima above the threshold
     conv   = p convolved with [[0,1,0],[1,1,1],[0,1,0]]       centre + 4 neighbours, zero padding
     mask2  = [p * (1 - mask1) > split_th]                     a confident non-maximum: a second emitter
-    p_new  = clamp(mask1 * conv + mask2 * conv, 0, 1)         ("norm_sum"; "sum" leaves out the clamp)
+    p_new  = clamp(mask1 * conv + mask2 * conv, 0, 1)         (DECODE's "norm_sum" aggregation)
 
 The factor [p > raw_th] in mask1 is written out; DECODE's `p == maxpool(p_clip)` alone would also mark a
 pixel with p exactly 0 whose 3x3 neighbourhood is all below raw_th, which SigmaMUNet cannot produce
@@ -56,7 +56,6 @@ SPLIT_TH = 0.6
 # worth dropping when precision matters more than recall.
 MAX_SIGMA_XY_NM = 40.0
 MAX_SIGMA_Z_NM = 80.0
-AGGREGATIONS = ("norm_sum", "sum")
 
 DETECTION_KEYS = ("frame_ix", "prob", "prob_raw", "param_out", "sigma_out", "xyz_px", "xyz_nm", "xyz_sig_px",
                   "xyz_sig_nm", "phot", "phot_sig", "bg")
@@ -69,11 +68,9 @@ def _as_output(output) -> torch.Tensor:
     return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
-def spatial_integration(p, raw_th: float = RAW_TH, split_th: float = SPLIT_TH,
-                        aggregation: str = "norm_sum") -> torch.Tensor:
-    """p (B, H, W) detection probabilities -> integrated p_new (B, H, W); formulas in the module docstring."""
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+def spatial_integration(p, raw_th: float = RAW_TH, split_th: float = SPLIT_TH) -> torch.Tensor:
+    """p (B, H, W) detection probabilities -> integrated p_new (B, H, W); formulas in the module docstring.
+    The sums are clamped to 1 (DECODE's norm_sum): p_new is still a probability."""
     p = torch.as_tensor(p).detach()
     if p.ndim != 3:
         raise ValueError(f"p must be (B, H, W), got {tuple(p.shape)}")
@@ -84,16 +81,14 @@ def spatial_integration(p, raw_th: float = RAW_TH, split_th: float = SPLIT_TH,
     cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=p.dtype, device=p.device)
     conv = F.conv2d(p, cross[None, None], padding=1)
     mask2 = (p * ~mask1) > split_th
-    p_new = (mask1 | mask2) * conv
-    if aggregation == "norm_sum":
-        p_new = p_new.clamp(0.0, 1.0)
+    p_new = ((mask1 | mask2) * conv).clamp(0.0, 1.0)
     return p_new[:, 0]
 
 
 def detections_from_output(output, raw_th: float = RAW_TH, split_th: float = SPLIT_TH, *,
                            px_size_nm: tuple[float, float], z_max_nm: float, phot_max: float, bg_max: float,
-                           aggregation: str = "norm_sum", max_sigma_xy_nm: float | None = None,
-                           max_sigma_z_nm: float | None = None, frame_ix0: int = 0) -> dict[str, np.ndarray]:
+                           max_sigma_xy_nm: float | None = None, max_sigma_z_nm: float | None = None,
+                           frame_ix0: int = 0) -> dict[str, np.ndarray]:
     """(B, 10, H, W) activated maps -> detections dict (keys and units in the module docstring).
 
     SpatialIntegration with raw_th / split_th, look-up of p_new >= raw_th, conversion to photons and nm with
@@ -102,7 +97,7 @@ def detections_from_output(output, raw_th: float = RAW_TH, split_th: float = SPL
     MAX_SIGMA_XY_NM and MAX_SIGMA_Z_NM).
     """
     out = _as_output(output)
-    p_new = spatial_integration(out[:, P_CH], raw_th, split_th, aggregation)
+    p_new = spatial_integration(out[:, P_CH], raw_th, split_th)
     b_ix, i_ix, j_ix = torch.nonzero(p_new >= raw_th, as_tuple=True)         # row-major within a frame
     mu = out[b_ix, MU_CH.start:MU_CH.stop, i_ix, j_ix]                        # (N, 4)
     sigma = out[b_ix, SIGMA_CH.start:SIGMA_CH.stop, i_ix, j_ix]               # (N, 4)

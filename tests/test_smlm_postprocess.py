@@ -50,11 +50,10 @@ def test_neighbouring_pixels_of_one_emitter_integrate_into_one_detection():
     assert det["xyz_px"][0, 0] == pytest.approx(4.45) and det["xyz_px"][0, 1] == pytest.approx(4.0)
 
 
-def test_sum_above_one_is_clamped_unless_plain_sum():
+def test_sum_above_one_is_clamped():
     p = torch.full((1, 5, 5), P_FLOOR)
     p[0, 2, 2], p[0, 2, 3] = 0.55, 0.5
     assert spatial_integration(p)[0, 2, 2] == pytest.approx(1.0)
-    assert spatial_integration(p, aggregation="sum")[0, 2, 2] == pytest.approx(1.05 + 3 * P_FLOOR)
 
 
 def test_exact_tie_keeps_both_maxima_as_the_reference_rule_does():
@@ -114,5 +113,5 @@ def test_sigma_filter():
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="10"):
         detections_from_output(np.zeros((1, 6, 8, 8)), **SCALES)
-    with pytest.raises(ValueError, match="aggregation"):
-        spatial_integration(torch.zeros(1, 4, 4), aggregation="max")
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        spatial_integration(torch.zeros(4, 4))

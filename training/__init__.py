@@ -1,8 +1,10 @@
 """Task-agnostic bookkeeping around the training loops in ``train_*.py``.
 
 Nothing here knows any task: configuration (``config``), run set-up (``run``),
-checkpoints (``checkpoint``), early stopping (``early_stopping``) and the
-per-evaluation CSV log (``summary``).
+checkpoints (``checkpoint``), exports that rebuild their model and their loader
+(``export``), early stopping (``early_stopping``), the log window and the
+per-evaluation CSV log (``summary``), and the runs tool over run directories
+(``runs``, ``python -m training.runs``).
 """
 from training.checkpoint import Checkpointer, TrainState
 from training.config import UsageError, parse_args
