@@ -21,7 +21,7 @@ demo: $(BIN)/.installed
 		--eval_every_steps 100 --save_every_steps 100 --val_size 100
 
 test: $(BIN)/.installed
-	WANDB_MODE=offline $(BIN)/python -m pytest -q tests
+	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=15 tests
 
 bench: $(BIN)/.installed datasets/pair/meta.json
 	$(BIN)/python benchmarks/captcha_step.py --out bench_out

