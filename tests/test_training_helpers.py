@@ -209,11 +209,11 @@ def test_summary_csv_union_header(tmp_path):
 
 
 def _export_of(tmp_path, accelerator) -> tuple[Path, torch.nn.Module]:
-    """A real best/ export of a tiny LiteHRNet18FPN (a class of the models package) through the Checkpointer."""
-    from models.lite_hrnet import LiteHRNet18FPN
+    """A real best/ export of a tiny SigmaMUNet (a class of the models package) through the Checkpointer."""
+    from models.sigma_munet import SigmaMUNet
     from training.export import build_model, model_record
 
-    record = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=8, head_channels=8, with_angle=False)
+    record = model_record(SigmaMUNet, n_frames=3, depth_shared=1, depth_union=1, initial_features=4, inter_features=4)
     net = build_model(record)
     ckpt = Checkpointer(accelerator, _run(tmp_path), monitor="val/acc", mode="max", model_json=record)
     assert ckpt.update_best(TrainState(global_step=3), {"val/acc": 0.5}, net)
@@ -240,14 +240,14 @@ def test_load_export_rebuilds_the_model_and_refuses_what_it_cannot_trust(tmp_pat
     for bad, message in (({**record, "module": "os"}, "models package"),
                          ({**record, "module": "models.lite_hrnet", "class": "conv_bn"}, "not a model class"),
                          ({**record, "class": "Nope"}, "no model class"),
-                         ({**record, "kwargs": {"in_chans": 4, "width": 3}}, "failed"),
+                         ({**record, "kwargs": {"n_frames": 3, "width": 3}}, "failed"),
                          ({"kwargs": {}}, "expected keys")):
         (folder / "model.json").write_text(json.dumps(bad))
         with pytest.raises(UsageError, match=message):
             load_export(folder)
     (folder / "model.json").write_text(json.dumps(record))
     weights = load_file(folder / "model.safetensors")
-    dropped = next(k for k in weights if k.endswith(".weight"))  # (BatchNorm tolerates a missing counter)
+    dropped = next(k for k in weights if k.endswith(".weight"))  # (BatchNorm would tolerate a missing counter)
     save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors")
     with pytest.raises(UsageError, match="weights do not fit the model"):
         load_export(folder)
@@ -347,9 +347,9 @@ def test_fp16_skips_are_tolerated_until_they_never_end(tmp_path, accelerator, ca
 
 
 def test_export_refuses_incomplete_checkpoints_and_init_weights_that_do_not_fit(tmp_path, accelerator):
-    from models.lite_hrnet import LiteHRNet18FPN
     from safetensors.torch import save_file
 
+    from models.sigma_munet import SigmaMUNet
     from training.export import check_weights_fit, export_weights, load_export, model_record
 
     folder, net = _export_of(tmp_path, accelerator)
@@ -360,9 +360,9 @@ def test_export_refuses_incomplete_checkpoints_and_init_weights_that_do_not_fit(
         load_export(step)
     weights, source = export_weights(tmp_path)
     check_weights_fit(json.loads((folder / "model.json").read_text()), weights, source)
-    wider = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=16, head_channels=8, with_angle=False)
+    wider = model_record(SigmaMUNet, n_frames=3, depth_shared=1, depth_union=1, initial_features=8, inter_features=4)
     with pytest.raises(UsageError, match="of another shape"):
         check_weights_fit(wider, weights, source)
-    angle = model_record(LiteHRNet18FPN, in_chans=4, fpn_channels=8, head_channels=8, with_angle=True)
+    deeper = model_record(SigmaMUNet, n_frames=3, depth_shared=2, depth_union=1, initial_features=4, inter_features=4)
     with pytest.raises(UsageError, match="missing"):
-        check_weights_fit(angle, weights, source)
+        check_weights_fit(deeper, weights, source)
