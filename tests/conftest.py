@@ -74,6 +74,15 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+class Payload:
+    """A pickle that creates the folder ``marker`` when unpickled with code execution allowed (a crafted file)."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
 @pytest.fixture
 def root() -> Path:
     return ROOT

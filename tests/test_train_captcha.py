@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, kill_after_checkpoint, read_csv, run_script
+from training.checkpoint import read_registered
 
 TINY = ["--cpu", "--batch_size", "2", "--train_size", "24", "--val_size", "5", "--num_workers", "0",
         "--fpn_channels", "16", "--head_channels", "16", "--log_every_steps", "1", "--warmup_steps", "2",
@@ -137,8 +138,7 @@ def test_scheduler_steps_once_per_update_two_processes(tmp_path):
     run_script("train_captcha.py", tiny(tmp_path, "--max_steps", "3", "--grad_accum", "2", "--save_every_steps", "3",
                                         "--eval_every_steps", "3", "--run_name", "r"), nproc=2)
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000003"
-    scheduler = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)
-    state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)
+    scheduler, state = (record["state"] for record in read_registered(ckpt)[:2])
     assert scheduler["last_epoch"] == 3
     assert state["global_step"] == 3 and state["step_in_epoch"] == 6  # 3 updates x 2 micro-batches per rank
     lrs = [float(r["train/lr"]) for r in csv.DictReader((tmp_path / "r" / "summary.csv").open())]

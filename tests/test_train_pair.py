@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PAIR_TINY, read_csv, run_python, run_script
+from conftest import PAIR_TINY, Payload, read_csv, run_python, run_script
 
 TINY = PAIR_TINY
 
@@ -148,6 +148,29 @@ def test_resume_reproduces_an_uninterrupted_run(data_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_skips_a_corrupt_checkpoint_and_refuses_a_crafted_one(data_dir, tmp_path):
+    """--resume auto passes over a checkpoint whose RNG state is corrupt (Accelerate would resume inexactly) to the
+    previous one, and the run still ends bit-identical; a named checkpoint with a pickle where the registered
+    objects were is refused with one line, and the pickle never runs."""
+    common = [*TINY, "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--max_steps", "4",
+              "--save_every_steps", "2", "--eval_every_steps", "2", "--run_name", "r"]
+    run_script("train_pair.py", common)
+    run = tmp_path / "r"
+    uninterrupted = load_file(run / "final" / "model.safetensors")
+    (run / "checkpoints" / "step_00000004" / "random_states_0.pkl").write_bytes(b"corrupt")
+    proc = run_script("train_pair.py", [*common, "--resume", "auto"])
+    assert "random_states_0.pkl cannot be read safely" in proc.stdout, proc.stdout[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'step_00000002'}" in proc.stdout
+    resumed = load_file(run / "final" / "model.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    marker = tmp_path / "pwned"
+    torch.save(Payload(marker), run / "checkpoints" / "step_00000002" / "custom_checkpoint_0.pkl")
+    proc = run_python("train_pair.py", *common, "--resume", str(run / "checkpoints" / "step_00000002"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "custom_checkpoint_0.pkl" in proc.stderr and not marker.exists()
+
+
 def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
     out = tmp_path / "runs"
     cases = [
@@ -156,6 +179,9 @@ def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
         (["--data_dir", str(data_dir), "--init_from", str(tmp_path / "no_run")], "--init_from"),
         (["--data_dir", str(data_dir), "--clip_grad", "0"], "--clip_grad"),
         (["--data_dir", str(data_dir), "--head", "sum"], "--head"),
+        (["--data_dir", str(data_dir), "--lr", "nan"], "--lr: expected a finite number"),
+        (["--data_dir", str(data_dir), "--output_dir", str(data_dir / "train.npz" / "runs")],
+         "--output_dir " + str(data_dir / "train.npz")),
     ]
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -13,6 +13,7 @@ import yaml
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 
+from conftest import Payload
 from training import Checkpointer, EarlyStopping, Run, TrainState, UsageError, parse_args
 from training.checkpoint import find_latest_checkpoint
 from training.run import resolve_run
@@ -51,6 +52,8 @@ def test_parse_args_yaml_defaults_and_cli_wins(tmp_path):
     (["--mode", "z"], "expected one of x, y"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--lr", "nan"], "--lr: expected a finite number, got 'nan'"),
+    (["--lr=-inf"], "--lr: expected a finite number, got '-inf'"),
 ])
 def test_parse_args_bad_flags_exit_2_with_one_line(argv, expected, capsys):
     with pytest.raises(SystemExit) as e:
@@ -77,31 +80,13 @@ def test_parse_args_yaml_type_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(Demo, ["--config", str(cfg)])
     assert "key steps: expected int, got 1.5" in capsys.readouterr().err
+    cfg.write_text("lr: .nan\n")
+    with pytest.raises(SystemExit):
+        parse_args(Demo, ["--config", str(cfg)])
+    assert "key lr: expected a finite number, got nan" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(Demo, ["--config", str(tmp_path / "missing.yaml")])
     assert "file not found" in capsys.readouterr().err
-
-
-def _fake_checkpoint(run_dir: Path, step: int, value: float | None, complete: bool = True) -> Path:
-    path = run_dir / "checkpoints" / f"step_{step:08d}"
-    path.mkdir(parents=True)
-    (path / "meta.json").write_text(json.dumps({"global_step": step, "value": value}))
-    if complete:
-        (path / "COMPLETE").touch()
-    return path
-
-
-def test_resume_auto_skips_partial_checkpoint(tmp_path):
-    run_dir = tmp_path / "runs" / "r1"
-    _fake_checkpoint(run_dir, 2, 0.5)
-    _fake_checkpoint(run_dir, 4, 0.6, complete=False)
-    assert find_latest_checkpoint(run_dir).name == "step_00000002"
-    args = Demo(output_dir=str(tmp_path / "runs"), resume="auto")
-    assert resolve_run(args, "demo") == (run_dir, run_dir / "checkpoints" / "step_00000002")
-    with pytest.raises(UsageError, match="not a complete checkpoint"):
-        resolve_run(Demo(output_dir=str(tmp_path / "runs"), resume=str(run_dir / "checkpoints" / "step_00000004")), "demo")
-    with pytest.raises(UsageError, match="no such checkpoint"):
-        resolve_run(Demo(resume=str(tmp_path / "nope")), "demo")
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +94,140 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def _run(tmp_path) -> Run:
-    return Run(dir=tmp_path, name=tmp_path.name, resume_from=None, log=logging.getLogger("test"))
+def _run(tmp_path, resume_from=None) -> Run:
+    return Run(dir=tmp_path, name=tmp_path.name, resume_from=resume_from, log=logging.getLogger("test"))
+
+
+def _saved_run(run_dir: Path, accelerator, steps=(2, 4)) -> tuple[Checkpointer, TrainState]:
+    """A run directory with real checkpoints of a tiny model (registered: an LR scheduler and the loop state)."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3)
+    state = TrainState()
+    ckpt = Checkpointer(accelerator, _run(run_dir), monitor="val/acc")
+    ckpt.register(scheduler, state)
+    for step in steps:
+        model(torch.randn(4, 2)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        state.global_step, state.last_metrics = step, {"val/acc": step / 10}
+        ckpt.save(state)
+    return ckpt, state
+
+
+def _step(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def test_resume_auto_skips_partial_checkpoint(tmp_path, accelerator):
+    run_dir = tmp_path / "runs" / "r1"
+    _saved_run(run_dir, accelerator, steps=(2,))
+    partial = _step(run_dir, 4)
+    partial.mkdir()
+    (partial / "meta.json").write_text(json.dumps({"global_step": 4, "value": 0.6}))  # no COMPLETE
+    assert find_latest_checkpoint(run_dir).name == "step_00000002"
+    args = Demo(output_dir=str(tmp_path / "runs"), resume="auto")
+    assert resolve_run(args, "demo") == (run_dir, _step(run_dir, 2), [])
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        resolve_run(Demo(output_dir=str(tmp_path / "runs"), resume=str(partial)), "demo")
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        resolve_run(Demo(resume=str(tmp_path / "nope")), "demo")
+
+
+def test_registered_objects_round_trip_without_pickle(tmp_path, accelerator):
+    """Scheduler and loop state come back from registered.json/.safetensors; nothing of them is pickled."""
+    run_dir = tmp_path / "r"
+    ckpt, state = _saved_run(run_dir, accelerator)
+    files = sorted(p.name for p in _step(run_dir, 4).iterdir())
+    assert "registered.json" in files and "registered.safetensors" in files
+    assert not [f for f in files if f.startswith("custom_checkpoint")], files
+    scheduler = ckpt.objects[0]
+    saved_scheduler, saved_state = scheduler.state_dict(), state.state_dict()
+    for _ in range(5):
+        scheduler.step()
+    state.global_step, state.last_metrics = 99, {}
+    ckpt.run.resume_from = _step(run_dir, 4)
+    ckpt.resume(state)
+    assert scheduler.state_dict() == saved_scheduler and state.state_dict() == saved_state
+
+
+def test_encoding_keeps_tuples_int_keys_and_non_finite_floats(tmp_path):
+    from training.checkpoint import _decode, _encode
+
+    tensors = {}
+    value = {"a": (1, 2.5, float("inf")), 3: [None, "x", torch.arange(3)], "__b": {"nan": float("nan")}}
+    encoded = json.loads(json.dumps(_encode(value, tensors)))
+    decoded = _decode(encoded, tensors)
+    assert decoded["a"] == (1, 2.5, float("inf")) and decoded[3][:2] == [None, "x"]
+    assert torch.equal(decoded[3][2], torch.arange(3)) and decoded["__b"]["nan"] != decoded["__b"]["nan"]
+    with pytest.raises(TypeError, match="cannot store a set"):
+        _encode({"s": {1, 2}}, {})
+
+
+def test_crafted_or_corrupt_checkpoint_files_are_refused_before_loading(tmp_path, accelerator):
+    """A pickle where the registered objects were (Accelerate would unpickle it with weights_only=False), a crafted
+    or corrupt RNG state, a truncated weights file: refused with one reason; the payload never runs."""
+    from training.checkpoint import check_checkpoint
+
+    run_dir = tmp_path / "runs" / "r"
+    _saved_run(run_dir, accelerator)
+    marker = tmp_path / "pwned"
+    newest = _step(run_dir, 4)
+    torch.save(Payload(marker), newest / "custom_checkpoint_0.pkl")
+    with pytest.raises(UsageError, match="custom_checkpoint_0.pkl, objects that only unpickling with code execution"):
+        check_checkpoint(newest)
+    (newest / "custom_checkpoint_0.pkl").unlink()
+    check_checkpoint(newest)
+
+    rng = (newest / "random_states_0.pkl").read_bytes()
+    torch.save({"random_state": Payload(marker)}, newest / "random_states_0.pkl")
+    with pytest.raises(UsageError, match="random_states_0.pkl cannot be read safely"):
+        check_checkpoint(newest)
+    (newest / "random_states_0.pkl").write_bytes(rng[: len(rng) // 2])  # truncated
+    with pytest.raises(UsageError, match="random_states_0.pkl cannot be read safely"):
+        check_checkpoint(newest)
+    with pytest.raises(UsageError, match="no random_states_1.pkl"):
+        check_checkpoint(_step(run_dir, 2), num_processes=2)
+    weights = (_step(run_dir, 2) / "model.safetensors").read_bytes()
+    (_step(run_dir, 2) / "model.safetensors").write_bytes(weights[:-8])
+    with pytest.raises(UsageError, match="model.safetensors is not a complete safetensors file"):
+        check_checkpoint(_step(run_dir, 2))
+    (_step(run_dir, 2) / "model.safetensors").write_bytes(weights)
+    (_step(run_dir, 2) / "registered.json").write_text("{")
+    with pytest.raises(UsageError, match="registered.json/registered.safetensors unreadable"):
+        check_checkpoint(_step(run_dir, 2))
+    assert not marker.exists()
+
+
+def test_resume_falls_back_past_a_refused_checkpoint_and_refuses_a_named_one(tmp_path, accelerator):
+    run_dir = tmp_path / "runs" / "r"
+    _saved_run(run_dir, accelerator)
+    (_step(run_dir, 4) / "random_states_0.pkl").write_bytes(b"garbage")
+    for resume in ("auto", str(run_dir)):
+        found, ckpt, skipped = resolve_run(Demo(output_dir=str(tmp_path / "runs"), resume=resume), "demo")
+        assert (found, ckpt) == (run_dir, _step(run_dir, 2)), resume
+        assert len(skipped) == 1 and "step_00000004: random_states_0.pkl cannot be read safely" in skipped[0]
+    with pytest.raises(UsageError, match=r"^--resume checkpoint .*step_00000004: random_states_0.pkl"):
+        resolve_run(Demo(resume=str(_step(run_dir, 4))), "demo")
+    (_step(run_dir, 2) / "random_states_0.pkl").write_bytes(b"garbage")
+    with pytest.raises(UsageError, match="no checkpoint of .* can be resumed safely"):
+        resolve_run(Demo(output_dir=str(tmp_path / "runs"), resume="auto"), "demo")
+
+
+def test_a_file_that_weights_only_loading_refuses_ends_the_resume_with_one_line(tmp_path, accelerator, capsys):
+    """optimizer.bin is a torch archive, so only loading it can tell a crafted one: Accelerate loads it with
+    weights_only=True, which refuses the payload; the script stops with one line instead of a traceback."""
+    run_dir = tmp_path / "r"
+    ckpt, state = _saved_run(run_dir, accelerator, steps=(2,))
+    marker = tmp_path / "pwned"
+    torch.save({"state": {}, "param_groups": [Payload(marker)]}, _step(run_dir, 2) / "optimizer.bin")
+    ckpt.run.resume_from = _step(run_dir, 2)
+    with pytest.raises(SystemExit) as e:
+        ckpt.resume(state)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "step_00000002: cannot be loaded (UnpicklingError" in err[0], err
+    assert not marker.exists()
 
 
 def test_checkpoint_rotation_keeps_last_and_top_k(tmp_path, accelerator):
@@ -149,13 +266,14 @@ def test_ema_round_trip_includes_batchnorm_buffers(tmp_path, accelerator):
         opt.zero_grad()
         ema.update(net, step=step)
     assert not torch.allclose(ema.module.bn.running_mean, torch.zeros(4)), "EMA must track BN buffers"
-    accelerator.register_for_checkpointing(ema)
-    accelerator.save_state(str(tmp_path / "ck"))
+    ckpt = Checkpointer(accelerator, _run(tmp_path), monitor="val/acc")
+    ckpt.register(ema)
+    ckpt.save(TrainState(global_step=5))
     saved = {k: v.clone() for k, v in ema.state_dict().items()}
     fresh = ModelEmaV3(_BNNet(), decay=0.9)
     ema.load_state_dict(fresh.state_dict())
-    accelerator.load_state(str(tmp_path / "ck"))
-    accelerator._custom_objects.clear()
+    ckpt.run.resume_from = _step(tmp_path, 5)
+    ckpt.resume(TrainState())
     for key, value in saved.items():
         assert torch.equal(ema.state_dict()[key], value), key
     assert "module.bn.running_var" in saved and "module.bn.num_batches_tracked" in saved

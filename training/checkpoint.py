@@ -1,9 +1,16 @@
 """Full-state checkpoints with ``accelerator.save_state``, rotation, best/final exports, exact resume.
 
-Layout: ``<run>/checkpoints/step_XXXXXXXX/`` holds what ``save_state`` writes (model,
-optimizer, RNG states of every rank, the registered objects as ``custom_checkpoint_i.pkl``)
-plus ``meta.json`` and, written last, an empty ``COMPLETE`` marker: a folder without it
-was interrupted while saving and is never resumed from. ``best/`` and ``final/`` hold
+Layout: ``<run>/checkpoints/step_XXXXXXXX/`` holds what ``save_state`` writes (model weights
+as safetensors; optimizer, sampler and the RNG states of every rank, which Accelerate reads back with
+``torch.load(weights_only=True)``), the registered objects (LR scheduler, loop state, early
+stopping, EMA) as ``registered.json`` plus their tensors in ``registered.safetensors``, ``meta.json``
+and, written last, an empty ``COMPLETE`` marker: a folder without it was interrupted while saving
+and is never resumed from.
+
+The registered objects do not go through Accelerate's ``register_for_checkpointing``: Accelerate
+unpickles those with ``weights_only=False``, so a crafted checkpoint could run code when resumed.
+``check_checkpoint`` refuses a checkpoint whose files cannot be read safely or completely (a
+``custom_checkpoint_*.pkl``, a corrupt RNG state, a truncated weights file) before anything is loaded. ``best/`` and ``final/`` hold
 ``model.safetensors``, ``model_ema.safetensors``, ``model.json`` (how to rebuild the model,
 see ``training.export``), ``metrics.json``, ``args.yaml`` and the script's extra files.
 """
@@ -13,12 +20,17 @@ import json
 import math
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from accelerate.utils import load as accelerate_load
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from training.config import UsageError, fail
 from training.export import MODEL_JSON
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -43,6 +55,113 @@ def find_latest_checkpoint(run_dir: Path) -> Path | None:
     """The highest-step complete checkpoint of a run; partial folders are skipped."""
     complete = [p for p in list_checkpoints(run_dir) if is_complete(p)]
     return complete[-1] if complete else None
+
+
+REGISTERED_JSON, REGISTERED_TENSORS = "registered.json", "registered.safetensors"
+_RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+
+
+def _encode(value, tensors: dict):
+    """A state dict as JSON values; tensors go to ``tensors`` and leave a ``{"__tensor__": key}`` behind."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, tensors) for v in value]
+        return items if isinstance(value, list) else {"__tuple__": items}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint "
+                    "(tensors, numbers, strings, None, lists, tuples and dicts only)")
+
+
+def _decode(value, tensors: dict):
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if set(value) == {"__items__"}:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    return value
+
+
+def save_registered(objects, path: Path) -> None:
+    """Write the ``state_dict()`` of every object as ``registered.json`` + ``registered.safetensors``."""
+    tensors: dict = {}
+    records = [{"type": type(obj).__name__, "state": _encode(obj.state_dict(), tensors)} for obj in objects]
+    save_file(tensors, path / REGISTERED_TENSORS)
+    (path / REGISTERED_JSON).write_text(json.dumps({"objects": records}, indent=1))
+
+
+def read_registered(path: Path) -> list[dict]:
+    """The records of ``save_registered`` with their tensors back in place; UsageError when unreadable."""
+    try:
+        records = json.loads((path / REGISTERED_JSON).read_text())["objects"]
+        tensors = load_file(path / REGISTERED_TENSORS)
+        return [{"type": r["type"], "state": _decode(r["state"], tensors)} for r in records]
+    except FileNotFoundError as e:
+        raise UsageError(f"checkpoint {path}: no {Path(e.filename).name} (the scheduler, loop and early-stopping "
+                         "state)") from None
+    except (ValueError, KeyError, TypeError, SafetensorError, OSError) as e:
+        raise UsageError(f"checkpoint {path}: {REGISTERED_JSON}/{REGISTERED_TENSORS} unreadable "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_rng_state(file: Path) -> dict:
+    """One rank's ``random_states_*.pkl`` read the way Accelerate reads it (``weights_only=True``)."""
+    try:
+        states = accelerate_load(file)
+        missing = [k for k in _RNG_KEYS if k not in states]
+    except Exception as e:  # torch.load raises many types on a corrupt or crafted file; all mean "refuse it"
+        raise UsageError(f"checkpoint {file.parent}: {file.name} cannot be read safely "
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+    if missing:
+        raise UsageError(f"checkpoint {file.parent}: {file.name} lacks {', '.join(missing)}")
+    return states
+
+
+def check_checkpoint(path: Path, num_processes: int = 1) -> None:
+    """Refuse (UsageError) a checkpoint that cannot be resumed exactly and safely, before anything is loaded.
+
+    Checked: the COMPLETE marker; no ``custom_checkpoint_*.pkl`` (objects Accelerate would unpickle with
+    ``weights_only=False``); one readable RNG state per process of this launch (Accelerate would skip a
+    corrupt one silently and resume inexactly); the registered objects; the safetensors headers and
+    the torch zip archives (a truncated file).
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise UsageError(f"checkpoint {path}: no COMPLETE marker (interrupted while saving, or not a checkpoint)")
+    pickles = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        raise UsageError(f"checkpoint {path}: holds {', '.join(pickles)}, objects that only unpickling with code "
+                         "execution can read (an older checkpoint format, or a crafted file); refused")
+    for rank in range(num_processes):
+        file = path / f"random_states_{rank}.pkl"
+        if not file.is_file():
+            raise UsageError(f"checkpoint {path}: no {file.name} (saved by fewer processes than the {num_processes} "
+                             "of this launch?)")
+        read_rng_state(file)
+    read_registered(path)
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"checkpoint {path}: {file.name} is not a complete safetensors file ({e})") from None
+    for file in [*path.glob("*.bin"), *path.glob("*.pt")]:
+        if not zipfile.is_zipfile(file):
+            raise UsageError(f"checkpoint {path}: {file.name} is not a complete torch archive (truncated?)")
 
 
 @dataclass
@@ -83,17 +202,39 @@ class Checkpointer:
         self.keep_last, self.save_top_k = keep_last, save_top_k
         self.export_files = ("args.yaml", *((MODEL_JSON,) if model_json is not None else ()), *export_files)
         self.skipped_in_a_row = 0  # fp16 steps the scaler skipped since the last finite gradient norm
+        self.objects: list = []
         if model_json is not None and accelerator.is_main_process:
             (run.dir / MODEL_JSON).write_text(json.dumps(model_json, indent=1))
 
     def register(self, *objects) -> None:
-        self.accelerator.register_for_checkpointing(*objects)
+        """Objects with ``state_dict``/``load_state_dict`` saved with every checkpoint (in this order)."""
+        self.objects += objects
 
     def resume(self, state: TrainState) -> None:
-        """Load the checkpoint chosen by ``start_run`` (``--resume``), if any."""
-        if self.run.resume_from is None:
+        """Load the checkpoint chosen (and checked) by ``start_run`` (``--resume``), if any.
+
+        A file that still fails to load (a crafted optimizer pickle that ``weights_only`` refuses) ends the
+        program with one line; so does a checkpoint whose RNG state was not restored.
+        """
+        path = self.run.resume_from
+        if path is None:
             return
-        self.accelerator.load_state(str(self.run.resume_from))
+        try:
+            self.accelerator.load_state(str(path))
+            records = read_registered(path)
+            if [r["type"] for r in records] != [type(o).__name__ for o in self.objects]:
+                raise UsageError(f"checkpoint {path}: holds {[r['type'] for r in records]}, this script registers "
+                                 f"{[type(o).__name__ for o in self.objects]}")
+            for obj, record in zip(self.objects, records):
+                obj.load_state_dict(record["state"])
+            saved = read_rng_state(path / f"random_states_{self.accelerator.process_index}.pkl")
+            if not torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]):
+                raise UsageError(f"checkpoint {path}: the random states were not restored; exact resume impossible")
+        except UsageError as e:
+            fail(f"--resume {e}")
+        except Exception as e:  # a file Accelerate could not read (weights_only refusal, corruption)
+            fail(f"--resume checkpoint {path}: cannot be loaded ({type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0][:200]})")
         self.run.log.info("resumed at update %d (epoch %d, %d batches into it)",
                           state.global_step, state.epoch, state.step_in_epoch)
 
@@ -153,8 +294,9 @@ class Checkpointer:
         self.accelerator.save_state(str(path))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            save_registered(self.objects, path)  # identical on every rank
             meta = {"global_step": state.global_step, "epoch": state.epoch, "monitor": self.monitor,
-                    "value": state.last_metrics.get(self.monitor)}
+                    "value": state.last_metrics.get(self.monitor), "num_processes": self.accelerator.num_processes}
             (path / "meta.json").write_text(json.dumps(meta, indent=1))
             (path / "COMPLETE").touch()
             self._rotate()

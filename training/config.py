@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import sys
 import types
@@ -27,6 +28,11 @@ def fail(message: str) -> typing.NoReturn:
     """Print one ``prog: error: ...`` line and exit with status 2, before anything is written."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": an unset flag's help says what happens then
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +76,8 @@ def _converter(tp, optional: bool, name: str):
             value = base(text)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        if base is float and not math.isfinite(value):  # nan passes every `x <= 0` check downstream
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if choices is not None and value not in choices:
             raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, choices))}; got {text!r}")
         return value
@@ -94,6 +102,8 @@ def _coerce_yaml(value, tp, optional: bool):
             return value
         raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -141,7 +151,7 @@ def parse_args(cls, argv: list[str] | None = None, sections: tuple[str, ...] = (
     hints = typing.get_type_hints(cls)
     helps = _field_help(cls)
     parser = _Parser(description=(cls.__doc__ or "").strip() or None,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
         kwargs = {"default": f.default, "help": helps.get(f.name, " ")}

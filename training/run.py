@@ -13,6 +13,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, broadcast_object_list, set_seed
 
-from training.checkpoint import find_latest_checkpoint, is_complete
+from training.checkpoint import check_checkpoint, find_latest_checkpoint, is_complete, list_checkpoints
 from training.config import UsageError, as_dict, fail
 from training.export import check_weights_fit, export_weights, load_weights
 
@@ -63,34 +64,70 @@ def _latest_run_checkpoint(output_dir: Path) -> Path | None:
     return max(candidates, key=lambda c: (c / "COMPLETE").stat().st_mtime, default=None)
 
 
-def resolve_run(args, task: str) -> tuple[Path, Path | None]:
-    """Pick the run directory and the checkpoint to resume from; raise UsageError on a bad ``--resume``."""
+def _newest_sound_checkpoint(run_dir: Path, num_processes: int, skipped: list[str]) -> Path | None:
+    """The newest complete checkpoint of a run that ``check_checkpoint`` accepts; the refused ones' reasons
+    go to ``skipped``."""
+    for path in reversed([p for p in list_checkpoints(run_dir) if is_complete(p)]):
+        try:
+            check_checkpoint(path, num_processes)
+            return path
+        except UsageError as e:
+            skipped.append(str(e))
+    return None
+
+
+def resolve_run(args, task: str, num_processes: int = 1) -> tuple[Path, Path | None, list[str]]:
+    """Pick the run directory and the checkpoint to resume from; raise UsageError on a bad ``--resume``.
+
+    Returns (run directory, checkpoint or None, warnings). With ``--resume auto`` or a run directory, a
+    checkpoint that ``check_checkpoint`` refuses is skipped for the previous complete one (with a warning);
+    an explicitly named checkpoint is refused.
+    """
     output_dir = Path(args.output_dir)
     run_name = getattr(args, "run_name", None)
+    skipped: list[str] = []
     if args.resume is None:
         name = run_name or time.strftime("%Y%m%d-%H%M%S") + f"_s{args.seed}"
-        return output_dir / name, None
+        return output_dir / name, None, skipped
     if args.resume == "auto":
-        if run_name:
-            run_dir = output_dir / run_name
-            return run_dir, find_latest_checkpoint(run_dir)
-        ckpt = _latest_run_checkpoint(output_dir)
-        if ckpt is None:
-            return output_dir / (time.strftime("%Y%m%d-%H%M%S") + f"_s{args.seed}"), None
-        return ckpt.parent.parent, ckpt
+        latest = None if run_name else _latest_run_checkpoint(output_dir)
+        run_dir = output_dir / run_name if run_name else (latest.parent.parent if latest else None)
+        if run_dir is None:
+            return output_dir / (time.strftime("%Y%m%d-%H%M%S") + f"_s{args.seed}"), None, skipped
+        ckpt = _newest_sound_checkpoint(run_dir, num_processes, skipped)
+        if ckpt is None and skipped:
+            raise UsageError(f"--resume auto: no checkpoint of {run_dir} can be resumed safely: {skipped[-1]}")
+        return run_dir, ckpt, skipped
     path = Path(args.resume)
     if not path.is_dir():
         raise UsageError(f"--resume {path}: no such checkpoint or run directory")
     if (path / "checkpoints").is_dir():
-        ckpt = find_latest_checkpoint(path)
-        if ckpt is None:
+        if find_latest_checkpoint(path) is None:
             raise UsageError(f"--resume {path}: no complete checkpoint (checkpoints/step_*/ with a COMPLETE marker) inside")
-        return path, ckpt
+        ckpt = _newest_sound_checkpoint(path, num_processes, skipped)
+        if ckpt is None:
+            raise UsageError(f"--resume {path}: no checkpoint can be resumed safely: {skipped[-1]}")
+        return path, ckpt, skipped
     if not is_complete(path):
         raise UsageError(f"--resume {path}: not a complete checkpoint (no COMPLETE marker: interrupted while saving, "
                          "or not a checkpoint/run directory)")
+    try:
+        check_checkpoint(path, num_processes)
+    except UsageError as e:
+        raise UsageError(f"--resume {e}") from None
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else output_dir / (run_name or path.name)
-    return run_dir, path
+    return run_dir, path, skipped
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Create the run directory (and ``figures/``) and make sure files can be written there."""
+    try:
+        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise UsageError(f"--output_dir {run_dir.parent}: cannot write the run directory {run_dir.name} there "
+                         f"({e.strerror or e})") from None
 
 
 def _git_commit(repo: Path) -> dict:
@@ -176,16 +213,15 @@ def start_run(args, task: str, model_json: dict | None = None) -> tuple[Accelera
     decision = [None]
     if accelerator.is_main_process:
         try:
-            decision = [resolve_run(args, task)]
+            decision = [resolve_run(args, task, accelerator.num_processes)]
+            _make_run_dir(decision[0][0])
         except UsageError as e:
             decision = [str(e)]
     decision = broadcast_object_list(decision) if accelerator.num_processes > 1 else decision
     if isinstance(decision[0], str):
         fail(decision[0])
-    run_dir, resume_from = decision[0]
+    run_dir, resume_from, skipped = decision[0]
 
-    if accelerator.is_main_process:
-        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     log = _make_logger(run_dir, accelerator.is_main_process)
     run = Run(dir=run_dir, name=run_dir.name, resume_from=resume_from, log=log, init=init)
@@ -221,6 +257,8 @@ def start_run(args, task: str, model_json: dict | None = None) -> tuple[Accelera
     log.info("run %s: %d process(es) (%s), device %s, mixed precision %s, effective batch %d",
              run_dir, accelerator.num_processes, derived["distributed_type"], accelerator.device,
              accelerator.mixed_precision, derived["effective_batch_size"])
+    for reason in skipped:
+        log.warning("skipped %s", reason)
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     return accelerator, run
