@@ -19,7 +19,11 @@ training) and therefore the localisations are identical to processing the whole 
 length is rounded up to a multiple of ``--batch_size`` for that: batches then hold the same frames as in
 one pass, and a batch's numbers do not depend on where the file was cut. Frames whose size is not a
 multiple of 2^depth are padded (edge pixels replicated) on the bottom and right, and the output is cropped
-back before post-processing.
+back before post-processing. A float stack is first scanned for NaN or inf pixels: by default such frames
+are an error (one line with their count and first 0-based indices, before any fitting); with
+``--nonfinite_frames skip`` they are fitted as missing frames: their non-finite pixels are set to the frame's
+median (the camera baseline for a frame with no finite pixel), so the windows of their neighbours stay
+finite, their own localisations are dropped, and the count is printed.
 
 Camera: ADU -> photons with ``data.smlm.to_photons`` and the run's camera (``simulation.yaml``), unless
 ``--camera FILE`` is given: a YAML file whose ``simulation:`` section, or, when it has none, whose top-level
@@ -48,17 +52,18 @@ Output, by ``--format`` (default from the extension: .h5/.hdf5 DECODE HDF5, anyt
                 predicted sigma, and are written as h5py.Empty("f")). Other extensions: CSV with three
                 header lines (# DECODE EmitterSet, # decode meta JSON, # emitter meta JSON) and the columns
                 x,y,z,phot,frame_ix,id,prob,bg,phot_cr,bg_cr,phot_sig,bg_sig,x_cr,y_cr,z_cr,x_sig,y_sig,z_sig.
-The file is written to ``<out>.tmp`` and renamed, and an existing ``--out`` is only replaced with
-``--overwrite``. Bad input ends with one line naming the file or flag, exit status 2, nothing written.
+The file is written to ``<out>.tmp`` and renamed (``training.io``); an existing ``--out`` is only replaced with
+``--overwrite``, and an ``--out`` that is a directory or whose folder is not writable is refused before the
+work. Bad input ends with one line naming the file or flag, exit status 2, nothing written.
 
-Library use (benchmarks): ``load_fitter``, ``localise``, ``iter_tiff_chunks``, ``write_localisations``.
+Library use (benchmarks): ``load_fitter``, ``localise``, ``iter_tiff_chunks``, ``nonfinite_frames``,
+``fill_nonfinite``, ``write_localisations``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -75,10 +80,12 @@ from models.sigma_munet_post import DETECTION_KEYS, MAX_SIGMA_XY_NM, MAX_SIGMA_Z
 from training import UsageError
 from training.config import fail
 from training.export import load_export, resolve_device
+from training.io import check_output, write_atomically
 
 CAMERA_KEYS = ("camera", "qe", "spur_noise", "em_gain", "e_per_adu", "baseline", "read_sigma", "read_sigma_map",
                "px_size_nm")
 FORMATS = ("thunderstorm", "decode")
+NONFINITE_MODES = ("error", "skip")
 H5_SUFFIXES = (".h5", ".hdf5")
 DECODE_VERSION = "0.10.0"  # the DECODE release whose EmitterSet file layout is written
 THUNDERSTORM_COLUMNS = ("id", "frame", "x [nm]", "y [nm]", "z [nm]", "sigma [nm]", "intensity [photon]",
@@ -216,6 +223,31 @@ def iter_tiff_chunks(path, chunk_frames: int, context: int):
             yield lo, hi, block_lo, np.asarray(block, dtype=np.float32).reshape(block_hi - block_lo, height, width)
 
 
+def nonfinite_frames(path, chunk_frames: int = 512) -> np.ndarray:
+    """0-based indices of the frames of a TIFF stack that hold a NaN or inf pixel, read chunk by chunk (an
+    integer stack has none and is not read). Raises UsageError naming the file on bad input."""
+    tiff_stack_shape(path)
+    with tifffile.TiffFile(path) as tif:
+        if not np.issubdtype(np.dtype(tif.series[0].dtype), np.floating):
+            return np.zeros(0, np.int64)
+    found = [lo + np.flatnonzero(~np.isfinite(block).all(axis=(1, 2)))
+             for lo, _, _, block in iter_tiff_chunks(path, chunk_frames, 0)]
+    return np.concatenate(found).astype(np.int64)
+
+
+def fill_nonfinite(frames: np.ndarray, fallback: float) -> np.ndarray:
+    """In place on (T, H, W) frames: the NaN/inf pixels of each frame set to the median of its finite pixels
+    (its background level, so the windows of its neighbours stay finite), or to `fallback` (the camera
+    baseline: no photons) for a frame without any. Each frame is filled from itself alone, so the result does
+    not depend on how the stack is cut into chunks. Returns the indices of the frames filled."""
+    bad = np.flatnonzero(~np.isfinite(frames).all(axis=(1, 2)))
+    for t in bad:
+        frame = frames[t]
+        finite = np.isfinite(frame)
+        frame[~finite] = np.median(frame[finite]) if finite.any() else fallback
+    return bad
+
+
 @torch.inference_mode()
 def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 3, raw_th: float = 0.5,
              batch_size: int = 32, device="cpu", *, centre: tuple[int, int] | None = None,
@@ -265,18 +297,6 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
         return detections_from_output(torch.zeros(1, 10, 1, 1), raw_th=raw_th, px_size_nm=cfg.px_size_nm,
                                       z_max_nm=cfg.z_max, phot_max=cfg.phot_max, bg_max=cfg.bg_max)
     return {k: np.concatenate([d[k] for d in dets]) for k in DETECTION_KEYS}
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """write(tmp_path), then rename onto path; the temporary file is removed if anything fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _thunderstorm_table(det: dict, cfg: SimConfig) -> tuple[list[str], np.ndarray, list[str]]:
@@ -358,7 +378,7 @@ def write_localisations(det: dict, path, fmt: str, cfg: SimConfig) -> None:
                 f.write(f"# {json.dumps(meta)}\n")
                 f.write(",".join(DECODE_CSV_COLUMNS) + "\n")
                 np.savetxt(f, table, fmt=row_fmt, delimiter=",")
-    _replace_atomically(path, write)
+    write_atomically(path, write)
 
 
 def output_format(out: Path, fmt: str | None) -> str:
@@ -389,6 +409,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--sigma_filter", action="store_true",
                         help=f"drop detections with a predicted sigma above {MAX_SIGMA_XY_NM:g} nm (x, y) or "
                              f"{MAX_SIGMA_Z_NM:g} nm (z), as DECODE's fitting notebook")
+    parser.add_argument("--nonfinite_frames", choices=NONFINITE_MODES, default="error",
+                        help="frames with NaN or inf pixels (float TIFFs): error stops before fitting; skip fits "
+                             "them as missing (pixels set to the frame's median, no localisations from them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
 
@@ -396,12 +419,8 @@ def main(argv: list[str] | None = None):
         fail(f"--batch_size and --chunk_frames must be >= 1, got {args.batch_size} and {args.chunk_frames}")
     if args.raw_th is not None and not 0 < args.raw_th < 1:
         fail(f"--raw_th must be in (0, 1), got {args.raw_th}")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        fail(f"--out {out}: already exists (pass --overwrite to replace it)")
-    if out.is_dir():
-        fail(f"--out {out}: is a directory, expected a file name")
     try:
+        out = check_output(args.out, args.overwrite)
         fmt = output_format(out, args.format)
         n_frames, height, width = tiff_stack_shape(args.frames)
         device = resolve_device(args.device)
@@ -416,18 +435,29 @@ def main(argv: list[str] | None = None):
              "(the run picks its detection threshold on validation); pass --raw_th")
     context = settings.window // 2
     chunk = -(-args.chunk_frames // args.batch_size) * args.batch_size
+    try:
+        bad_frames = nonfinite_frames(args.frames, chunk)
+    except UsageError as e:
+        fail(str(e))
+    shown = ", ".join(map(str, bad_frames[:5])) + (", ..." if len(bad_frames) > 5 else "")
+    if len(bad_frames) and args.nonfinite_frames == "error":
+        fail(f"--frames {args.frames}: {len(bad_frames)} frame(s) hold NaN or inf pixels (0-based frame indices "
+             f"{shown}); pass --nonfinite_frames skip to fit them as missing frames")
 
     start_s = time.perf_counter()
     progress = tqdm(total=n_frames, unit="frame", desc="fitting", dynamic_ncols=True)
     dets = []
     try:
         for lo, hi, block_lo, block in iter_tiff_chunks(args.frames, chunk, context):
+            if len(bad_frames):
+                fill_nonfinite(block, fallback=cfg.baseline)
             photons = to_photons(torch.from_numpy(block), cfg)
             det = localise(model, photons, cfg, window=settings.window, raw_th=raw_th,
                            batch_size=args.batch_size, device=device, centre=(lo - block_lo, hi - block_lo),
                            progress=progress, sigma_filter=args.sigma_filter)
             det["frame_ix"] = det["frame_ix"] + block_lo
-            dets.append(det)
+            keep = ~np.isin(det["frame_ix"], bad_frames)  # a missing frame yields no localisations
+            dets.append({k: v[keep] for k, v in det.items()})
     except UsageError as e:
         progress.close()
         fail(str(e))
@@ -437,6 +467,9 @@ def main(argv: list[str] | None = None):
     seconds = time.perf_counter() - start_s
     print(f"{len(det['frame_ix'])} localisations from {n_frames} frames ({height}x{width} px) in {seconds:.1f} s "
           f"({n_frames / max(seconds, 1e-9):.1f} frames/s on {device}) -> {out} ({fmt})")
+    if len(bad_frames):
+        print(f"{len(bad_frames)} frame(s) with NaN or inf pixels fitted as missing, no localisations from them "
+              f"(0-based frame indices {shown})")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ folders, a ``checkpoints/step_*`` folder, or a ``.safetensors`` file of an expor
 rebuilt from the export's ``model.json`` (``training.export.load_export``). EMA weights are used
 when the export has them. Output columns: filename, gap_x, gap_y, slider_x, slider_y (original image
 pixels), gap_score, slider_score (heatmap peaks in [0, 1]).
+
+The CSV is written at the end to ``<out>.tmp`` and renamed; an existing ``--out`` is only replaced with
+``--overwrite``, and an ``--out`` that is a directory or in a folder that cannot be written is refused before
+any image is read. An image that cannot be decoded or is smaller than ``data.captcha.MIN_IMAGE_SIDE`` px
+on a side stops the run with one line naming it (exit status 2, nothing written); with ``--skip_bad`` such
+images are left out of the CSV and listed, with their count, at the end. Bad input ends with one line
+naming the file or flag, exit status 2.
 """
 from __future__ import annotations
 
@@ -16,12 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from data.captcha import letterbox, load_image, to_input_tensor
 from losses.captcha import valid_cells
 from metrics.captcha import decode
 from training.config import UsageError, fail
 from training.export import load_export_or_exit, resolve_device
+from training.io import check_output, write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -40,15 +49,18 @@ def list_images(items: list[str]) -> list[Path]:
     return paths
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run directory (its best/, else final/), an export folder, a checkpoint or a .safetensors file")
     parser.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
     parser.add_argument("--out", default="preds.csv", help="output CSV")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="leave out unreadable or too small images (listed at the end) instead of stopping")
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
         fail(f"--batch_size must be >= 1, got {args.batch_size}")
     try:
@@ -56,21 +68,34 @@ def main():
     except UsageError as e:
         fail(str(e))
     export = load_export_or_exit(args.checkpoint, device)
+    try:
+        out = check_output(args.out, args.overwrite)
+    except UsageError as e:
+        fail(str(e))
+    paths = list_images(args.images)
     model = export.model
     print(f"weights: {export.weights}")
-    paths = list_images(args.images)
 
-    rows, model_s, total_start = [], 0.0, time.perf_counter()
+    rows, skipped, model_s, total_start = [], [], 0.0, time.perf_counter()
+    # disable=None: a bar on a terminal only, not in logs
+    progress = tqdm(total=len(paths), unit="image", desc="predicting", dynamic_ncols=True, disable=None)
     for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        tensors, geometry = [], []
-        for path in chunk:
+        names, tensors, geometry = [], [], []
+        for path in paths[start:start + args.batch_size]:
             try:
                 canvas, mask, scale, pad = letterbox(load_image(path))
             except ValueError as e:
-                fail(str(e))
+                if not args.skip_bad:
+                    progress.close()
+                    fail(f"{e} (--skip_bad leaves such images out)")
+                skipped.append(str(e))
+                continue
+            names.append(path.name)
             tensors.append(to_input_tensor(canvas, mask))
             geometry.append((scale, pad))
+        progress.update(len(paths[start:start + args.batch_size]))
+        if not tensors:
+            continue
         image = torch.stack(tensors).to(device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -78,22 +103,29 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
         model_s += time.perf_counter() - t0
-        for path, (scale, (pad_x, pad_y)), pts, sc in zip(chunk, geometry, points.cpu(), scores.cpu()):
+        for name, (scale, (pad_x, pad_y)), pts, sc in zip(names, geometry, points.cpu(), scores.cpu()):
             orig = (pts - torch.tensor([pad_x, pad_y])) / scale  # canvas px -> original image px
             (gx, gy), (sx, sy) = orig.tolist()
-            rows.append([path.name, f"{gx:.2f}", f"{gy:.2f}", f"{sx:.2f}", f"{sy:.2f}", f"{sc[0]:.4f}", f"{sc[1]:.4f}"])
+            rows.append([name, f"{gx:.2f}", f"{gy:.2f}", f"{sx:.2f}", f"{sy:.2f}", f"{sc[0]:.4f}", f"{sc[1]:.4f}"])
+    progress.close()
     total_s = time.perf_counter() - total_start
+    if not rows:
+        fail(f"--images {' '.join(args.images)}: none of the {len(paths)} images could be used; nothing written")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score"])
-        writer.writerows(rows)
-    n = len(paths)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score"])
+            writer.writerows(rows)
+    write_atomically(out, write)
+    n = len(rows)
     print(f"{n} images -> {out}")
     print(f"latency per image: model {1000 * model_s / n:.2f} ms, total incl. loading {1000 * total_s / n:.2f} ms "
           f"(batch {args.batch_size}, {device})")
+    if skipped:
+        print(f"skipped {len(skipped)} image(s), left out of {out}:")
+        for reason in skipped:
+            print(f"  {reason}")
 
 
 if __name__ == "__main__":

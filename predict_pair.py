@@ -9,6 +9,11 @@ rebuilt from the export's ``model.json``, ``training.export.load_export``);
 several runs are averaged, or combined by the LightGBM meta-learner of ``stack_pair.py``
 (``--stacker``; the runs given must be its members). Output columns: ``id,prob,pred``
 (pred = prob >= 0.5). When the file has labels, accuracy and AUC are printed.
+
+Everything is checked before the first prediction: ``--out`` (an existing file is only replaced with
+``--overwrite``; a directory or an unwritable folder is refused), ``--device``, ``--data``, the stacker and
+every run's weights. The CSV is written to ``<out>.tmp`` and renamed. Bad input ends with one line naming the
+file or flag, exit status 2, nothing written.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from metrics.pair import pair_metrics
 from stack_pair import features
 from training.config import UsageError, fail
 from training.export import load_export_or_exit, resolve_device
+from training.io import check_output, write_atomically
 
 
 @torch.no_grad()
@@ -36,56 +42,70 @@ def predict_probs(model, dataloader, device) -> np.ndarray:
     return torch.cat(probs).numpy()
 
 
-def stack(stacker_dir: Path, runs: list[Path], probs: np.ndarray) -> np.ndarray:
-    """Apply a stack_pair.py LightGBM meta-learner; columns of ``probs`` follow ``runs``."""
+def load_stacker(stacker_dir: Path, runs: list[Path]) -> tuple[lightgbm.Booster, list[int]]:
+    """A stack_pair.py LightGBM meta-learner and, for each of its features, the index of the run in ``runs``;
+    checked before any prediction (one line naming the file on a bad stacker)."""
     spec_path = stacker_dir / "stacker.json"
     if not spec_path.is_file():
         fail(f"--stacker {stacker_dir}: no stacker.json (made by stack_pair.py --out)")
-    spec = json.loads(spec_path.read_text())
+    try:
+        spec = json.loads(spec_path.read_text())
+        members, names, model_file = spec["members"], spec["member_names"], stacker_dir / spec["lgbm_model"]
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"--stacker {spec_path}: not a stacker.json written by stack_pair.py ({type(e).__name__}: {e})")
     given = {str(r.resolve()): i for i, r in enumerate(runs)}
-    if set(given) != set(spec["members"]):
-        fail(f"--stacker {stacker_dir}: expects exactly the runs {', '.join(spec['member_names'])} as --checkpoint")
-    columns = [given[m] for m in spec["members"]]
-    booster = lightgbm.Booster(model_file=str(stacker_dir / spec["lgbm_model"]))
-    return booster.predict(features(probs[:, columns]))
+    if set(given) != set(members):
+        fail(f"--stacker {stacker_dir}: expects exactly the runs {', '.join(names)} as --checkpoint")
+    try:
+        booster = lightgbm.Booster(model_file=str(model_file))
+    except lightgbm.basic.LightGBMError as e:
+        fail(f"--stacker {model_file}: not a readable LightGBM model ({' '.join(str(e).split())})")
+    return booster, [given[m] for m in members]
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, nargs="+", help="train_pair.py run directories")
     parser.add_argument("--data", required=True, help="npz with x uint8 (N, 28, 56) and id (y optional)")
     parser.add_argument("--out", default="preds.csv", help="output CSV (id,prob,pred)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--stacker", default=None, help="stack_pair.py output folder: combine the runs with its meta-learner")
     parser.add_argument("--batch_size", type=int, default=256, help="pairs per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
         fail(f"--batch_size must be >= 1, got {args.batch_size}")
     runs = [Path(r) for r in args.checkpoint]
     if args.stacker is not None and len(runs) < 2:
         fail("--stacker needs the member runs as --checkpoint (at least 2)")
     try:
-        dataset = PairNPZDataset(args.data)
-    except (ValueError, FileNotFoundError) as e:
-        fail(f"--data {e}")
-    try:
+        out = check_output(args.out, args.overwrite)
         device = resolve_device(args.device)
     except UsageError as e:
         fail(str(e))
+    try:
+        dataset = PairNPZDataset(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        fail(f"--data {e}")
+    stacker = load_stacker(Path(args.stacker), runs) if args.stacker else None
     models = [load_export_or_exit(run, device).model for run in runs]  # all checked before any work
 
     dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     start = time.perf_counter()
     probs = np.stack([predict_probs(model, dataloader, device) for model in models], axis=1)  # (N, runs)
     seconds = time.perf_counter() - start
-    prob = stack(Path(args.stacker), runs, probs) if args.stacker else probs.mean(1)
+    if stacker is not None:
+        booster, columns = stacker
+        prob = booster.predict(features(probs[:, columns]))
+    else:
+        prob = probs.mean(1)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "prob", "pred"])
-        writer.writerows([i, f"{p:.6f}", int(p >= 0.5)] for i, p in zip(dataset.ids, prob))
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "prob", "pred"])
+            writer.writerows([i, f"{p:.6f}", int(p >= 0.5)] for i, p in zip(dataset.ids, prob))
+    write_atomically(out, write)
     how = "stacked" if args.stacker else ("mean of" if len(runs) > 1 else "one run,")
     print(f"{len(dataset)} pairs -> {out} ({how} {len(runs)} model(s); {len(dataset) * len(runs) / seconds:.0f} "
           f"pair-model evaluations/s on {device})")

@@ -18,13 +18,18 @@ and the majority vote. LightGBM's tree count comes from early stopping on an inn
 of the meta-training rows. Written to ``--out``: ``report.json``, ``report.md``, the
 refitted LightGBM model (``lgbm.txt``, LightGBM's own text format) and ``stacker.json``
 (member runs in feature order), which ``predict_pair.py --stacker`` loads.
+
+Checked before any fitting, each with one line naming the file or flag and exit status 2: ``--out`` (a new or
+empty folder; a non-empty one only with ``--overwrite``; not a file; its parent writable), each run's CSVs
+(columns, probabilities in [0, 1], no id listed twice, the same ids and labels in every run) and the val
+labels (0 or 1, both present). The folder is written as ``<out>.tmp`` and renamed; a replaced ``--out`` is
+moved aside and deleted only once the new one is in place.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +38,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from metrics.pair import pair_metrics
-from training.config import fail
+from training.config import UsageError, fail
+from training.io import check_output, write_folder_atomically
 
 EPS = 1e-6
 LGBM_PARAMS = dict(num_leaves=7, learning_rate=0.05, min_child_samples=50, feature_fraction=0.9,
@@ -59,7 +65,23 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids = np.array([r["id"] for r in rows])
     if len(rows) == 0 or not np.all((prob >= 0) & (prob <= 1)):
         fail(f"{path}: expected one probability in [0, 1] per row")
+    first = {}
+    for row, key in enumerate(ids, start=2):  # row 1 is the header
+        if key in first:
+            fail(f"{path}: id {key} is listed twice (lines {first[key]} and {row}); expected one row per id")
+        first[key] = row
     return ids, prob, label
+
+
+def check_labels(label: np.ndarray, path: Path) -> None:
+    """One line unless ``label`` holds only 0 and 1, both of them (what a meta-learner is fitted on)."""
+    found = np.unique(label)
+    other = found[(found != 0) & (found != 1)]
+    if len(other):
+        fail(f"{path}: labels must be 0 or 1; found {', '.join(map(str, other[:5]))}"
+             f"{', ...' if len(other) > 5 else ''}")
+    if len(found) < 2:
+        fail(f"{path}: needs labels of both classes to fit a meta-learner; found only {found[0]}")
 
 
 def load_members(runs: list[Path], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,14 +155,14 @@ def combine(val_prob: np.ndarray, val_y: np.ndarray, test_prob: np.ndarray | Non
     return rows, fitted
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="train_pair.py run directories (at least 2)")
     parser.add_argument("--out", required=True, help="output folder for the report and the stacker")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds on val for the meta-learners")
     parser.add_argument("--seed", type=int, default=0, help="fold split and LightGBM seed")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     if len(runs) < 2:
         fail(f"--runs: stacking needs at least 2 runs, got {len(runs)}")
@@ -148,13 +170,13 @@ def main():
         fail("--runs: a run is listed twice")
     if args.folds < 2:
         fail(f"--folds must be >= 2, got {args.folds}")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        fail(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
+    try:
+        out = check_output(args.out, args.overwrite, folder=True)
+    except UsageError as e:
+        fail(str(e))
 
     val_ids, val_prob, val_y = load_members(runs, "val")
-    if not set(np.unique(val_y)) <= {0, 1} or len(np.unique(val_y)) < 2:
-        fail(f"{runs[0]}/predictions/val.csv: needs labels of both classes to fit a meta-learner")
+    check_labels(val_y, runs[0] / "predictions" / "val.csv")
     if np.bincount(val_y).min() < 2 * args.folds:
         fail(f"--folds {args.folds}: too many folds for {len(val_y)} validation rows")
     test_prob, test_y = None, None
@@ -182,21 +204,18 @@ def main():
         lines.append(f"| {name} | {val['accuracy']:.2f}{suffix} | {val['roc_auc']:.4f} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    (tmp / "report.md").write_text(f"{len(runs)} members, {len(val_y)} val rows ({args.folds}-fold OOF for "
-                                   f"the stackers), {report['test_rows']} test rows\n\n{table}\n")
-    fitted["lgbm stacking"].booster_.save_model(str(tmp / "lgbm.txt"))
-    logreg = fitted["logreg stacking"]
-    (tmp / "stacker.json").write_text(json.dumps({
-        "members": [str(r.resolve()) for r in runs], "member_names": names, "features": "logit of each member's prob",
-        "lgbm_model": "lgbm.txt", "logreg": {"coef": logreg.coef_[0].tolist(), "intercept": float(logreg.intercept_[0])},
-    }, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    def write(tmp):
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "report.md").write_text(f"{len(runs)} members, {len(val_y)} val rows ({args.folds}-fold OOF for "
+                                       f"the stackers), {report['test_rows']} test rows\n\n{table}\n")
+        fitted["lgbm stacking"].booster_.save_model(str(tmp / "lgbm.txt"))
+        logreg = fitted["logreg stacking"]
+        (tmp / "stacker.json").write_text(json.dumps({
+            "members": [str(r.resolve()) for r in runs], "member_names": names,
+            "features": "logit of each member's prob", "lgbm_model": "lgbm.txt",
+            "logreg": {"coef": logreg.coef_[0].tolist(), "intercept": float(logreg.intercept_[0])},
+        }, indent=1))
+    write_folder_atomically(out, write)
     print(f"{len(runs)} members, {len(val_y)} val rows, {report['test_rows']} test rows")
     print(table)
     print(f"report and stacker: {out}")

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import data.captcha.render as render
-from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, CATEGORY_PROBS, LABEL_COLUMNS, CaptchaFolderDataset,
-                          SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor)
+from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, CATEGORY_PROBS, LABEL_COLUMNS, MIN_IMAGE_SIDE,
+                          CaptchaFolderDataset, SyntheticCaptchaDataset, export, generate_captcha, letterbox,
+                          load_image, to_input_tensor)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -321,3 +322,23 @@ def test_fake_gap_fallback_when_no_random_placement_fits(monkeypatch):
         away = cv2.distanceTransform((s["gap_alpha"] == 0).astype(np.uint8), cv2.DIST_L2, 5)
         assert away[s["fake_alpha"] > 0].min() >= 10
     assert checked > 3
+
+
+def test_folder_dataset_refuses_an_image_listed_twice_and_too_small_images(tmp_path):
+    header = ",".join(LABEL_COLUMNS)
+    for name, second in (("same_labels", "a.png,100,80,20,80"), ("other_labels", "a.png,101,80,20,80")):
+        _write_folder(tmp_path / name, header, ["a.png,100,80,20,80", "b.png,1,2,3,4", second],
+                      images=("a.png", "b.png"))
+        with pytest.raises(ValueError, match=rf"{name}.labels\.csv: a\.png is listed twice \(lines 2 and 4\)"):
+            CaptchaFolderDataset(tmp_path / name)
+    _write_folder(tmp_path / "tiny", header, ["a.png,100,80,20,80", "dot.png,0.5,0.5,0.5,0.5"])
+    cv2.imwrite(str(tmp_path / "tiny" / "dot.png"), np.zeros((1, 1, 3), np.uint8))
+    folder = CaptchaFolderDataset(tmp_path / "tiny")
+    assert folder[0]["image"].shape == (4, CANVAS_H, CANVAS_W)
+    with pytest.raises(ValueError, match=r"dot\.png: 1x1 px is too small"):
+        folder[1]
+    cv2.imwrite(str(tmp_path / "thin.png"), np.zeros((MIN_IMAGE_SIDE - 1, 300, 3), np.uint8))
+    with pytest.raises(ValueError, match=rf"thin\.png: 300x{MIN_IMAGE_SIDE - 1} px"):
+        load_image(tmp_path / "thin.png")
+    cv2.imwrite(str(tmp_path / "small_ok.png"), np.zeros((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 3), np.uint8))
+    assert load_image(tmp_path / "small_ok.png").shape == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 3)

@@ -344,6 +344,47 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
     assert out.read_text().startswith('"id","frame"')
 
 
+def test_out_is_checked_before_the_work(tmp_path, capsys, run_dir, stack):
+    """A directory, a folder that cannot be created: one line before the checkpoint is even looked at."""
+    (tmp_path / "a_file").write_text("x\n")
+    for out, named in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "locs.csv", "a_file is a file")):
+        code, _, err = fit(capsys, "--checkpoint", tmp_path / "no_such_run", "--frames", stack, "--out", out)
+        assert code == 2 and err.count("\n") == 1 and f"--out {out}" in err and named in err, err
+
+
+def test_nonfinite_frames_error_by_default_and_skip_fits_them_as_missing(tmp_path, capsys, run_dir, stack):
+    movie = tifffile.imread(stack).astype(np.float32)
+    clean, bad = tmp_path / "clean.tif", tmp_path / "bad.tif"
+    tifffile.imwrite(clean, movie)
+    movie[4, 3:6, 2:9] = np.nan
+    movie[7, 0, 0] = np.inf
+    tifffile.imwrite(bad, movie)
+    np.testing.assert_array_equal(fit_smlm.nonfinite_frames(bad, chunk_frames=3), [4, 7])
+    assert len(fit_smlm.nonfinite_frames(stack)) == 0  # uint16: nothing to scan
+    argv = ["--checkpoint", run_dir, "--batch_size", "3", "--chunk_frames", "3", "--device", "cpu"]
+    out = tmp_path / "locs.csv"
+    code, _, err = fit(capsys, *argv, "--frames", bad, "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "bad.tif: 2 frame(s) hold NaN or inf pixels (0-based frame indices 4, 7)" in err
+    assert "--nonfinite_frames skip" in err
+    assert not out.exists() and not (tmp_path / "locs.csv.tmp").exists()
+
+    code, stdout, err = fit(capsys, *argv, "--frames", bad, "--out", out, "--nonfinite_frames", "skip")
+    assert code == 0, err
+    assert "2 frame(s) with NaN or inf pixels fitted as missing" in stdout and "4, 7" in stdout
+    code, _, err = fit(capsys, *argv, "--frames", clean, "--out", tmp_path / "clean.csv")
+    assert code == 0, err
+    per_frame = lambda path: {f: [r for r in read_csv(path) if int(r["frame"]) - 1 == f]  # noqa: E731
+                              for f in range(N_FRAMES)}
+    got, ref = per_frame(out), per_frame(tmp_path / "clean.csv")
+    assert got[4] == [] and got[7] == []                        # the missing frames yield nothing
+    for f in (3, 5, 6, 8):                                      # their neighbours are not poisoned
+        assert len(got[f]) > 0, f
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "id"} for r in rows]  # noqa: E731
+    for f in (0, 1, 2, 9):                                      # windows without a missing frame: unchanged
+        assert strip(got[f]) == strip(ref[f]), f
+
+
 def test_quality_benchmark_scores_ours_and_classical(tmp_path, run_dir):
     """benchmarks/smlm_quality.py end to end on the hand-made run: both methods, every density, reused movies."""
     argv = ["--checkpoint", str(run_dir), "--weights", "final", "--frames", "6", "--img_size", "16",

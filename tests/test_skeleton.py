@@ -7,9 +7,11 @@ old one cannot silently drop exact resume, the final export or the per-update fi
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import importlib
+import sys
 import typing
 from pathlib import Path
 
@@ -139,6 +141,60 @@ def test_every_flag_has_help_text(script):
     helps = _field_help(args_cls)
     missing = [f.name for f in dataclasses.fields(args_cls) if not helps.get(f.name)]
     assert not missing, f"{script}: no help text (a trailing # comment) for --{', --'.join(missing)}"
+
+
+# Command-line tools built with plain argparse: module -> argv that reaches its parse call.
+ARGPARSE_CLIS = {"predict_captcha": [], "predict_pair": [], "stack_pair": [], "fit_smlm": [],
+                 "training.runs": ["compare", "runs/x"]}
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        super().__init__("parse_args reached")
+        self.parser = parser
+
+
+def _flags_without_help(parser: argparse.ArgumentParser) -> list[str]:
+    """Every action (subcommands included, -h excepted) whose help is missing, suppressed or blank."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                if not (choice.help or "").strip():
+                    missing.append(choice.dest)
+            for name, sub in action.choices.items():
+                missing += [f"{name} {flag}" for flag in _flags_without_help(sub)]
+            continue
+        if action.help is argparse.SUPPRESS or not (action.help or "").strip():
+            missing.append(action.option_strings[0] if action.option_strings else action.dest)
+    return missing
+
+
+def test_flag_help_check_finds_a_flag_without_help():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--documented", help="what it does")
+    parser.add_argument("--bare")
+    parser.add_argument("--blank", help="  ")
+    sub = parser.add_subparsers().add_parser("cmd", help="a command")
+    sub.add_argument("--inner")
+    assert _flags_without_help(parser) == ["--bare", "--blank", "cmd --inner"]
+
+
+@pytest.mark.parametrize("module", sorted(ARGPARSE_CLIS))
+def test_every_flag_of_the_other_clis_has_help_text(module, monkeypatch):
+    """main() is run up to its parse call, which raises with the finished parser; nothing else runs."""
+    def reached(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", reached)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", reached)
+    monkeypatch.setattr(sys, "argv", [module, *ARGPARSE_CLIS[module]])
+    with pytest.raises(_Parsed) as parsed:
+        importlib.import_module(module).main(ARGPARSE_CLIS[module])
+    missing = _flags_without_help(parsed.value.parser)
+    assert not missing, f"{module}: no help text for {', '.join(missing)}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

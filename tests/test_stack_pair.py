@@ -1,6 +1,8 @@
 """Stacking is honest: out-of-fold rows are never seen by the meta-model that scores them."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -109,3 +111,69 @@ def test_pair_quality_benchmark_aggregates_runs(tmp_path):
     assert [e["method"] for e in ensembles][1:] == ["mean of probabilities", "majority vote", "logreg stacking",
                                                     "lgbm stacking"]
     assert ensembles[-1]["val_is"] == "OOF"
+
+
+def write_run(folder, y_val, y_test, seed: int, mangle=None):
+    """A hand-made train_pair.py run: predictions/val.csv and test.csv (id,prob,label) of a noisy member."""
+    rng = np.random.default_rng(seed)
+    (folder / "predictions").mkdir(parents=True)
+    for split, y in (("val", y_val), ("test", y_test)):
+        prob = 1 / (1 + np.exp(-((2 * y - 1) * 1.2 + rng.normal(0, 1.5, len(y)))))
+        lines = ["id,prob,label"] + [f"{split}{i},{p:.6f},{t}" for i, (p, t) in enumerate(zip(prob, y))]
+        if mangle is not None and split == "val":
+            lines = mangle(lines)
+        (folder / "predictions" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def stack_cli(capsys, *argv):
+    """stack_pair.main in this process -> (exit status, stdout, stderr)."""
+    import stack_pair
+
+    try:
+        stack_pair.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_refuses_bad_runs_and_keeps_the_output_folder(tmp_path, capsys):
+    y_val, _ = members(120, 1, seed=8)
+    y_test, _ = members(60, 1, seed=9)
+    good = [write_run(tmp_path / f"good{k}", y_val, y_test, seed=k) for k in range(2)]
+    out = tmp_path / "stack"
+    code, stdout, err = stack_cli(capsys, "--runs", *good, "--out", out, "--folds", "3")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["lgbm.txt", "report.json", "report.md", "stacker.json"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def duplicate(lines):  # row of val7 again, with the same label
+        return [*lines, lines[8]]
+
+    def relabel(lines):
+        return [lines[0]] + [line[:-1] + ("7" if i % 3 == 0 else "2" if i % 3 == 1 else line[-1])
+                             for i, line in enumerate(lines[1:])]
+
+    dup = write_run(tmp_path / "dup", y_val, y_test, seed=2, mangle=duplicate)
+    labels = write_run(tmp_path / "labels", y_val, y_test, seed=3, mangle=relabel)
+    labels_too = write_run(tmp_path / "labels_too", y_val, y_test, seed=4, mangle=relabel)
+    (tmp_path / "a_file").write_text("x\n")
+    for argv, named in [
+        ((good[0], dup), "dup/predictions/val.csv: id val7 is listed twice (lines 9 and 122)"),
+        ((dup, good[0]), "dup/predictions/val.csv: id val7 is listed twice"),
+        ((labels, labels_too), "labels/predictions/val.csv: labels must be 0 or 1; found 2, 7"),
+    ]:
+        code, _, err = stack_cli(capsys, "--runs", *argv, "--out", out, "--folds", "3", "--overwrite")
+        assert code == 2 and err.count("\n") == 1 and named in err, err
+    for target, named in ((out, "not empty (pass --overwrite"), (tmp_path / "a_file", "not a folder"),
+                          (tmp_path / "a_file" / "stack", "a_file is a file")):
+        code, _, err = stack_cli(capsys, "--runs", *good, "--out", target, "--folds", "3")
+        assert code == 2 and err.count("\n") == 1 and named in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    code, _, err = stack_cli(capsys, "--runs", *reversed(good), "--out", out, "--folds", "3", "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "stacker.json").read_text())["member_names"] == ["good1", "good0"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("stack")) == ["stack"]  # no .tmp, .old

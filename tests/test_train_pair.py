@@ -120,10 +120,18 @@ def test_stack_and_predict_on_trained_runs(two_seeds, data_dir, tmp_path):
 
 
 def test_two_process_single_head_run(data_dir, tmp_path):
-    run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--max_steps", "4",
+    """Also the data options: --train_file/--val_file name other files of --data_dir, --test_file none skips the test."""
+    own = tmp_path / "own_data"
+    own.mkdir()
+    shutil.copy(data_dir / "train.npz", own / "my_train.npz")
+    shutil.copy(data_dir / "val.npz", own / "my_val.npz")
+    run_script("train_pair.py", [*TINY, "--data_dir", str(own), "--train_file", "my_train.npz", "--val_file",
+                                 "my_val.npz", "--test_file", "none", "--output_dir", str(tmp_path), "--max_steps", "4",
                                  "--eval_every_steps", "4", "--no-fusion", "--head", "diff", "--run_name", "ddp",
                                  "--augment", "randaugment", "--loss", "bce", "--mixed_precision", "bf16"], nproc=2)
     run = tmp_path / "ddp"
+    assert sorted(p.name for p in (run / "predictions").iterdir()) == ["val.csv"]  # no test predictions
+    assert not any(k.startswith("test/") for k in json.loads((run / "results.json").read_text()))
     assert "2 process(es) (MULTI_CPU), device cpu:0, mixed precision bf16" in (run / "train.log").read_text()
     summary = read_csv(run / "summary.csv")
     assert not any(k.startswith("fusion/") for k in summary[0])  # --no-fusion really builds one head

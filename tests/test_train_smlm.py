@@ -80,9 +80,14 @@ def test_one_process_run_writes_layout_metrics_and_figures(tmp_path, preset):
 
 
 def test_two_process_run_gathers_the_whole_validation_movie(tmp_path, preset):
-    run_script("train_smlm.py", [*TINY, "--config", str(preset), "--output_dir", str(tmp_path / "runs"),
-                                 "--run_name", "two", "--max_steps", "2", "--eval_every_steps", "2"], nproc=2)
+    """Also the --sim_config data option: its simulation: section replaces the preset's."""
+    microscope = tmp_path / "microscope.yaml"
+    microscope.write_text(yaml.safe_dump({"simulation": {**SIM, "emitter_av": 3.0}}))
+    run_script("train_smlm.py", [*TINY, "--config", str(preset), "--sim_config", str(microscope),
+                                 "--output_dir", str(tmp_path / "runs"), "--run_name", "two", "--max_steps", "2",
+                                 "--eval_every_steps", "2"], nproc=2)
     run = tmp_path / "runs" / "two"
+    assert yaml.safe_load((run / "simulation.yaml").read_text())["simulation"]["emitter_av"] == 3.0
     assert "2 process(es) (MULTI_CPU)" in (run / "train.log").read_text()
     rows = read_csv(run / "summary.csv")
     # 10 frames over 2 ranks in batches of 4: the padded duplicates must be dropped, every frame counted once.

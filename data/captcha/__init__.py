@@ -20,9 +20,9 @@ generated online in DataLoader workers and the validation set is fixed by its se
 """
 from .dataset import CaptchaFolderDataset, SyntheticCaptchaDataset
 from .image import CANVAS_H, CANVAS_W, letterbox, to_input_tensor
-from .io import LABEL_COLUMNS, export, load_image
+from .io import LABEL_COLUMNS, MIN_IMAGE_SIDE, export, load_image
 from .render import CATEGORIES, CATEGORY_PROBS, COMBINABLE, MAX_FAKE_GAPS, SHAPE_PROBS, SHAPES, generate_captcha
 
 __all__ = ["CANVAS_H", "CANVAS_W", "CATEGORIES", "CATEGORY_PROBS", "COMBINABLE", "LABEL_COLUMNS", "MAX_FAKE_GAPS",
-           "SHAPES", "SHAPE_PROBS", "CaptchaFolderDataset", "SyntheticCaptchaDataset", "export", "generate_captcha",
-           "letterbox", "load_image", "to_input_tensor"]
+           "MIN_IMAGE_SIDE", "SHAPES", "SHAPE_PROBS", "CaptchaFolderDataset", "SyntheticCaptchaDataset", "export",
+           "generate_captcha", "letterbox", "load_image", "to_input_tensor"]

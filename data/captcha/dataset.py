@@ -62,7 +62,9 @@ class SyntheticCaptchaDataset(Dataset):
 class CaptchaFolderDataset(Dataset):
     """User images: DIR/labels.csv (filename,gap_x,gap_y,slider_x,slider_y in original px) plus
     the images in DIR. Same items as SyntheticCaptchaDataset, with no fake gaps, angle 0 and
-    category -1. The folder is validated up front; any problem is one ValueError naming the file."""
+    category -1. labels.csv (columns, numbers, one row per image) and the presence of its images are
+    validated up front; an image that cannot be decoded or is smaller than MIN_IMAGE_SIDE raises when its item
+    is read. Any problem is one ValueError naming the file."""
 
     def __init__(self, root):
         self.root = Path(root)

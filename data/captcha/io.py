@@ -1,8 +1,9 @@
 """Files on disk: reading an image, the labelled-folder format (DIR/labels.csv plus images) and the
 exporter that writes synthetic samples in that format (python -m data.captcha export).
 
-labels.csv holds one row per image, header LABEL_COLUMNS, coordinates as float pixels of the original
-image (not the canvas), centres at +0.5 as everywhere in data/captcha.
+labels.csv holds one row per image (an image listed twice is an error), header LABEL_COLUMNS, coordinates
+as float pixels of the original image (not the canvas), centres at +0.5 as everywhere in data/captcha.
+Images smaller than MIN_IMAGE_SIDE px on a side are refused by load_image.
 """
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ import numpy as np
 from .render import generate_captcha
 
 LABEL_COLUMNS = ("filename", "gap_x", "gap_y", "slider_x", "slider_y")
+# px; the smallest piece generate_captcha draws is about 26 px across: a smaller image cannot hold a gap
+# and a slider (letterboxing would only blow it up)
+MIN_IMAGE_SIDE = 24
 
 
 def load_image(path) -> np.ndarray:
-    """(h, w, 3) uint8 RGB; ValueError naming the file if it is missing or not a decodable image."""
+    """(h, w, 3) uint8 RGB; ValueError naming the file if it is missing, not a decodable image, or smaller
+    than MIN_IMAGE_SIDE px on a side."""
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)  # with imdecode: works for non-ASCII paths too
@@ -28,6 +33,10 @@ def load_image(path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ValueError(f"{path}: not a decodable image (expected PNG, JPEG, BMP, WebP, ...)")
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{path}: {w}x{h} px is too small for a CAPTCHA (expected at least {MIN_IMAGE_SIDE} px "
+                         "on each side: a gap and a slider piece must fit)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -44,7 +53,7 @@ def _read_labels(csv_path: Path) -> list[tuple[str, float, float, float, float]]
             raise ValueError(f"{csv_path}: header {','.join(header) or '(empty)'} does not match {expected} "
                              f"(missing: {missing or 'none'}, extra: {extra or 'none'})")
         columns = [header.index(c) for c in LABEL_COLUMNS]
-        rows = []
+        rows, seen = [], {}
         for line, row in enumerate(reader, start=2):
             if not any(c.strip() for c in row):
                 continue
@@ -63,6 +72,10 @@ def _read_labels(csv_path: Path) -> list[tuple[str, float, float, float, float]]
                 values.append(value)
             if not name:
                 raise ValueError(f"{csv_path}: line {line}: empty filename")
+            if name in seen:  # even with equal labels: one image, one row
+                raise ValueError(f"{csv_path}: {name} is listed twice (lines {seen[name]} and {line}); "
+                                 "expected one row per image")
+            seen[name] = line
             rows.append((name, *values))
     if not rows:
         raise ValueError(f"{csv_path}: no label rows below the header {expected}")

@@ -1,0 +1,223 @@
+"""predict_captcha.py and predict_pair.py on hand-made exports (tiny untrained models), in this process.
+
+Bad input is one line naming the file or flag, exit status 2, checked before the work, and an existing
+``--out`` survives every failure.
+"""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import predict_captcha
+import predict_pair
+from conftest import read_csv
+from data.captcha import export as export_captchas
+from training.export import build_model, model_record
+
+CAPTCHA_COLUMNS = ["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score"]
+
+
+def make_export(folder, cls, **kwargs):
+    folder.mkdir(parents=True)
+    record = model_record(cls, **kwargs)
+    torch.manual_seed(0)
+    (folder / "model.json").write_text(json.dumps(record))
+    save_file(build_model(record).state_dict(), folder / "model.safetensors")
+    return folder
+
+
+def truncated_copy(export, folder):
+    folder.mkdir()
+    (folder / "model.json").write_bytes((export / "model.json").read_bytes())
+    (folder / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes()[:100])
+    return folder
+
+
+def run(capsys, main, *argv):
+    """main(argv) in this process -> (exit status, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def captcha_export(tmp_path_factory):
+    from models.lite_hrnet import LiteHRNet18FPN
+
+    return make_export(tmp_path_factory.mktemp("captcha") / "final", LiteHRNet18FPN, in_chans=4, fpn_channels=16,
+                       head_channels=16)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images") / "imgs"
+    export_captchas(folder, 2, seed=7)
+    (folder / "labels.csv").unlink()
+    return folder
+
+
+def test_predict_captcha_outputs_and_bad_input(tmp_path, capsys, monkeypatch, captcha_export, images):
+    out = tmp_path / "preds.csv"
+    base = ["--checkpoint", captcha_export, "--images", images, "--device", "cpu", "--batch_size", "2"]
+    code, stdout, err = run(capsys, predict_captcha.main, *base, "--out", out)
+    assert code == 0, err
+    assert f"weights: {captcha_export / 'model.safetensors'}" in stdout
+    rows = read_csv(out)
+    assert [r["filename"] for r in rows] == ["captcha_000000.png", "captcha_000001.png"]
+    assert list(rows[0]) == CAPTCHA_COLUMNS and not (tmp_path / "preds.csv.tmp").exists()
+    kept = out.read_bytes()
+
+    (tmp_path / "a_file").write_text("x\n")
+    with monkeypatch.context() as m:  # refused before any image is read
+        m.setattr(predict_captcha, "load_image", lambda path: pytest.fail(f"{path} read"))
+        for argv, named in [
+            ((*base, "--out", out), "--overwrite"),
+            ((*base, "--out", tmp_path), "is a directory"),
+            ((*base, "--out", tmp_path / "a_file" / "p.csv"), "a_file is a file"),
+            ((*base, "--out", tmp_path / "new.csv", "--device", "gpu"), "--device gpu"),
+            ((*base, "--out", tmp_path / "new.csv", "--checkpoint", truncated_copy(captcha_export, tmp_path / "t")),
+             "model.safetensors: not a readable safetensors file"),
+        ]:
+            code, _, err = run(capsys, predict_captcha.main, *argv)
+            assert code == 2 and err.count("\n") == 1 and named in err, (argv, err)
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, predict_captcha.main, *base, "--out", tmp_path / "new.csv", "--device", "cuda")
+        assert code == 2 and err.count("\n") == 1 and "--device cuda" in err, err
+    assert out.read_bytes() == kept and not (tmp_path / "new.csv").exists()
+
+    code, stdout, err = run(capsys, predict_captcha.main, *base, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert out.read_bytes() == kept  # the same predictions, rewritten
+
+
+def test_predict_captcha_skip_bad(tmp_path, capsys, captcha_export, images):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in images.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    cv2.imwrite(str(folder / "dot.png"), np.zeros((1, 1, 3), np.uint8))
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "preds.csv"
+    argv = ["--checkpoint", captcha_export, "--images", folder, "--device", "cpu", "--out", out]
+    code, _, err = run(capsys, predict_captcha.main, *argv)
+    assert code == 2 and err.count("\n") == 1 and "broken.jpg" in err and "--skip_bad" in err, err
+    assert not out.exists() and not (tmp_path / "preds.csv.tmp").exists()
+    code, _, err = run(capsys, predict_captcha.main, *argv[:3], folder / "dot.png", *argv[4:])
+    assert code == 2 and err.count("\n") == 1 and "dot.png: 1x1 px is too small" in err, err
+
+    code, stdout, err = run(capsys, predict_captcha.main, *argv, "--skip_bad")
+    assert code == 0, err
+    assert [r["filename"] for r in read_csv(out)] == ["captcha_000000.png", "captcha_000001.png"]
+    assert "2 images ->" in stdout and "skipped 2 image(s)" in stdout
+    listed = stdout.split("skipped 2 image(s)")[1]
+    assert "broken.jpg: not a decodable image" in listed and "dot.png: 1x1 px is too small" in listed
+
+    only_bad = tmp_path / "only_bad.csv"
+    code, _, err = run(capsys, predict_captcha.main, *argv[:3], folder / "dot.png", *argv[4:6], "--out", only_bad,
+                       "--skip_bad")
+    assert code == 2 and err.count("\n") == 1 and "nothing written" in err and not only_bad.exists(), err
+
+
+@pytest.fixture(scope="module")
+def pair_export(tmp_path_factory):
+    from models.compare_net import ResNetCompareNet
+
+    return make_export(tmp_path_factory.mktemp("pair") / "final", ResNetCompareNet, layers=[1, 1, 1], width_mult=0.25,
+                       feat_dim=16)
+
+
+def test_predict_pair_outputs_and_bad_input(tmp_path, capsys, pair_export):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=rng.integers(0, 256, (6, 28, 56), dtype=np.uint8), id=np.array([f"p{i}" for i in range(6)]),
+             y=np.array([0, 1, 0, 1, 0, 1]))
+    out = tmp_path / "preds.csv"
+    base = ["--checkpoint", pair_export, "--data", data, "--device", "cpu"]
+    code, stdout, err = run(capsys, predict_pair.main, *base, "--out", out)
+    assert code == 0, err
+    assert [r["id"] for r in read_csv(out)] == [f"p{i}" for i in range(6)] and "accuracy" in stdout
+    kept = out.read_bytes()
+    for argv, named in [
+        (("--checkpoint", tmp_path / "no_such_run", *base[2:], "--out", out), "--overwrite"),
+        ((*base, "--out", tmp_path), "is a directory"),
+        ((*base, "--out", tmp_path / "new.csv", "--device", "gpu"), "--device gpu"),
+        ((*base, "--out", tmp_path / "new.csv", "--checkpoint", truncated_copy(pair_export, tmp_path / "trunc")),
+         "model.safetensors: not a readable safetensors file"),
+        (("--checkpoint", pair_export, pair_export, *base[2:], "--out", tmp_path / "new.csv", "--stacker", tmp_path),
+         "no stacker.json"),
+    ]:
+        code, _, err = run(capsys, predict_pair.main, *argv)
+        assert code == 2 and err.count("\n") == 1 and named in err, (argv, err)
+    assert out.read_bytes() == kept and not (tmp_path / "new.csv").exists()
+    code, _, err = run(capsys, predict_pair.main, *base, "--out", out, "--overwrite")
+    assert code == 0 and out.read_bytes() == kept, err
+
+
+def test_predict_pair_with_a_stacker(tmp_path, capsys, pair_export):
+    """load_stacker runs before any prediction: the stacker of stack_pair.py applied to its member runs."""
+    from test_stack_pair import members, stack_cli, write_run
+
+    y_val, _ = members(90, 1, seed=1)
+    y_test, _ = members(30, 1, seed=2)
+    runs = []
+    for k in range(2):
+        run_dir = write_run(tmp_path / f"run{k}", y_val, y_test, seed=k)
+        for name in ("model.json", "model.safetensors"):
+            (run_dir / name).write_bytes((pair_export / name).read_bytes())
+        runs.append(run_dir)
+    code, _, err = stack_cli(capsys, "--runs", *runs, "--out", tmp_path / "stacker", "--folds", "3")
+    assert code == 0, err
+    data = tmp_path / "x.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.integers(0, 256, (4, 28, 56), dtype=np.uint8), id=np.array([f"p{i}" for i in range(4)]))
+    out = tmp_path / "stacked.csv"
+    argv = ["--data", data, "--device", "cpu", "--stacker", tmp_path / "stacker"]
+    code, stdout, err = run(capsys, predict_pair.main, "--checkpoint", *reversed(runs), *argv, "--out", out)
+    assert code == 0, err
+    assert "stacked 2 model(s)" in stdout and len(read_csv(out)) == 4
+    other = tmp_path / "other.csv"
+    code, _, err = run(capsys, predict_pair.main, "--checkpoint", runs[0], pair_export, *argv, "--out", other)
+    assert code == 2 and err.count("\n") == 1 and "expects exactly the runs run0, run1" in err, err
+    assert not other.exists()
+
+
+def test_output_helpers_keep_the_old_output_on_failure(tmp_path, monkeypatch):
+    from training import io
+    from training.config import UsageError
+
+    target = tmp_path / "sub" / "out.csv"
+    assert io.check_output(target, overwrite=False) == target and not (tmp_path / "sub").exists()
+    io.write_atomically(target, lambda tmp: tmp.write_text("old\n"))
+
+    def broken(tmp):
+        (tmp / "half" if tmp.is_dir() else tmp).write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        io.write_atomically(target, broken)
+    assert target.read_text() == "old\n" and sorted(p.name for p in target.parent.iterdir()) == ["out.csv"]
+
+    folder = tmp_path / "report"
+    io.write_folder_atomically(folder, lambda tmp: (tmp / "a.txt").write_text("old\n"))
+    with pytest.raises(RuntimeError):
+        io.write_folder_atomically(folder, broken)
+    assert [p.name for p in folder.iterdir()] == ["a.txt"]
+    io.write_folder_atomically(folder, lambda tmp: (tmp / "b.txt").write_text("new\n"))
+    assert [p.name for p in folder.iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "sub"]  # no .tmp, no .old
+    with pytest.raises(UsageError, match="not empty"):
+        io.check_output(folder, overwrite=False, folder=True)
+    assert io.check_output(folder, overwrite=True, folder=True) == folder
+
+    monkeypatch.setattr(io.os, "access", lambda path, mode: False)  # as a non-root user in a read-only folder
+    with pytest.raises(UsageError, match=rf"--out {tmp_path / 'new.csv'}: folder {tmp_path} is not writable"):
+        io.check_output(tmp_path / "new.csv", overwrite=False)
