@@ -250,16 +250,21 @@ def test_wall_time_sums_launches_across_midnight(tmp_path):
 
 # ----------------------------------------------------------------------------- search
 
-FAKE_SEARCH = """import json, signal, sys, time
+FAKE_SEARCH = """import json, os, signal, sys, time
 from pathlib import Path
 a = sys.argv[1:]
 def get(flag, default=None):
     return a[a.index(flag) + 1] if flag in a else default
 out = Path(get("--output_dir"))
 run = out / get("--run_name")
-run.mkdir(parents=True, exist_ok=True)
+out.mkdir(parents=True, exist_ok=True)
 with (out / "launches.txt").open("a") as f:
     f.write(" ".join(a) + "\\n")
+if os.environ.get("FAKE_FAIL") == "usage":  # a refused flag, as accelerate launch reports it: 1, no run directory
+    sys.exit(1)
+run.mkdir(parents=True, exist_ok=True)
+if os.environ.get("FAKE_FAIL") == "crash":  # fails after it started
+    sys.exit(1)
 score = {1: 1.0, 2: 0.5}.get(len((out / "launches.txt").read_text().splitlines()), 0.2)  # each launch worse
 (run / "args.yaml").write_text(json.dumps({"x": float(get("--x")), "run_name": run.name}))
 (run / "env.yaml").write_text(json.dumps({"task": "fake"}))
@@ -331,6 +336,56 @@ def test_search_settings_must_match_to_continue(fake_search, capsys):
         runs.main(["search", "--trials", "2", "--space", "x=0:2", *cmd])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "other settings" in err
+
+
+def test_search_stops_after_failed_trials_in_a_row(fake_search, monkeypatch, capsys):
+    """accelerate launch reports every failure as status 1, so failures are counted, not waited out."""
+    monkeypatch.setenv("FAKE_FAIL", "crash")
+    with pytest.raises(SystemExit) as e:
+        runs.main(["search", "--trials", "5", "--space", "x=0:1", "--metric", "val/score", "--mode", "max",
+                   "--study", "s", "--max_failures", "2", "--", sys.executable, "train_fake.py", "--output_dir", "out"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "2 trials in a row failed" in err, err
+    assert [t.state.name for t in journal_trials(fake_search / "out" / "s.journal", "s")] == ["FAIL", "FAIL"]
+    assert "exited with status 1" in (fake_search / "out" / "s_t1" / "FAILED").read_text()
+
+
+def test_search_stops_when_the_script_refuses_its_flags(fake_search, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_FAIL", "usage")
+    with pytest.raises(SystemExit) as e:
+        runs.main(["search", "--trials", "5", "--space", "x=0:1", "--metric", "val/score", "--mode", "max",
+                   "--study", "s", "--", sys.executable, "train_fake.py", "--output_dir", "out"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "refused a flag" in err, err
+    assert len((fake_search / "out" / "launches.txt").read_text().splitlines()) == 1  # stopped at once
+
+
+def test_a_new_study_never_reuses_run_directories_of_an_old_one(fake_search, capsys):
+    """An earlier study's journal deleted, its runs kept: the new study must neither resume nor remove them."""
+    old = fake_search / "out" / "s_t0"
+    old.mkdir(parents=True)
+    (old / "args.yaml").write_text("x: 0.5\n")
+    with pytest.raises(SystemExit) as e:
+        runs.main(["search", "--trials", "1", "--space", "x=0:1", "--metric", "val/score", "--mode", "max",
+                   "--study", "s", "--", sys.executable, "train_fake.py", "--output_dir", "out"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "s_t0" in err and "move them away" in err, err
+    assert sorted(p.name for p in (fake_search / "out").iterdir()) == ["s_t0"]
+    assert (old / "args.yaml").read_text() == "x: 0.5\n"
+
+
+def test_search_minimises_in_an_sqlite_storage(fake_search, capsys):
+    db = fake_search / "study.db"
+    cmd = ["search", "--trials", "2", "--space", "x=0.001:1:log", "--metric", "val/score", "--mode", "min",
+           "--study", "m", "--storage", f"sqlite:///{db}", "--sampler_seed", "1", "--",
+           sys.executable, "train_fake.py", "--output_dir", "out"]
+    assert runs.main(cmd) == 0
+    assert "best: trial 1, val/score 2" in capsys.readouterr().out  # the second launch scores 2 < 4
+    assert runs.main(cmd) == 0  # the study is in the database: nothing more is launched
+    assert len((fake_search / "out" / "launches.txt").read_text().splitlines()) == 2
+    import optuna
+    trials = optuna.load_study(study_name="m", storage=f"sqlite:///{db}").get_trials()
+    assert [t.value for t in trials] == [4.0, 2.0] and all(0.001 <= t.params["x"] <= 1 for t in trials)
 
 
 SEARCH_OK = ["--trials", "2", "--metric", "val/score", "--mode", "max"]

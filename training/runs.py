@@ -39,11 +39,13 @@ as flags and ``--run_name <study>_t<number>``; the pruner reads the trial's summ
 a pruned launch is stopped with SIGTERM (a ``PRUNED`` file in its run directory says so); the objective
 is ``--metric`` in the trial's ``best/metrics.json``. The same command continues a stopped search: a trial
 left running by a killed search is marked failed and its values run again, resuming its run directory.
+``--max_failures`` failed trials in a row stop the search (exit 1), a launch refused before it made its run
+directory at once (exit 2); a new study never reuses run directories named like its trials.
 
 Mistakes in the tool's flags or in the command (a bad seed list or search space, no command, no
 ``train_*.py`` in it, a flag the tool sets itself, a folder that is no run, a metric the runs do not log)
-end with one line and exit status 2 before anything is launched (a search's metric is checked at its
-first trial's first evaluation; that trial and a new study are then removed).
+end with one line and exit status 2 before anything is launched (a search's metric is checked at the first
+evaluation of its trials until one has reported it; that trial and a new study are then removed).
 """
 from __future__ import annotations
 
@@ -513,7 +515,7 @@ def read_train_log(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def wall_time(path: Path) -> float | None:
     """Seconds of training in train.log: the time from the first to the last line of each launch, summed over
-    launches (a resumed run's pause is not counted; start-up before the first line is). Lines carry only
+    launches (a resumed run's pause is not counted, nor the start-up before a launch's first line). Lines carry only
     HH:MM:SS, so a gap is taken modulo a day."""
     if not path.is_file():
         return None
@@ -770,11 +772,6 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high))
         return trial.suggest_float(self.name, self.low, self.high, log=self.kind == "log")
 
-    def describe(self) -> str:
-        if self.kind == "choice":
-            return "|".join(self.choices)
-        return f"{fmt_value(self.low)}:{fmt_value(self.high)}" + ("" if self.kind == "float" else f":{self.kind}")
-
 
 def parse_space(text: str) -> list[Param]:
     """``lr=1e-4:1e-2:log,weight_decay=1e-5:1e-2:log,width_mult=0.25|0.5|1.0``; a choice may hold commas
@@ -860,14 +857,27 @@ class MetricNotLogged(Exception):
     pass
 
 
-def run_trial(study, trial, command: TrainCommand, output_dir: Path, params: dict, run_dir: Path, metric: str):
-    """Launch one trial, feed its summary.csv to the pruner while it runs; -> (state, value, exit status)."""
+def summary_columns(path: Path) -> list[str] | None:
+    """The header of summary.csv once the file holds a first row (None before)."""
+    try:
+        with path.open(newline="") as f:
+            reader = csv.reader(f)
+            header, first = next(reader, None), next(reader, None)
+    except OSError:
+        return None
+    return header if header and first else None
+
+
+def run_trial(study, trial, command: TrainCommand, output_dir: Path, params: dict, run_dir: Path, metric: str,
+              retry: bool, check_metric: bool):
+    """Launch one trial, feed its summary.csv to the pruner while it runs; -> (state, value, exit status).
+    ``check_metric``: raise MetricNotLogged when the first evaluation's columns lack ``metric``."""
     from optuna.trial import TrialState
 
     extra = ["--output_dir", str(output_dir), "--run_name", run_dir.name]
     for name, value in params.items():
         extra += [f"--{name}", flag_value(value)]
-    if run_dir.exists():
+    if retry and run_dir.exists():
         extra += ["--resume", "auto"]  # a retry of an interrupted trial continues its checkpoints
     cmd = command.with_args(*extra)
     trial.set_user_attr("command", shlex.join(cmd))
@@ -882,10 +892,14 @@ def run_trial(study, trial, command: TrainCommand, output_dir: Path, params: dic
         while True:
             finished = proc.poll() is not None
             summary = run_dir / "summary.csv"
+            if check_metric:
+                columns = summary_columns(summary)
+                if columns is not None:
+                    if metric not in columns:
+                        stop_launch(proc)
+                        raise MetricNotLogged([c for c in columns if c not in ("step", "epoch")])
+                    check_metric = False
             series = read_summary(summary)
-            if series and metric not in series:
-                stop_launch(proc)
-                raise MetricNotLogged(sorted(series))
             for step, value in series.get(metric, []):
                 if step in reported or not math.isfinite(value):
                     continue
@@ -894,7 +908,7 @@ def run_trial(study, trial, command: TrainCommand, output_dir: Path, params: dic
                 if trial.should_prune():
                     stop_launch(proc)
                     write_marker(run_dir, "PRUNED", f"pruned by {PROG} search: study {study.study_name}, trial "
-                                 f"{trial.number}, at step {step} ({metric} {value:.6g} below the median of "
+                                 f"{trial.number}, at step {step} ({metric} {value:.6g} worse than the median of "
                                  "earlier trials at that step)")
                     print(f"trial {trial.number}: pruned at step {step} ({metric} {value:.6g})", flush=True)
                     return TrialState.PRUNED, None, None
@@ -910,8 +924,8 @@ def run_trial(study, trial, command: TrainCommand, output_dir: Path, params: dic
         write_marker(run_dir, "FAILED", f"trial {trial.number} of study {study.study_name}: the launch exited "
                      f"with status {status}")
         return TrialState.FAIL, None, status
-    record = read_run_metrics(run_dir) if (run_dir / "best" / "metrics.json").is_file() else None
-    value = record.get(metric) if record else None
+    best = run_dir / "best" / "metrics.json"  # the model the script's own monitor picked
+    value = _numeric(_read_json(best)).get(metric) if best.is_file() else None
     if value is None or not math.isfinite(value):
         write_marker(run_dir, "FAILED", f"trial {trial.number} of study {study.study_name}: no finite {metric} "
                      "in best/metrics.json")
@@ -928,7 +942,11 @@ def recover_interrupted(study, host: str) -> None:
         attrs = t.user_attrs
         if attrs.get("host") != host or _alive(attrs.get("tool_pid"), "training.runs"):
             continue  # another machine's trial, or a search still running here
-        run_dir = Path(attrs.get("run_dir", ""))
+        if "run_dir" not in attrs:  # killed between ask() and its first note: nothing was launched
+            study.tell(t.number, state=TrialState.FAIL)
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            continue
+        run_dir = Path(attrs["run_dir"])
         pid = attrs.get("launch_pid")
         if _alive(pid, run_dir.name or "train_"):
             try:
@@ -944,6 +962,17 @@ def recover_interrupted(study, host: str) -> None:
                      "(its search stopped); a later trial resumes this run directory")
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "run_dir": str(run_dir)})
         print(f"trial {t.number}: interrupted by a stopped search; it is run again (resuming {run_dir})", flush=True)
+
+
+def refuse_leftover_trials(output_dir: Path, study: str, where) -> None:
+    """A new study must not meet run directories of an earlier study of the same name (its journal deleted,
+    say): a trial would resume, or remove, a run it did not make."""
+    pattern = re.compile(rf"^{re.escape(study)}_t\d+$")
+    found = sorted(p.name for p in output_dir.glob(f"{study}_t*") if pattern.match(p.name)) \
+        if output_dir.is_dir() else []
+    if found:
+        fail(f"--study {study}: {where} holds no such study but {output_dir} has its trials' run directories "
+             f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); move them away or pick another --study")
 
 
 def trials_table(study, space: list[Param], metric: str) -> tuple[list[str], list[list[str]]]:
@@ -988,6 +1017,8 @@ def add_search_parser(sub) -> None:
     p.add_argument("--prune_warmup", type=int, default=0,
                    help="steps of a trial during which it is never pruned (n_warmup_steps; default 0)")
     p.add_argument("--sampler_seed", type=int, default=None, help="seed of the TPE sampler (default: random)")
+    p.add_argument("--max_failures", type=int, default=3,
+                   help="failed trials in a row after which the search stops (exit 1; default 3)")
     p.set_defaults(func=cmd_search, takes_command=True)
 
 
@@ -996,6 +1027,8 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
         fail(f"--trials must be at least 1; got {args.trials}")
     if args.prune_after < 0 or args.prune_warmup < 0:
         fail("--prune_after and --prune_warmup must be non-negative")
+    if args.max_failures < 1:
+        fail(f"--max_failures must be at least 1; got {args.max_failures}")
     space = parse_space(args.space)
     if not args.metric.strip() or "," in args.metric:
         fail(f"--metric expects one metric name such as val/accuracy; got {args.metric!r}")
@@ -1027,6 +1060,8 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
     if args.storage is None:
         journal = output_dir / f"{args.study}.journal"
         existing = journal.is_file()
+        if not existing:
+            refuse_leftover_trials(output_dir, args.study, journal)
         output_dir.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
         storage = JournalStorage(JournalFileBackend(str(journal)))
@@ -1039,8 +1074,10 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if existing else []
     if args.study in names:
         study = optuna.load_study(study_name=args.study, storage=storage,
-                                  sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
                                   pruner=optuna.pruners.MedianPruner(args.prune_after, args.prune_warmup))
+        # a continued search must not draw the random start-up values of its first launch again
+        seed = None if args.sampler_seed is None else args.sampler_seed + len(study.trials)
+        study.sampler = optuna.samplers.TPESampler(seed=seed)
         before = study.user_attrs.get("search", {})
         changed = [k for k in settings if before.get(k) != settings[k]]
         if changed:
@@ -1048,6 +1085,8 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
                  f"({', '.join(f'{k}: {before.get(k)!r}' for k in changed)}); give the same ones, or a new --study")
         print(f"study {args.study}: continuing ({len(study.trials)} trial(s) so far) in {journal or args.storage}")
     else:
+        if args.storage is not None:
+            refuse_leftover_trials(output_dir, args.study, args.storage)
         study = optuna.create_study(study_name=args.study, storage=storage,
                                     direction="maximize" if args.mode == "max" else "minimize",
                                     sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
@@ -1057,6 +1096,7 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
 
     host = socket.gethostname()
     recover_interrupted(study, host)
+    failures = 0  # failed trials in a row
     while True:
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
@@ -1064,14 +1104,20 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
                                                     TrialState.WAITING)]
         if not waiting and len(counted) >= args.trials:
             break
+        # the metric is checked until one trial of the study has reported it (a later trial may log it late)
+        check_metric = not any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
         trial = study.ask()
         params = {p.name: p.suggest(trial) for p in space}
-        fresh = "run_dir" not in trial.user_attrs
-        run_dir = Path(trial.user_attrs["run_dir"]) if not fresh else output_dir / f"{args.study}_t{trial.number}"
+        retry = "run_dir" in trial.user_attrs
+        run_dir = Path(trial.user_attrs["run_dir"]) if retry else output_dir / f"{args.study}_t{trial.number}"
         for key, value in (("run_dir", str(run_dir)), ("host", host), ("tool_pid", os.getpid())):
             trial.set_user_attr(key, value)
+        if not retry and run_dir.exists():  # another host's trial, or a folder made by hand: never reuse it
+            study.tell(trial, state=TrialState.FAIL)
+            fail(f"{run_dir} exists but is not a run of trial {trial.number} of study {args.study}; move it away")
         try:
-            state, value, status = run_trial(study, trial, command, output_dir, params, run_dir, args.metric)
+            state, value, status = run_trial(study, trial, command, output_dir, params, run_dir, args.metric,
+                                             retry, check_metric)
         except KeyboardInterrupt:
             study.tell(trial, state=TrialState.FAIL)
             write_marker(run_dir, "INTERRUPTED", f"trial {trial.number} of study {args.study} was interrupted; "
@@ -1082,7 +1128,7 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
         except MetricNotLogged as e:
             study.tell(trial, state=TrialState.FAIL)
             logged = [k for k in e.args[0] if k.startswith(("val", "test"))] or e.args[0]
-            if fresh:
+            if not retry:
                 shutil.rmtree(run_dir, ignore_errors=True)
             if len(study.trials) == 1 and journal is not None and not existing:
                 journal.unlink(missing_ok=True)  # nothing but this trial was ever in it
@@ -1093,11 +1139,18 @@ def cmd_search(args, command_argv: list[str] | None) -> int:
             print(f"trial {trial.number}: {args.metric} {value:.6g}", flush=True)
         else:
             study.tell(trial, state=state)
+        failures = failures + 1 if state == TrialState.FAIL else 0
         if state == TrialState.FAIL:
-            if status == 2:  # a usage error: every trial would fail alike
-                stop(f"trial {trial.number} failed with exit status 2 (run directory {run_dir}): a flag of the "
-                     "command or a sampled value was refused; see its message above", 2)
+            # A script refuses bad flags or values with exit 2 before it makes its run directory (accelerate
+            # launch reports any failure as 1): every trial would fail alike.
+            if status == 2 or (status and not retry and not run_dir.exists()):
+                stop(f"trial {trial.number} failed with exit status {status} before it made its run directory "
+                     f"{run_dir}: the script refused a flag of the command or a sampled value; see its message "
+                     "above", 2)
             print(f"trial {trial.number}: failed (exit status {status}); see {run_dir / 'train.log'}", flush=True)
+            if failures >= args.max_failures:
+                stop(f"{failures} trials in a row failed (the last: trial {trial.number}, {run_dir}); fix the "
+                     "command, then run the same search again to continue the study", 1)
 
     header, rows = trials_table(study, space, args.metric)
     print(f"\nstudy {args.study}: {len(rows)} trial(s), {args.metric} ({args.mode}):")
