@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import save_file
 
 import fit_smlm
-from conftest import ROOT, read_csv, run_python
+from conftest import ROOT, call_main, read_csv, run_python
 from data.smlm import (SimConfig, bin_emitters, camera_forward, psf_sigmas, read_movie_h5, render,
                        sample_background, sample_loose_emitters, to_photons)
 from models.sigma_munet import SigmaMUNet
@@ -81,13 +81,7 @@ def whole_movie_det(run_dir, stack):
 
 def fit(capsys, *argv):
     """fit_smlm.main in this process -> (exit status, stdout, stderr)."""
-    try:
-        fit_smlm.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(capsys, fit_smlm.main, *argv)
 
 
 def test_cli_writes_thunderstorm_csv(tmp_path, run_dir, stack):

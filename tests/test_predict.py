@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import predict_captcha
 import predict_pair
-from conftest import read_csv
+from conftest import call_main, read_csv
 from data.captcha import export as export_captchas
 from training.export import build_model, model_record
 
@@ -38,15 +38,7 @@ def truncated_copy(export, folder):
     return folder
 
 
-def run(capsys, main, *argv):
-    """main(argv) in this process -> (exit status, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = call_main
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from conftest import call_main
 from metrics.pair import pair_metrics
 from stack_pair import combine, features, fit_lgbm, out_of_fold
 
@@ -130,13 +131,7 @@ def stack_cli(capsys, *argv):
     """stack_pair.main in this process -> (exit status, stdout, stderr)."""
     import stack_pair
 
-    try:
-        stack_pair.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(capsys, stack_pair.main, *argv)
 
 
 def test_cli_refuses_bad_runs_and_keeps_the_output_folder(tmp_path, capsys):
