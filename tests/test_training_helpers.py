@@ -84,6 +84,10 @@ def test_parse_args_yaml_type_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(Demo, ["--config", str(cfg)])
     assert "key lr: expected a finite number, got nan" in capsys.readouterr().err
+    cfg.write_text("lr: " + "9" * 400 + "\n")  # float() of it would raise OverflowError
+    with pytest.raises(SystemExit):
+        parse_args(Demo, ["--config", str(cfg)])
+    assert "key lr: expected a finite number, got an integer of 400 digits" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(Demo, ["--config", str(tmp_path / "missing.yaml")])
     assert "file not found" in capsys.readouterr().err
@@ -198,6 +202,29 @@ def test_crafted_or_corrupt_checkpoint_files_are_refused_before_loading(tmp_path
     with pytest.raises(UsageError, match="registered.json/registered.safetensors unreadable"):
         check_checkpoint(_step(run_dir, 2))
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_process_count_or_with_sharded_fsdp_states_is_refused(tmp_path, accelerator):
+    """Fewer processes than saved would pass the RNG-file check but resume inexactly (batches counted per
+    process); torch.distributed.checkpoint folders are read with pickle."""
+    from training.checkpoint import check_checkpoint
+
+    run_dir = tmp_path / "runs" / "r"
+    _saved_run(run_dir, accelerator)
+    step = _step(run_dir, 4)
+    meta = json.loads((step / "meta.json").read_text())
+    assert meta["num_processes"] == 1
+    (step / "random_states_1.pkl").write_bytes((step / "random_states_0.pkl").read_bytes())
+    (step / "meta.json").write_text(json.dumps({**meta, "num_processes": 2}))
+    with pytest.raises(UsageError, match="saved by 2 process\\(es\\), this launch has 1; resume it with 2"):
+        check_checkpoint(step)
+    check_checkpoint(step, num_processes=2)
+    (step / "meta.json").write_text(json.dumps(meta))
+    shards = step / "pytorch_model_fsdp_0"
+    shards.mkdir()
+    (shards / ".metadata").write_bytes(b"not read")
+    with pytest.raises(UsageError, match="torch.distributed.checkpoint folder .*FULL_STATE_DICT"):
+        check_checkpoint(step)
 
 
 def test_resume_falls_back_past_a_refused_checkpoint_and_refuses_a_named_one(tmp_path, accelerator):

@@ -131,13 +131,22 @@ def read_rng_state(file: Path) -> dict:
     return states
 
 
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}  # written by every save; an older checkpoint may lack it
+    return meta if isinstance(meta, dict) else {}
+
+
 def check_checkpoint(path: Path, num_processes: int = 1) -> None:
     """Refuse (UsageError) a checkpoint that cannot be resumed exactly and safely, before anything is loaded.
 
     Checked: the COMPLETE marker; no ``custom_checkpoint_*.pkl`` (objects Accelerate would unpickle with
     ``weights_only=False``); one readable RNG state per process of this launch (Accelerate would skip a
-    corrupt one silently and resume inexactly); the registered objects; the safetensors headers and
-    the torch zip archives (a truncated file).
+    corrupt one silently and resume inexactly) and the process count it was saved by; no
+    torch.distributed.checkpoint folder (FSDP sharded states, read with pickle); the registered objects; the
+    safetensors headers and the torch zip archives (a truncated file).
     """
     path = Path(path)
     if not is_complete(path):
@@ -152,6 +161,17 @@ def check_checkpoint(path: Path, num_processes: int = 1) -> None:
             raise UsageError(f"checkpoint {path}: no {file.name} (saved by fewer processes than the {num_processes} "
                              "of this launch?)")
         read_rng_state(file)
+    saved_by = _read_meta(path).get("num_processes")
+    if isinstance(saved_by, int) and saved_by != num_processes:
+        # The loop position counts batches per process and each rank has its own RNG state: with another
+        # process count the data order, the effective batch and the random draws would not continue exactly.
+        raise UsageError(f"checkpoint {path}: saved by {saved_by} process(es), this launch has {num_processes}; "
+                         f"resume it with {saved_by} (an exact resume needs the same process count)")
+    dcp = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.name == ".metadata" or p.suffix == ".distcp")
+    if dcp:
+        raise UsageError(f"checkpoint {path}: holds a torch.distributed.checkpoint folder ({dcp[0]}: FSDP's "
+                         "SHARDED_STATE_DICT), whose .metadata only pickle can read; refused. Save FSDP runs with "
+                         "fsdp_state_dict_type FULL_STATE_DICT, as accelerate_configs/fsdp.yaml does")
     read_registered(path)
     for file in sorted(path.glob("*.safetensors")):
         try:

@@ -102,6 +102,8 @@ def _coerce_yaml(value, tp, optional: bool):
             return value
         raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > 1e308:  # float() would overflow
+            raise ValueError(f"expected a finite number, got an integer of {len(str(abs(value)))} digits")
         if not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {value!r}")
         return float(value)
