@@ -15,8 +15,8 @@ Where the model comes from:
 - ``load_pretrained(name_or_path)``: weights and processor from a local folder (an export, or a download of
   ``Salesforce/blip-vqa-base``) or, when online, a hub name;
 - ``train_wordpiece`` + ``small_config``: a small BLIP trained from scratch (the offline default, sized for a
-  CPU) with a WordPiece vocabulary trained by the ``tokenizers`` library on the training questions and answers
-  (subword pieces, so an unseen word becomes pieces, not a single [UNK]).
+  CPU) with a deterministic WordPiece vocabulary built from the training questions and answers (characters as
+  pieces, so an unseen word becomes pieces, not a single [UNK]).
 
 The batch contract (``data.vqa.VQACollate``) follows the model: the decoder gets ``decoder_input_ids`` that
 start with the [DEC] token, as ``generate`` starts, and ``labels`` equal to them with -100 on padding; nobody
@@ -27,6 +27,7 @@ a mismatch.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -75,17 +76,33 @@ def check_tokenizer(config: BlipConfig, tokenizer) -> None:
 
 
 def train_wordpiece(texts, out_dir, vocab_size: int = 1000) -> BertTokenizer:
-    """A lower-cased BERT WordPiece vocabulary trained on ``texts`` (the training questions and answers),
-    written to ``out_dir/vocab.txt`` with the special tokens first, and the BERT tokenizer over it with [DEC]
-    as its bos token. Deterministic for the same texts."""
-    from tokenizers.implementations import BertWordPieceTokenizer
+    """A lower-cased BERT WordPiece vocabulary for ``texts`` (the training questions and answers), written to
+    ``out_dir/vocab.txt``, and the BERT tokenizer over it with [DEC] as its bos token.
 
+    The vocabulary: the special tokens, every character of the texts as a word start and as a ``##``
+    continuation, then whole words by frequency (ties alphabetical) up to ``vocab_size``. Text goes through
+    the ``tokenizers`` library's BERT normaliser and pre-tokeniser, as the tokenizer will see it. An unseen word
+    becomes its longest known prefix plus pieces, never a single [UNK]. Deterministic: the same texts give the
+    same file in every process and every run (the library's WordPiece trainer breaks ties between equally
+    frequent merges differently in each process, so three trainings on the same texts gave three
+    vocabularies, and runs with one seed could not be reproduced)."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True, strip_accents=True), BertPreTokenizer()
+    counts = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = [*SPECIAL_TOKENS, *chars, *("##" + c for c in chars)]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"--vocab_size {vocab_size}: the texts need {len(vocab)} special and character tokens")
+    known = set(vocab)
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in known]
+    vocab += words[: vocab_size - len(vocab)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=True, strip_accents=True)
-    wordpiece.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    wordpiece.save_model(str(out_dir))  # vocab.txt
+    (out_dir / "vocab.txt").write_text("".join(token + "\n" for token in vocab))
     return BertTokenizer(str(out_dir / "vocab.txt"), do_lower_case=True, bos_token="[DEC]")
 
 

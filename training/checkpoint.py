@@ -356,9 +356,12 @@ class Checkpointer:
             tmp = self.run.dir / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
+            # copy=True: tied weights (a language model's decoder and embeddings) share storage, which
+            # safetensors refuses; each key gets its own copy, so a strict load_state_dict finds all of them.
+            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()},
+                      tmp / "model.safetensors")
             if ema is not None:
-                save_file({k: v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()},
+                save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in ema.module.state_dict().items()},
                           tmp / "model_ema.safetensors")
             record = {"global_step": state.global_step, "epoch": state.epoch, **metrics}
             (tmp / "metrics.json").write_text(json.dumps(record, indent=1))
