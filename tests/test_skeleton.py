@@ -144,7 +144,7 @@ def test_every_flag_has_help_text(script):
 
 
 # Command-line tools built with plain argparse: module -> argv that reaches its parse call.
-ARGPARSE_CLIS = {"predict_captcha": [], "predict_pair": [], "stack_pair": [], "fit_smlm": [],
+ARGPARSE_CLIS = {"predict_captcha": [], "predict_pair": [], "predict_vqa": [], "stack_pair": [], "fit_smlm": [],
                  "training.runs": ["compare", "runs/x"]}
 
 

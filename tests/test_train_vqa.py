@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
-from conftest import kill_after_checkpoint, read_csv, run_python, run_script
+from conftest import call_main, kill_after_checkpoint, read_csv, run_python, run_script
 from training.export import load_export
 
 COLOURS = {"red": (220, 30, 30), "dark green": (0, 100, 0), "blue": (30, 30, 220), "light gray": (200, 200, 200)}
@@ -55,9 +55,15 @@ def args(data_dir, out, *extra):
     return [*TINY, "--data_dir", str(data_dir), "--test_files", "test.jsonl", "--output_dir", str(out), *extra]
 
 
-def test_one_process_run_writes_layout_predictions_and_save_pretrained_exports(data_dir, tmp_path):
-    run_script("train_vqa.py", args(data_dir, tmp_path, "--max_steps", "4", "--eval_every_steps", "2", "--run_name", "r"))
-    run = tmp_path / "r"
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vqa_runs")
+    run_script("train_vqa.py", args(data_dir, out, "--max_steps", "4", "--eval_every_steps", "2", "--run_name", "r"))
+    return out / "r"
+
+
+def test_one_process_run_writes_layout_predictions_and_save_pretrained_exports(trained_run):
+    run = trained_run
     rows = read_csv(run / "summary.csv")
     assert [int(r["step"]) for r in rows] == [2, 4]
     for key in ("val/accuracy", "val/exact_match", "val/loss", "val/accuracy/color", "val/accuracy/yes_no",
@@ -147,3 +153,47 @@ def test_a_broken_jsonl_line_is_named(data_dir, tmp_path):
                       str(tmp_path / "runs"), "--max_steps", "1")
     assert proc.returncode == 2 and "train.jsonl: line 3" in proc.stderr and "question" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_predict_vqa_answers_a_file_and_one_question(trained_run, data_dir, tmp_path, capsys):
+    import predict_vqa
+
+    out = tmp_path / "preds.jsonl"
+    cmd = ["--checkpoint", trained_run, "--data", data_dir / "test.jsonl", "--out", out, "--device", "cpu"]
+    code, stdout, err = call_main(capsys, predict_vqa.main, *cmd)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 12 and set(lines[0]) == {"id", "question", "answer"}
+    assert "questions/s" in stdout and "accuracy" in stdout
+    # the same answers as the training script's own predictions with the best weights
+    trained = [json.loads(line) for line in (trained_run / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert [line["answer"] for line in lines] == [p["answer"] for p in trained]
+    code, _, err = call_main(capsys, predict_vqa.main, *cmd)  # --out exists
+    assert code == 2 and "already exists" in err and err.count("\n") == 1
+    image = data_dir / json.loads((data_dir / "test.jsonl").read_text().splitlines()[0])["image"]
+    code, stdout, _ = call_main(capsys, predict_vqa.main, "--checkpoint", trained_run, "--image", image,
+                                "--question", lines[0]["question"], "--device", "cpu")
+    assert code == 0 and stdout.strip() == lines[0]["answer"]
+    code, _, err = call_main(capsys, predict_vqa.main, "--checkpoint", trained_run, "--image", image)
+    assert code == 2 and "--question" in err
+
+
+def test_step_benchmark_prints_the_ratio(data_dir, tmp_path):
+    """benchmarks/vqa_step.py on the tiny data (a folder with train.jsonl) and the script's defaults."""
+    proc = run_python("benchmarks/vqa_step.py", "--config", "none", "--data_dir", str(data_dir), "--batch_size", "4",
+                      "--steps", "1", "--warmup", "0", "--rounds", "2", "--distinct_batches", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "vqa_step.json").read_text())
+    methods = [row["method"] for row in report["tables"][0]["rows"]]
+    assert methods == ["ours (train_vqa.py train_step + loop)", "bare PyTorch"] and report["ratio"] > 0
+
+
+def test_init_from_an_export_keeps_its_vocabulary_and_starts_at_its_metrics(trained_run, data_dir, tmp_path):
+    run_script("train_vqa.py", args(data_dir, tmp_path, "--init_from", str(trained_run), "--max_steps", "1",
+                                    "--eval_every_steps", "1", "--vocab_size", "70", "--run_name", "ft"))
+    first = read_csv(tmp_path / "ft" / "summary.csv")[0]
+    best = json.loads((trained_run / "best" / "metrics.json").read_text())
+    assert int(first["step"]) == 0
+    assert float(first["val/accuracy"]) == pytest.approx(best["val/accuracy"])
+    assert float(first["val/loss"]) == pytest.approx(best["val/loss"], rel=1e-4)
+    assert (tmp_path / "ft" / "tokenizer.json").read_text() == (trained_run / "tokenizer.json").read_text()
