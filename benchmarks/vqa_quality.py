@@ -63,7 +63,7 @@ def encode(dataset: VQADataset, vocab: dict[str, int], image_cache: dict):
         key = (str(dataset.path.parent), r["image"])
         if key not in image_cache:
             image = load_image(r["image"], dataset.path.parent).resize((64, 64))
-            image_cache[key] = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+            image_cache[key] = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
         images.append(image_cache[key])
         words.append([vocab.get(w, 0) for w in WORD.findall(r["question"].lower())] or [0])
     return torch.stack(images), words

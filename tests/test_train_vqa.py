@@ -197,3 +197,16 @@ def test_init_from_an_export_keeps_its_vocabulary_and_starts_at_its_metrics(trai
     assert float(first["val/accuracy"]) == pytest.approx(best["val/accuracy"])
     assert float(first["val/loss"]) == pytest.approx(best["val/loss"], rel=1e-4)
     assert (tmp_path / "ft" / "tokenizer.json").read_text() == (trained_run / "tokenizer.json").read_text()
+
+
+def test_fine_tuning_a_save_pretrained_folder_with_the_vision_model_frozen(trained_run, data_dir, tmp_path):
+    """The code path of configs/vqa_blip_base.yaml (a BLIP folder as --model, vision frozen), on a tiny BLIP."""
+    run_script("train_vqa.py", args(data_dir, tmp_path, "--model", str(trained_run / "best"), "--freeze",
+                                    "vision_model", "--max_steps", "2", "--eval_every_steps", "2", "--run_name", "ft"))
+    start, end = load_file(trained_run / "best" / "model.safetensors"), load_file(tmp_path / "ft" / "final" / "model.safetensors")
+    vision = [k for k in start if k.startswith("vision_model.")]
+    text = [k for k in start if k.startswith("text_encoder.encoder.")]
+    assert vision and text
+    assert all(torch.equal(start[k], end[k]) for k in vision)
+    assert any(not torch.equal(start[k], end[k]) for k in text)
+    assert (tmp_path / "ft" / "final" / "tokenizer.json").read_text() == (trained_run / "best" / "tokenizer.json").read_text()
