@@ -118,8 +118,11 @@ def small_config(tokenizer, image_size: int = 64, patch_size: int = 8, hidden: i
                 intermediate_size=4 * hidden, max_position_embeddings=positions, encoder_hidden_size=hidden,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 sep_token_id=tokenizer.sep_token_id, label_smoothing=label_smoothing)
+    # BlipVisionConfig's default initializer_range is 1e-10 (harmless when pretrained weights overwrite it): a
+    # ViT built from scratch with it starts with every weight ~1e-10 and learns colours late and shapes never
     vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
-                  num_hidden_layers=vision_layers or layers, num_attention_heads=heads, intermediate_size=4 * hidden)
+                  num_hidden_layers=vision_layers or layers, num_attention_heads=heads, intermediate_size=4 * hidden,
+                  initializer_range=0.02)
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=hidden).to_dict()
 
 

@@ -121,3 +121,12 @@ def test_load_pretrained_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--model .*nowhere: cannot load") as e:
         load_pretrained(str(tmp_path / "nowhere"))
     assert "\n" not in str(e.value)
+
+
+def test_scratch_config_initialises_vision_and_text_weights_at_the_same_scale(tiny):
+    """BlipVisionConfig's default initializer_range (1e-10) would start the ViT with all weights ~1e-10."""
+    model, _ = tiny
+    params = dict(model.named_parameters())
+    for name in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_embedding",
+                 "vision_model.encoder.layers.0.mlp.fc1.weight", "text_encoder.encoder.layer.0.attention.self.query.weight"):
+        assert 0.01 < float(params[name].detach().std()) < 0.03, name
