@@ -27,6 +27,7 @@ from transformers import BlipProcessor
 
 from data.vqa import VQADataset, load_image
 from metrics.vqa import vqa_metrics
+from models.blip import decode_answers
 from training.config import UsageError, fail
 from training.export import load_export_or_exit, resolve_device
 from training.io import check_output, write_atomically
@@ -43,10 +44,12 @@ def load_processor(export) -> BlipProcessor:
 
 @torch.no_grad()
 def answer(model, processor, images: list, questions: list[str], device, max_new_tokens: int, num_beams: int) -> list[str]:
-    enc = processor(images=images, text=questions, padding=True, return_tensors="pt").to(device)
+    # questions longer than the text encoder's positions are cut, as in training
+    enc = processor(images=images, text=questions, padding=True, truncation=True,
+                    max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
     out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                          pixel_values=enc["pixel_values"], max_new_tokens=max_new_tokens, num_beams=num_beams)
-    return processor.batch_decode(out, skip_special_tokens=True)
+    return decode_answers(processor.tokenizer, out)
 
 
 def main(argv: list[str] | None = None):

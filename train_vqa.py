@@ -35,7 +35,7 @@ from transformers import BlipProcessor
 
 from data.vqa import VQACollate, VQADataset, num_answer_tokens
 from metrics.vqa import most_frequent_answer, vqa_metrics
-from models.blip import BlipVQA, freeze, load_pretrained, make_processor, small_config, train_wordpiece
+from models.blip import BlipVQA, decode_answers, freeze, load_pretrained, make_processor, small_config, train_wordpiece
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
 from training.export import MODEL_JSON, build_model, load_weights, model_record, read_weights, resolve_export
@@ -254,7 +254,7 @@ def predict(model, dataloader, accelerator, processor, args: Args) -> dict:
                                pixel_values=batch["pixel_values"], max_new_tokens=args.answer_max_length,
                                num_beams=args.num_beams)
         tokens += num_answer_tokens(batch["labels"])
-        preds = processor.batch_decode(out, skip_special_tokens=True)
+        preds = decode_answers(processor.tokenizer, out)
         rows += accelerator.gather_for_metrics(list(zip(batch["id"], preds)), use_gather_object=True)
     pred = dict(rows)  # by id: the order of the processes' shards does not matter
     loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum").clamp(min=1)).item()
@@ -353,7 +353,7 @@ def main():
     run.log.info("model: %.3f M parameters (%.3f M trainable), vocabulary %d; %d training, %d validation questions",
                  sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6, len(processor.tokenizer),
                  len(train_ds), len(val_ds))
-    collate = VQACollate(processor, args.answer_max_length)
+    collate = VQACollate(processor, args.answer_max_length, model.config.text_config.max_position_embeddings)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
                   pin_memory=torch.cuda.is_available())
     # Its own generator, so starting an epoch's iterator leaves the global RNG (dropout) untouched.

@@ -217,9 +217,10 @@ class VQACollate:
         labels                         int64 (B, La)      decoder_input_ids with -100 on padding
     plus answers (list of lists), question_type and id (lists) for evaluation. Nothing is shifted: the
     decoder compares logits[:, :-1] with labels[:, 1:] itself. Answers longer than answer_max_length
-    tokens (with [DEC] and [SEP]) are truncated."""
+    tokens (with [DEC] and [SEP]) are truncated, and so are questions longer than question_max_length (the
+    text encoder's positions: a scratch model has as many as its longest training question needs)."""
 
-    def __init__(self, processor, answer_max_length: int = 8):
+    def __init__(self, processor, answer_max_length: int = 8, question_max_length: int | None = None):
         if answer_max_length < 3:
             raise ValueError(f"answer_max_length must be >= 3 ([DEC], one token, [SEP]), got {answer_max_length}")
         self.bos_token_id = processor.tokenizer.bos_token_id
@@ -227,10 +228,12 @@ class VQACollate:
             raise ValueError("the processor's tokenizer has no bos_token; BLIP's decoder starts from it "
                              "(a BertTokenizer with bos_token='[DEC]')")
         self.processor, self.answer_max_length = processor, int(answer_max_length)
+        self.question_max_length = question_max_length
 
     def __call__(self, items: list[dict]) -> dict:
         enc = self.processor(images=[it["image"] for it in items], text=[it["question"] for it in items],
-                             padding=True, return_tensors="pt")
+                             padding=True, truncation=self.question_max_length is not None,
+                             max_length=self.question_max_length, return_tensors="pt")
         # answers get their own short length: padding them to the question length only wastes decoder steps
         ans = self.processor.tokenizer([it["answer"] for it in items], padding="max_length",
                                        max_length=self.answer_max_length, truncation=True, return_tensors="pt")

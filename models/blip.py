@@ -27,6 +27,7 @@ a mismatch.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -37,11 +38,25 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")  # [DEC
 HUB_MODEL = "Salesforce/blip-vqa-base"
 
 
+def _cross_attention_mask(module, args, kwargs):
+    if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
+        kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+    return args, kwargs
+
+
 class BlipVQA(BlipForQuestionAnswering):
     """``BlipForQuestionAnswering`` built from a config dict, with token-count-normalised training loss."""
 
     def __init__(self, config: BlipConfig | dict):
         super().__init__(BlipConfig.from_dict(config) if isinstance(config, dict) else config)
+        # transformers 5.x's BLIP text layers hand the cross-attention mask to their attention module as
+        # attention_mask, which the module then replaces with its (unset) encoder_attention_mask: the decoder
+        # attends to the padding of the question, so an answer depends on the other questions in its batch.
+        # The hook passes the mask on under the name the module reads. Plain BlipForQuestionAnswering loading
+        # our exports does not get it.
+        for module in self.modules():
+            if type(module).__name__ == "BlipTextSelfAttention":
+                module.register_forward_pre_hook(_cross_attention_mask, with_kwargs=True)
 
     def forward(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
                 attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
@@ -60,6 +75,36 @@ class BlipVQA(BlipForQuestionAnswering):
                                    encoder_hidden_states=question_embeds, encoder_attention_mask=attention_mask,
                                    labels=labels, reduction="none")
         return answer.loss.sum() / num_items_in_batch
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values, attention_mask=None, **generate_kwargs):
+        """The parent's generate, except that the decoder attends to the question tokens only, as in training:
+        transformers' version passes an all-ones mask over the padded question, so an answer would depend on
+        the length of the other questions in its batch."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        question_embeds = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                            encoder_hidden_states=image_embeds,
+                                            encoder_attention_mask=image_mask).last_hidden_state
+        bos = torch.full((input_ids.shape[0], 1), self.decoder_start_token_id, device=input_ids.device)
+        return self.text_decoder.generate(input_ids=bos, eos_token_id=self.config.text_config.sep_token_id,
+                                          pad_token_id=self.config.text_config.pad_token_id,
+                                          encoder_hidden_states=question_embeds,
+                                          encoder_attention_mask=attention_mask, **generate_kwargs)
+
+
+_NUMBER_SPACE = re.compile(r"(?<=\d)([.,]) (?=\d)")
+
+
+def decode_answers(tokenizer, ids) -> list[str]:
+    """Generated ids -> answer strings. WordPiece splits punctuation into tokens and decoding puts spaces
+    around them ("don ' t", "1, 000"), which the official VQA normalisation does not undo and would score 0:
+    the tokenizer's clean-up rejoins contractions and the regex rejoins numbers."""
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [_NUMBER_SPACE.sub(r"\1", t).strip() for t in texts]
+
 
 
 def check_tokenizer(config: BlipConfig, tokenizer) -> None:

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForQuestionAnswering, BlipProcessor
 
-from models.blip import BlipVQA, check_tokenizer, freeze, load_pretrained, make_processor, small_config, train_wordpiece
+from metrics.vqa import normalize_answer
+from models.blip import BlipVQA, check_tokenizer, decode_answers, freeze, load_pretrained, make_processor, small_config, train_wordpiece
 from training.export import build_model, model_record
 
 QA = [("what color is the circle?", "red"), ("what shape is the blue shape?", "triangle"),
@@ -108,7 +109,13 @@ def test_exports_reload_with_from_pretrained_and_from_model_json(tiny, tmp_path)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     plain = BlipForQuestionAnswering.from_pretrained(tmp_path).eval()  # what a user of transformers does
-    torch.testing.assert_close(plain(**batch).loss, model(**batch).loss)
+    theirs, ours = plain.state_dict(), model.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    # unpadded, the two agree (padded, the plain class attends to the question padding: see BlipVQA)
+    single = {k: v[:1] for k, v in batch.items()}
+    single = {**single, "input_ids": single["input_ids"][:, : int(single["attention_mask"].sum())],
+              "attention_mask": single["attention_mask"][:, : int(single["attention_mask"].sum())]}
+    torch.testing.assert_close(plain(**single).loss, model(**single).loss)
     loaded, loaded_processor = load_pretrained(str(tmp_path), label_smoothing=0.1)
     assert isinstance(loaded_processor, BlipProcessor) and loaded.text_decoder.label_smoothing == 0.1
     rebuilt = build_model(model_record(BlipVQA, config=model.config.to_dict()))  # training.export's path
@@ -130,3 +137,28 @@ def test_scratch_config_initialises_vision_and_text_weights_at_the_same_scale(ti
     for name in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_embedding",
                  "vision_model.encoder.layers.0.mlp.fc1.weight", "text_encoder.encoder.layer.0.attention.self.query.weight"):
         assert 0.01 < float(params[name].detach().std()) < 0.03, name
+
+
+def test_decoded_answers_survive_the_official_normalisation(tmp_path):
+    """WordPiece splits punctuation; decoding must not leave "don ' t" or "1, 000" (they would score 0)."""
+    answers = ["don't", "o'clock", "1,000", "2.5", "t-shirt", "yes", "red and blue", "3"]
+    tokenizer = train_wordpiece([q for q, _ in QA] + answers, tmp_path, vocab_size=200)
+    ids = tokenizer(answers, padding=True, return_tensors="pt").input_ids
+    decoded = decode_answers(tokenizer, ids)
+    assert [normalize_answer(d) for d in decoded] == [normalize_answer(a) for a in answers]
+    assert decoded[:4] == ["don't", "o'clock", "1,000", "2.5"]
+
+
+def test_an_answer_does_not_depend_on_the_other_questions_in_its_batch(tiny):
+    """generate masks the question padding as training does (transformers' own generate attends to it)."""
+    model, processor = tiny
+    model.eval()
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    questions = ["is it red?", "what color is the big shape in the middle of the image?"]
+    alone = processor(images=images[:1], text=questions[:1], return_tensors="pt")
+    both = processor(images=images, text=questions, padding=True, return_tensors="pt")
+    assert both.input_ids.shape[1] > alone.input_ids.shape[1]  # the first question is padded in the batch
+    kwargs = dict(max_new_tokens=4, output_scores=True, return_dict_in_generate=True)
+    a = model.generate(input_ids=alone.input_ids, attention_mask=alone.attention_mask, pixel_values=alone.pixel_values, **kwargs)
+    b = model.generate(input_ids=both.input_ids, attention_mask=both.attention_mask, pixel_values=both.pixel_values, **kwargs)
+    torch.testing.assert_close(b.scores[0][:1], a.scores[0], atol=1e-5, rtol=1e-5)
