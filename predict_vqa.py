@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None):
     try:
         device = resolve_device(args.device)
         out = check_output(args.out, args.overwrite) if args.data else None
-        dataset = VQADataset(args.data) if args.data else None
+        dataset = VQADataset(args.data, answers_required=False) if args.data else None
         image = load_image(args.image) if args.image else None
     except (UsageError, ValueError) as e:
         fail(str(e))
@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None):
                 f.write(json.dumps({"id": record["id"], "question": record["question"], "answer": pred}) + "\n")
     write_atomically(out, write)
     print(f"{len(preds)} questions -> {out} ({len(preds) / seconds:.1f} questions/s on {device}, beams {num_beams})")
-    scores = vqa_metrics(preds, [r["answers"] for r in dataset.records])
-    print(f"accuracy {scores['accuracy']:.2f}  exact match {scores['exact_match']:.2f} (against the file's answers)")
+    labelled = [(p, r["answers"]) for p, r in zip(preds, dataset.records) if r["answers"]]
+    if labelled:
+        scores = vqa_metrics([p for p, _ in labelled], [a for _, a in labelled])
+        print(f"accuracy {scores['accuracy']:.2f}  exact match {scores['exact_match']:.2f} (against the answers of "
+              f"{len(labelled)} of {len(preds)} questions)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from models.blip import BlipVQA, decode_answers, freeze, load_pretrained, make_p
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
 from training.export import MODEL_JSON, build_model, load_weights, model_record, read_weights, resolve_export
-from training.run import log_images
+from training.run import log_images, resolve_run
 from training.summary import TrainMeter, append_summary
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "decoder_input_ids", "decoder_attention_mask", "labels")
@@ -168,6 +168,26 @@ def scratch_spec(args: Args, train: VQADataset) -> tuple[dict, object]:
     return model_record(BlipVQA, config=config), make_processor(tokenizer, args.image_size)
 
 
+def check_resumed_model(args: Args, model_json: dict, processor) -> None:
+    """A resumed run must rebuild the model and vocabulary it was trained with: a scratch vocabulary comes
+    from the training file, so other data would silently remap the token ids. One line and exit 2 if not,
+    before start_run touches the run."""
+    try:
+        run_dir, checkpoint, _ = resolve_run(args, "vqa")
+    except UsageError:
+        return  # start_run names what is wrong with --resume
+    if checkpoint is None or not (run_dir / MODEL_JSON).is_file():
+        return
+    saved = json.loads((run_dir / MODEL_JSON).read_text())
+    try:
+        same_vocab = BlipProcessor.from_pretrained(run_dir).tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    except (OSError, ValueError):
+        same_vocab = False
+    if saved != json.loads(json.dumps(model_json)) or not same_vocab:
+        fail(f"--resume: {run_dir} was trained with another model or vocabulary than this launch builds (other "
+             "training data, --model or model flags?); resume with the run's own data and flags")
+
+
 def check_freeze(args: Args, model_json: dict) -> None:
     """--freeze prefixes checked on the model built on the meta device (no memory), before anything is written."""
     with torch.device("meta"):
@@ -211,7 +231,9 @@ def with_token_counts(batches, accelerator, grad_accum: int):
     its tokens scaled to a full group, so each of its micro-batches still weighs about 1/grad_accum."""
     iterator = iter(batches)
     while True:
-        # accelerator.step counts accumulate() calls: the group may have begun in the previous epoch
+        # accelerator.step counts accumulate() calls: the group may have begun in the previous epoch. Reading
+        # ahead is safe because start_run sets sync_with_dataloader=False: with Accelerate's default, the
+        # dataloader's end (reached while reading the last group) would force a step on every micro-batch after it
         group = list(islice(iterator, grad_accum - accelerator.step % grad_accum))
         if not group:
             return
@@ -246,19 +268,20 @@ def predict(model, dataloader, accelerator, processor, args: Args) -> dict:
     loss of the reference answers (``loss``)."""
     model.eval()
     net = accelerator.unwrap_model(model)
-    rows, loss_sum, tokens = [], torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    rows, loss_sum, tokens = [], 0.0, 0
     for batch in dataloader:
         with accelerator.autocast():
-            loss_sum += net(**{k: batch[k] for k in MODEL_INPUTS}, num_items_in_batch=1).float()
+            losses = net.answer_losses(**{k: batch[k] for k in MODEL_INPUTS}).float()
             out = net.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                pixel_values=batch["pixel_values"], max_new_tokens=args.answer_max_length,
                                num_beams=args.num_beams)
-        tokens += num_answer_tokens(batch["labels"])
+        # per question, so that gather_for_metrics drops the questions repeated to even out the last batch
+        losses, counts = accelerator.gather_for_metrics((losses, (batch["labels"][:, 1:] != -100).sum(1)))
+        loss_sum, tokens = loss_sum + losses.sum().item(), tokens + int(counts.sum())
         preds = decode_answers(processor.tokenizer, out)
         rows += accelerator.gather_for_metrics(list(zip(batch["id"], preds)), use_gather_object=True)
     pred = dict(rows)  # by id: the order of the processes' shards does not matter
-    loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum").clamp(min=1)).item()
-    return {"pred": [pred[r["id"]] for r in dataloader.dataset.records], "loss": loss}
+    return {"pred": [pred[r["id"]] for r in dataloader.dataset.records], "loss": loss_sum / max(tokens, 1)}
 
 
 def score(preds: list[str], records: list[dict], majority: str) -> dict:
@@ -342,6 +365,7 @@ def main():
     train_ds, val_ds, test_ds = load_datasets(args)  # before start_run: bad data fails before a run exists
     model_json, processor, pretrained = model_spec(args, train_ds)
     check_freeze(args, model_json)
+    check_resumed_model(args, model_json, processor)
     accelerator, run = start_run(args, task="vqa", model_json=model_json)
     model = build_model(model_json)
     if pretrained is not None:

@@ -87,12 +87,13 @@ def _text(value, key: str, where: str) -> str:
     return value
 
 
-def _record(obj, where: str, base_dir: Path) -> dict:
-    """One validated, normalised record (answers always a list); ValueError prefixed with `where`."""
+def _record(obj, where: str, base_dir: Path, answers_required: bool = True) -> dict:
+    """One validated, normalised record (answers always a list, empty when absent and not required);
+    ValueError prefixed with `where`."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     missing = [k for k in ("image", "question") if k not in obj]
-    if "answer" not in obj and "answers" not in obj:
+    if answers_required and "answer" not in obj and "answers" not in obj:
         missing.append("answer (or answers)")
     if missing:
         raise ValueError(f"{where}: missing key(s) {', '.join(missing)}; keys found: {', '.join(obj) or '(none)'}")
@@ -114,8 +115,10 @@ def _record(obj, where: str, base_dir: Path) -> dict:
             _text(a, "an entry of answers", where)
         if "answer" in obj and _text(obj["answer"], "answer", where) not in answers:
             raise ValueError(f"{where}: answer {obj['answer']!r} is not one of answers {answers}")
-    else:
+    elif "answer" in obj:
         answers = [_text(obj["answer"], "answer", where)]
+    else:
+        answers = []  # a question to answer (predict_vqa.py), not to learn from
     record = {"image": image, "question": question, "answers": list(answers),
               "question_type": _text(obj["question_type"], "question_type", where) if "question_type" in obj else ""}
     if "id" in obj:
@@ -123,10 +126,10 @@ def _record(obj, where: str, base_dir: Path) -> dict:
     return record
 
 
-def read_jsonl(path) -> list[dict]:
+def read_jsonl(path, answers_required: bool = True) -> list[dict]:
     """Validated records of a VQA jsonl file (see the module docstring): dicts with image (as written),
-    question, answers (a list), question_type ("" when absent), id and line (1-based, for messages).
-    Raises ValueError naming the file and line."""
+    question, answers (a list; empty when absent and not answers_required), question_type ("" when absent),
+    id and line (1-based, for messages). Raises ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found; expected a VQA .jsonl file (one JSON object per line)")
@@ -141,7 +144,7 @@ def read_jsonl(path) -> list[dict]:
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                record = _record(obj, where, path.parent)
+                record = _record(obj, where, path.parent, answers_required)
                 record.setdefault("id", f"{path.stem}:{line}")
                 if record["id"] in seen:
                     raise ValueError(f"{where}: id {record['id']!r} is already used on line {seen[record['id']]}; "
@@ -189,11 +192,11 @@ class VQADataset(Dataset):
     """One VQA jsonl file. Items: image (PIL RGB), question, answers (list), answer (the most frequent of
     answers, the training target), question_type ("" when absent), id. Images are decoded at item read."""
 
-    def __init__(self, path, max_samples: int | None = None):
+    def __init__(self, path, max_samples: int | None = None, answers_required: bool = True):
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
         self.path = Path(path)
-        self.records = read_jsonl(self.path)[:max_samples]
+        self.records = read_jsonl(self.path, answers_required)[:max_samples]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -202,7 +205,7 @@ class VQADataset(Dataset):
         r = self.records[i]
         image = load_image(r["image"], self.path.parent, where=f"{self.path}: line {r['line']}")
         return {"image": image, "question": r["question"], "answers": r["answers"],
-                "answer": majority_answer(r["answers"]), "question_type": r["question_type"], "id": r["id"]}
+                "answer": majority_answer(r["answers"]) if r["answers"] else "", "question_type": r["question_type"], "id": r["id"]}
 
 
 # ---------------------------------------------------------------------------- batches

@@ -64,8 +64,13 @@ class BlipVQA(BlipForQuestionAnswering):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values,
                                    decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
                                    attention_mask=attention_mask, labels=labels, **kwargs)
-        # The same three stages as the parent's forward, with the decoder's per-answer summed loss
-        # (reduction="none") instead of its micro-batch mean.
+        return self.answer_losses(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask,
+                                  attention_mask, labels).sum() / num_items_in_batch
+
+    def answer_losses(self, input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask,
+                      labels) -> torch.Tensor:
+        """(B,) summed answer-token cross-entropy per question. The same three stages as the parent's forward,
+        with the decoder's per-answer sums (reduction="none") instead of its micro-batch mean."""
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         question_embeds = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
@@ -74,7 +79,7 @@ class BlipVQA(BlipForQuestionAnswering):
         answer = self.text_decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
                                    encoder_hidden_states=question_embeds, encoder_attention_mask=attention_mask,
                                    labels=labels, reduction="none")
-        return answer.loss.sum() / num_items_in_batch
+        return answer.loss
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values, attention_mask=None, **generate_kwargs):

@@ -80,6 +80,17 @@ def test_records_are_normalised_and_images_resolve_against_the_jsonl_folder(fold
     assert np.array(load_image(records[2]["image"], "/nonexistent")).shape == (12, 20, 3)
 
 
+
+def test_questions_without_answers_are_read_only_when_answers_are_not_required(folder):
+    path = write_lines(folder / "ask.jsonl", [{"image": "imgs/a.png", "question": "what color?"},
+                                              {"image": "imgs/a.png", "question": "is it red?", "answer": "yes"}])
+    with pytest.raises(ValueError, match="line 1: missing key.s. answer"):
+        read_jsonl(path)
+    records = read_jsonl(path, answers_required=False)
+    assert [r["answers"] for r in records] == [[], ["yes"]]
+    assert VQADataset(path, answers_required=False)[0]["answer"] == ""
+
+
 BAD_LINES = [
     ("{not json", "not valid JSON"),
     ('["image", "question"]', "expected a JSON object, got list"),

@@ -4,6 +4,7 @@ SIGKILL, gradient accumulation with token-count normalisation, bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
 from conftest import call_main, kill_after_checkpoint, read_csv, run_python, run_script
+from data.vqa import VQACollate, VQADataset, num_answer_tokens
+from train_vqa import MODEL_INPUTS
 from training.export import load_export
 
 COLOURS = {"red": (220, 30, 30), "dark green": (0, 100, 0), "blue": (30, 30, 220), "light gray": (200, 200, 200)}
@@ -92,6 +95,16 @@ def test_two_process_run_with_accumulation(data_dir, tmp_path):
     assert "2 process(es) (MULTI_CPU)" in (run / "train.log").read_text()
     assert len(read_csv(run / "summary.csv")) == 1
     assert len((run / "predictions" / "test.jsonl").read_text().splitlines()) == 12  # every question once
+    # val/loss over 2 processes (12 questions in batches of 4: the last batch is evened out with repeats) is
+    # the token mean of one pass over the file with the same weights
+    export = load_export(run / "final")
+    processor = BlipProcessor.from_pretrained(run / "final")
+    val = VQADataset(data_dir / "val.jsonl")
+    batch = VQACollate(processor, 6)([val[i] for i in range(len(val))])
+    with torch.no_grad():
+        losses = export.model.eval().answer_losses(**{k: batch[k] for k in MODEL_INPUTS})
+    expected = (losses.sum() / num_answer_tokens(batch["labels"])).item()
+    assert float(read_csv(run / "summary.csv")[0]["val/loss"]) == pytest.approx(expected, rel=1e-4)
 
 
 def _first_moment(checkpoint: Path) -> list[torch.Tensor]:
@@ -124,6 +137,14 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
     a = load_file(tmp_path / "a" / "full" / "final" / "model.safetensors")
     b = load_file(part / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # resuming on other training data would rebuild another vocabulary: refused before anything changes
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    (other / "train.jsonl").write_text((other / "train.jsonl").read_text().replace("circle", "disc"))
+    before = (part / "tokenizer.json").read_text()
+    proc = run_python("train_vqa.py", *args(other, tmp_path / "b", *common, "--run_name", "part", "--resume", "auto"))
+    assert proc.returncode == 2 and "another model or vocabulary" in proc.stderr, proc.stderr[-2000:]
+    assert (part / "tokenizer.json").read_text() == before
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -176,6 +197,14 @@ def test_predict_vqa_answers_a_file_and_one_question(trained_run, data_dir, tmp_
     assert code == 0 and stdout.strip() == lines[0]["answer"]
     code, _, err = call_main(capsys, predict_vqa.main, "--checkpoint", trained_run, "--image", image)
     assert code == 2 and "--question" in err
+    # questions without answers (what users predict on), one longer than any the model was trained on
+    unlabelled = data_dir / "unlabelled.jsonl"
+    long_q = "what color is the shape " + "in the middle of the white image " * 6 + "?"
+    unlabelled.write_text(json.dumps({"image": str(image.relative_to(data_dir)), "question": long_q}) + "\n")
+    code, stdout, err = call_main(capsys, predict_vqa.main, "--checkpoint", trained_run, "--data", unlabelled,
+                                  "--out", tmp_path / "u.jsonl", "--device", "cpu")
+    assert code == 0, err
+    assert "accuracy" not in stdout and len((tmp_path / "u.jsonl").read_text().splitlines()) == 1
 
 
 def test_step_benchmark_prints_the_ratio(data_dir, tmp_path):
