@@ -37,7 +37,7 @@ bench: $(BIN)/.installed datasets/pair/meta.json datasets/vqa/meta.json
 	$(BIN)/python benchmarks/smlm_quality.py --checkpoint runs/smlm/cpu --out bench_out
 	$(BIN)/python benchmarks/vqa_step.py --out bench_out
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train_vqa.py --config configs/vqa_cpu.yaml \
-		--cpu --run_name cpu --resume auto --report_to none   # ~40 min on 2 cores; a finished run only re-exports
+		--cpu --run_name cpu --resume auto --report_to none   # ~35 min on 2 cores; a finished run only re-exports
 	$(BIN)/python benchmarks/vqa_quality.py --checkpoint runs/vqa/cpu --out bench_out
 
 datasets/pair/meta.json: $(BIN)/.installed
