@@ -38,7 +38,7 @@ def load_processor(export) -> BlipProcessor:
     for folder in (export.folder, export.record_dir):
         if (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file():
             return BlipProcessor.from_pretrained(folder)
-    fail(f"--checkpoint {export.folder}: no processor files (preprocessor_config.json, vocab.txt); not a "
+    fail(f"--checkpoint {export.folder}: no processor files (processor_config.json, tokenizer.json); not a "
          "train_vqa.py export")
 
 
