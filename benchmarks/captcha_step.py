@@ -32,13 +32,12 @@ from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch.utils.data import default_collate
 
-from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, positive,
+from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, positive, preset_args,
                                step_methods, step_overhead_report)
 from data.captcha import SyntheticCaptchaDataset
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
 from train_captcha import Args, build_scheduler, loss_kwargs, model_kwargs, set_train_mode, train_step
-from training.config import UsageError, fail, load_yaml_config
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -57,19 +56,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def train_args(flags) -> Args:
     """train_captcha.py's Args from the preset plus the benchmark's overrides (one update per micro-batch)."""
-    config = None if str(flags.config).lower() == "none" else flags.config
-    if config and not Path(config).exists() and (ROOT / config).exists():
-        config = str(ROOT / config)  # the default preset, also when run from outside the repo
-    try:
-        values = load_yaml_config(config, Args) if config else {}
-        for name in ("batch_size", "fpn_channels", "head_channels", "channels_last", "mixed_precision"):
-            if getattr(flags, name) is not None:
-                values[name] = getattr(flags, name)
-        values.update(config=flags.config if config else None, cpu=flags.cpu or not torch.cuda.is_available(),
-                      grad_accum=1, num_workers=0, report_to="none")
-        return Args(**values)
-    except UsageError as e:
-        fail(str(e))
+    return preset_args(flags, Args, ("batch_size", "fpn_channels", "head_channels", "channels_last", "mixed_precision"))
 
 
 def build_model(args: Args) -> LiteHRNet18FPN:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.config import fail
+from training.config import UsageError, fail, load_yaml_config
 
 TARGET_RATIO = 1.05  # ours/bare: the loop's bookkeeping may cost at most 5 % of an update
 
@@ -297,3 +297,22 @@ def step_methods(make_ours, make_bare, base, previous_check: bool) -> dict:
         steps["ours, micro-batch finite check (previous loop)"] = make_ours(copy.deepcopy(base), "micro_batch")
     steps["bare"] = make_bare(copy.deepcopy(base))
     return steps
+
+
+def preset_args(flags, args_cls, overrides: tuple[str, ...], **fixed):
+    """A training script's Args from ``flags.config`` (a preset path, found in the repo when run from outside
+    it; "none" for the script's defaults), the benchmark flags named in ``overrides`` when given, then the
+    values every step benchmark fixes (one update per micro-batch, no workers, no tracker) and ``fixed``.
+    A bad preset or value ends the program with one line."""
+    root = Path(__file__).resolve().parents[1]
+    config = None if str(flags.config).lower() == "none" else flags.config
+    if config and not Path(config).exists() and (root / config).exists():
+        config = str(root / config)  # the default preset, also when run from outside the repo
+    try:
+        values = load_yaml_config(config, args_cls) if config else {}
+        values.update({name: getattr(flags, name) for name in overrides if getattr(flags, name) is not None})
+        values.update(config=flags.config if config else None, cpu=flags.cpu or not torch.cuda.is_available(),
+                      grad_accum=1, num_workers=0, report_to="none", **fixed)
+        return args_cls(**values)
+    except UsageError as e:
+        fail(str(e))

@@ -28,29 +28,16 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import default_collate
 
-from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, step_methods,
-                               step_overhead_report)
+from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, preset_args,
+                               step_methods, step_overhead_report)
 from data.pair import PairNPZDataset, build_pair_splits
 from models.compare_net import ResNetCompareNet
 from train_pair import Args, compute_loss, model_kwargs, train_step
-from training.config import UsageError, fail, load_yaml_config
 
 
 def train_args(flags) -> Args:
     """train_pair.py's Args from the preset plus the benchmark's overrides (one update per micro-batch)."""
-    config = None if str(flags.config).lower() == "none" else flags.config
-    if config and not Path(config).exists() and (ROOT / config).exists():
-        config = str(ROOT / config)
-    try:
-        values = load_yaml_config(config, Args) if config else {}
-        for name in ("batch_size", "width_mult", "mixed_precision"):
-            if getattr(flags, name) is not None:
-                values[name] = getattr(flags, name)
-        values.update(config=flags.config if config else None, cpu=flags.cpu or not torch.cuda.is_available(),
-                      grad_accum=1, num_workers=0, report_to="none", lr_schedule="cosine")
-        return Args(**values)
-    except UsageError as e:
-        fail(str(e))
+    return preset_args(flags, Args, ("batch_size", "width_mult", "mixed_precision"), lr_schedule="cosine")
 
 
 def fixed_batches(args: Args, n: int, device) -> list[dict]:

@@ -26,29 +26,16 @@ import tempfile
 import torch
 from accelerate import Accelerator
 
-from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, step_methods,
-                               step_overhead_report)
+from benchmarks.common import (add_step_flags, bare_update, check_step_flags, loop_update, preset_args,
+                               step_methods, step_overhead_report)
 from data.vqa import VQACollate, VQADataset, export_easy_vqa, num_answer_tokens
 from train_vqa import MODEL_INPUTS, Args, build_scheduler, scratch_spec, train_step
-from training.config import UsageError, fail, load_yaml_config
 from training.export import build_model
 
 
 def train_args(flags) -> Args:
     """train_vqa.py's Args from the preset plus the benchmark's overrides (one update per micro-batch)."""
-    config = None if str(flags.config).lower() == "none" else flags.config
-    if config and not Path(config).exists() and (ROOT / config).exists():
-        config = str(ROOT / config)
-    try:
-        values = load_yaml_config(config, Args) if config else {}
-        for name in ("batch_size", "mixed_precision"):
-            if getattr(flags, name) is not None:
-                values[name] = getattr(flags, name)
-        values.update(config=flags.config if config else None, cpu=flags.cpu or not torch.cuda.is_available(),
-                      grad_accum=1, num_workers=0, report_to="none", model="scratch")
-        return Args(**values)
-    except UsageError as e:
-        fail(str(e))
+    return preset_args(flags, Args, ("batch_size", "mixed_precision"), model="scratch")
 
 
 def fixed_batches(args: Args, n: int, device, data_dir: Path) -> tuple[list[dict], dict, object]:
