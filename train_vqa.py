@@ -73,7 +73,7 @@ class Args:
     batch_size: int = 64                  # per device, per micro-batch
     grad_accum: int = 1                   # micro-batches per optimizer update
     lr: float = 5e-4                      # AdamW peak learning rate
-    weight_decay: float = 0.05            # AdamW decoupled weight decay
+    weight_decay: float = 0.05            # AdamW decoupled weight decay (not on biases, LayerNorms, position/class embeddings)
     warmup_steps: int = 200               # linear warm-up in updates, then cosine decay to min_lr at max_steps
     min_lr: float = 1e-6                  # floor of the cosine decay
     clip_grad: float = 1.0                # max global gradient norm
@@ -91,6 +91,7 @@ class Args:
     init_from: str | None = None          # start from these weights (run dir, export or checkpoint of the same model)
     report_to: Literal["wandb", "tensorboard", "none"] = "wandb"  # tracker; W&B runs offline unless logged in
     patience: int = 5                     # evaluations without val accuracy gain before stopping; 0 disables
+    min_delta: float = 0.0                # val accuracy (in %) must rise by more than this to count as a gain
     num_figures: int = 16                 # validation questions drawn with their predictions per evaluation; 0 disables
 
     def __post_init__(self):
@@ -101,8 +102,8 @@ class Args:
         for name in ("max_steps", "eval_every_steps", "save_every_steps", "max_train_samples", "max_val_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1 (or none), got {getattr(self, name)}")
-        if self.lr <= 0 or self.clip_grad <= 0 or self.min_lr < 0 or self.weight_decay < 0:
-            raise UsageError("--lr and --clip_grad must be > 0, --min_lr and --weight_decay >= 0")
+        if self.lr <= 0 or self.clip_grad <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.min_delta < 0:
+            raise UsageError("--lr and --clip_grad must be > 0, --min_lr, --weight_decay and --min_delta >= 0")
         if self.answer_max_length < 3:
             raise UsageError(f"--answer_max_length must be >= 3 ([DEC], a token, [SEP]), got {self.answer_max_length}")
         if not 0 <= self.label_smoothing < 1:
@@ -209,6 +210,18 @@ def save_processor(net, processor, run) -> tuple[str, ...]:
             for name in names:
                 (run.dir / name).write_bytes((Path(tmp) / name).read_bytes())
     return names
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """The trainable parameters in two AdamW groups: decayed matrices, and the rest undecayed. Biases and
+    LayerNorm gains (1-D) and the ViT's position and class embeddings set offsets and scales, not feature
+    directions; decaying them pulls them to zero, which is the usual transformer recipe's reason to exempt them."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            exempt = p.ndim < 2 or name.endswith(("position_embedding", "class_embedding"))
+            (keep if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def build_scheduler(optimizer, args: Args, max_steps: int):
@@ -384,8 +397,7 @@ def main():
     train_dl = DataLoader(train_ds, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(args.seed),
                           **common)
     val_dl, test_dls = DataLoader(val_ds, **common), {k: DataLoader(v, **common) for k, v in test_ds.items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     test_dls = {k: accelerator.prepare(v) for k, v in test_dls.items()}
     updates_per_epoch = max(1, len(train_dl) // args.grad_accum)  # len(train_dl) is per process after prepare
@@ -394,7 +406,7 @@ def main():
     scheduler = build_scheduler(optimizer, args, max_steps)  # not prepared: stepped once per real update
     monitor = "val/accuracy"
     state = TrainState()
-    stopper = EarlyStopping(monitor, mode="max", patience=args.patience)
+    stopper = EarlyStopping(monitor, mode="max", patience=args.patience, min_delta=args.min_delta)
     ckpt = Checkpointer(accelerator, run, monitor=monitor, mode="max", keep_last=args.keep_last,
                         save_top_k=args.save_top_k, model_json=model_json, export_files=files)
     ckpt.register(scheduler, state, stopper)

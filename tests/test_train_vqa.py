@@ -16,7 +16,8 @@ from transformers import BlipForQuestionAnswering, BlipProcessor
 
 from conftest import call_main, kill_after_checkpoint, read_csv, run_python, run_script
 from data.vqa import VQACollate, VQADataset, num_answer_tokens
-from train_vqa import MODEL_INPUTS
+from models.blip import BlipVQA, small_config, train_wordpiece
+from train_vqa import MODEL_INPUTS, param_groups
 from training.export import load_export
 
 COLOURS = {"red": (220, 30, 30), "dark green": (0, 100, 0), "blue": (30, 30, 220), "light gray": (200, 200, 200)}
@@ -112,6 +113,25 @@ def _first_moment(checkpoint: Path) -> list[torch.Tensor]:
     return [s["exp_avg"] for _, s in sorted(state["state"].items())]
 
 
+def test_weight_decay_spares_biases_norms_and_vit_position_embeddings(tmp_path):
+    tokenizer = train_wordpiece(["what color is the shape?", "red", "yes"], tmp_path, vocab_size=60)
+    model = BlipVQA(small_config(tokenizer, image_size=32, patch_size=8, hidden=32, layers=1, heads=2))
+    model.vision_model.requires_grad_(False)
+    decayed, kept = param_groups(model, 0.05)
+    assert decayed["weight_decay"] == 0.05 and kept["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names, kept_names = {names[id(p)] for p in decayed["params"]}, {names[id(p)] for p in kept["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed_names | kept_names == trainable and not decayed_names & kept_names  # frozen ones in neither
+    assert all(n.endswith(".bias") or "LayerNorm" in n or "layernorm" in n or "layer_norm" in n for n in kept_names)
+    assert "text_encoder.embeddings.word_embeddings.weight" in decayed_names
+    assert any(n.endswith("attention.self.query.weight") for n in decayed_names)
+    model.vision_model.requires_grad_(True)
+    _, kept = param_groups(model, 0.05)
+    kept_names = {names[id(p)] for p in kept["params"]}
+    assert {"vision_model.embeddings.position_embedding", "vision_model.embeddings.class_embedding"} <= kept_names
+
+
 def test_accumulation_weighs_every_answer_token_alike(data_dir, tmp_path):
     """One update of 2 micro-batches of 4 equals one batch of 8: the answers have 1 or 2 words, so a mean per
     micro-batch (instead of per token of the update) would give another gradient."""
@@ -153,6 +173,7 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
     (["--test_files", "missing.jsonl"], "missing.jsonl"),
     (["--answer_max_length", "2"], "--answer_max_length must be >= 3"),
     (["--hidden", "30", "--heads", "4"], "--hidden must be a multiple of --heads"),
+    (["--min_delta", "-0.1"], "--min_delta >= 0"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path, extra, expected):
     proc = run_python("train_vqa.py", *args(data_dir, tmp_path / "runs", "--max_steps", "1", *extra))
