@@ -1,0 +1,174 @@
+"""train_anomaly.py and predict_anomaly.py end to end through `accelerate launch`, on a small synthetic
+mini-MVTec built here (three categories, 64 px) with timm's 82 k-parameter `test_efficientnet` backbone:
+layout, exports with thresholds, 2 processes, exact resume after SIGKILL, the feature cache against
+recomputing, bad input, and the prediction files."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import kill_after_checkpoint, read_csv, run_python, run_script
+from data.anomaly import build_mini_mvtec
+
+TINY = ["--cpu", "--report_to", "none", "--num_workers", "0", "--backbone", "test_efficientnet", "--input_size", "64",
+        "--hidden_dim", "32", "--num_heads", "2", "--num_encoder_layers", "1", "--num_decoder_layers", "1",
+        "--dim_feedforward", "64", "--neighbor_size", "3", "--batch_size", "8", "--num_figures", "4",
+        "--val_fraction", "0.25", "--score_pool", "8", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("anomaly_data") / "mini"
+    build_mini_mvtec(folder, seed=0, size=64, n_train=12, n_test=3, n_defect=2, categories=["brick", "capsule", "wood"])
+    return folder
+
+
+def args(data_dir, out, *extra):
+    return [*TINY, "--data_dir", str(data_dir), "--output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("anomaly_runs")
+    run_script("train_anomaly.py", args(data_dir, out, "--max_steps", "6", "--eval_every_steps", "3", "--run_name", "r"))
+    return out / "r"
+
+
+def test_one_process_run_writes_layout_thresholds_and_test_metrics(trained_run):
+    run = trained_run
+    for export in ("best", "final"):
+        for name in ("model.safetensors", "metrics.json", "model.json", "args.yaml", "thresholds.json"):
+            assert (run / export / name).is_file(), f"{export}/{name}"
+    thresholds = json.loads((run / "best" / "thresholds.json").read_text())
+    assert list(thresholds["categories"]) == ["brick", "capsule", "wood"]
+    for t in thresholds["categories"].values():
+        assert t["image"] > 0 and t["pixel"] > 0 and t["normal_val_images"] == 3
+    result = json.loads((run / "results.json").read_text())
+    for prefix in ("test", "test_final"):
+        for key in ("image_auroc", "pixel_auroc", "aupro", "image_auroc/brick", "aupro/wood"):
+            assert 0 <= result[f"{prefix}/{key}"] <= 1, (prefix, key)
+    rows = read_csv(run / "summary.csv")
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert all(0 <= float(r["val/aupro"]) <= 1 and 0 <= float(r["val/image_auroc"]) <= 1 for r in rows)
+    assert sorted(p.name.split("_step")[0] for p in (run / "figures").glob("*_step00000006.png")) == ["vis_scores",
+                                                                                                      "vis_val"]
+    # the export holds the frozen backbone, so it predicts without the run's backbone weights
+    weights = load_file(run / "best" / "model.safetensors")
+    assert any(k.startswith("backbone.") for k in weights) and any(k.startswith("reconstruction.") for k in weights)
+
+
+def test_two_process_run_scores_every_validation_image_once(data_dir, tmp_path):
+    # no jitter, no dropout: nothing random but the sampler, which Accelerate seeds alike for 1 and 2 processes
+    common = ["--max_steps", "1", "--eval_every_steps", "1", "--num_figures", "0", "--jitter_scale", "0",
+              "--dropout", "0"]
+    run_script("train_anomaly.py", args(data_dir, tmp_path, *common, "--run_name", "ddp"), nproc=2)
+    one = tmp_path / "one"
+    run_script("train_anomaly.py", args(data_dir, one, *common, "--run_name", "r", "--batch_size", "16"))
+    two = read_csv(tmp_path / "ddp" / "summary.csv")[-1]
+    single = read_csv(one / "r" / "summary.csv")[-1]
+    # 2 processes x 8 = one process x 16: the same update, so the gathered validation metrics agree
+    for key in ("val/image_auroc", "val/pixel_auroc", "val/aupro"):
+        assert float(two[key]) == pytest.approx(float(single[key]), abs=1e-4), key
+
+
+def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    common = ["--max_steps", "6", "--save_every_steps", "3", "--eval_every_steps", "3", "--num_figures", "0"]
+    run_script("train_anomaly.py", args(data_dir, tmp_path / "a", *common, "--run_name", "full"))
+    part = tmp_path / "b" / "part"
+    kill_after_checkpoint("train_anomaly.py", args(data_dir, tmp_path / "b", *common, "--run_name", "part"), 1,
+                          part / "checkpoints" / "step_00000003" / "COMPLETE")
+    assert not (part / "final").exists()
+    run_script("train_anomaly.py", args(data_dir, tmp_path / "b", *common, "--run_name", "part", "--resume", "auto"))
+    a = load_file(tmp_path / "a" / "full" / "final" / "model.safetensors")
+    b = load_file(part / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_features_train_like_recomputed_ones(data_dir, tmp_path):
+    common = ["--max_steps", "3", "--eval_every_steps", "3", "--num_figures", "0", "--dropout", "0"]
+    run_script("train_anomaly.py", args(data_dir, tmp_path / "c", *common, "--run_name", "r"))
+    run_script("train_anomaly.py", args(data_dir, tmp_path / "n", *common, "--run_name", "r", "--no-cache_features"))
+    a = load_file(tmp_path / "c" / "r" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "n" / "r" / "final" / "model.safetensors")
+    # the same updates up to float rounding: the cache's features come from batches of 32, not of 8
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--categories", "brick,marble"], "marble"),
+    (["--neighbor_size", "4"], "--neighbor_size must be odd"),
+    (["--neighbor_size", "9"], "neighbor_size"),
+    (["--out_indices", "a,b"], "--out_indices expects"),
+    (["--backbone_weights", "/nowhere/b4.pth"], "/nowhere/b4.pth"),
+    (["--val_fraction", "1.5"], "--val_fraction"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path, extra, expected):
+    proc = run_python("train_anomaly.py", *args(data_dir, tmp_path / "runs", "--max_steps", "1", *extra))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_mask_is_named_before_the_run_starts(data_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    mask = next((bad / "wood" / "ground_truth").rglob("*_mask.png"))
+    mask.unlink()
+    proc = run_python("train_anomaly.py", *args(bad, tmp_path / "runs", "--max_steps", "1"))
+    assert proc.returncode == 2 and mask.stem.replace("_mask", "") in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_predict_writes_scores_maps_overlays_and_masks(trained_run, data_dir, tmp_path, capsys):
+    import predict_anomaly
+
+    out = tmp_path / "preds"
+    predict_anomaly.main(["--checkpoint", str(trained_run), "--data", str(data_dir), "--out", str(out), "--overlays",
+                          "--masks", "--batch_size", "5"])
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "image_auroc" in printed
+    with (out / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    n_test = sum(1 for p in data_dir.glob("*/test/*/*.png"))
+    assert len(rows) == n_test and set(rows[0]) == {"category", "path", "defect", "score", "threshold", "is_anomalous"}
+    thresholds = json.loads((trained_run / "best" / "thresholds.json").read_text())["categories"]
+    for row in rows:
+        assert float(row["threshold"]) == pytest.approx(thresholds[row["category"]]["image"], rel=1e-5)
+        assert int(row["is_anomalous"]) == (float(row["score"]) >= float(row["threshold"]))
+        stem = Path(row["path"]).stem
+        amap = np.load(out / row["category"] / row["defect"] / f"{stem}.npy")
+        assert amap.shape == (64, 64) and amap.dtype == np.float32 and (amap >= 0).all()
+        assert (out / row["category"] / row["defect"] / f"{stem}_overlay.png").is_file()
+        assert (out / row["category"] / row["defect"] / f"{stem}_mask.png").is_file()
+    # plain images of one category, and a threshold given on the command line
+    plain = tmp_path / "plain"
+    predict_anomaly.main(["--checkpoint", str(trained_run / "final"), "--data", str(data_dir / "wood" / "test" / "hole"),
+                          "--category", "wood", "--threshold", "0", "--out", str(plain)])
+    with (plain / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["is_anomalous"] == "1" and r["defect"] == "hole" for r in rows)
+
+
+def test_predict_bad_input_one_line_nothing_written(trained_run, data_dir, tmp_path):
+    cases = [
+        (["--checkpoint", str(tmp_path / "nowhere")], "--checkpoint"),
+        (["--category", "marble"], "--category marble"),
+        (["--data", str(data_dir / "wood" / "test" / "hole")], "--category is needed"),
+    ]
+    for extra, expected in cases:
+        base = {"--checkpoint": str(trained_run), "--data": str(data_dir), "--out": str(tmp_path / "out")}
+        for flag, value in zip(extra[::2], extra[1::2]):
+            base[flag] = value
+        proc = run_python("predict_anomaly.py", *[x for kv in base.items() for x in kv])
+        assert proc.returncode == 2 and expected in proc.stderr, (extra, proc.stderr[-2000:])
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "out").exists()
