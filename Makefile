@@ -23,7 +23,7 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=15 tests
 
-bench: $(BIN)/.installed datasets/pair/meta.json datasets/vqa/meta.json
+bench: $(BIN)/.installed datasets/pair/meta.json datasets/vqa/meta.json datasets/anomaly/meta.json
 	$(BIN)/python benchmarks/captcha_step.py --out bench_out
 	$(BIN)/python benchmarks/captcha_data.py --out bench_out
 	$(BIN)/python benchmarks/captcha_latency.py --out bench_out
@@ -37,14 +37,22 @@ bench: $(BIN)/.installed datasets/pair/meta.json datasets/vqa/meta.json
 	$(BIN)/python benchmarks/smlm_quality.py --checkpoint runs/smlm/cpu --out bench_out
 	$(BIN)/python benchmarks/vqa_step.py --out bench_out
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train_vqa.py --config configs/vqa_cpu.yaml \
-		--cpu --run_name cpu --resume auto --report_to none   # ~35 min on 2 cores; a finished run only re-exports
+		--cpu --run_name cpu --resume auto --report_to none   # ~60 min on 2 cores; a finished run only re-exports
 	$(BIN)/python benchmarks/vqa_quality.py --checkpoint runs/vqa/cpu --out bench_out
+	$(BIN)/python benchmarks/anomaly_aupro.py --out bench_out
+	$(BIN)/python benchmarks/anomaly_step.py --out bench_out
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train_anomaly.py --config configs/anomaly_cpu.yaml \
+		--cpu --run_name cpu --resume auto --report_to none   # ~60 min on 2 cores
+	$(BIN)/python benchmarks/anomaly_quality.py --checkpoint runs/anomaly/cpu --out bench_out
 
 datasets/pair/meta.json: $(BIN)/.installed
 	$(BIN)/python -m data.pair build --out datasets/pair --overwrite
 
 datasets/vqa/meta.json: $(BIN)/.installed
 	$(BIN)/python -m data.vqa build --out datasets/vqa --overwrite
+
+datasets/anomaly/meta.json: $(BIN)/.installed
+	$(BIN)/python -m data.anomaly build --out datasets/anomaly --overwrite
 
 clean:
 	rm -rf $(VENV)

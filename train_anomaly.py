@@ -182,7 +182,8 @@ def model_kwargs(args: Args, weights: bool) -> dict:
 
 
 @torch.no_grad()
-def extract(model: UniAD, dataset: Dataset, args: Args, device, keys=("mask", "has_mask", "label", "category")) -> FeatureItems:
+def extract(model: UniAD, dataset: Dataset, args: Args, device,
+            keys=("mask", "has_mask", "label", "category")) -> FeatureItems:
     """Every image of ``dataset`` through the frozen backbone and neck, once, in dataset order (each process
     holds the whole cache; the prepared loaders then shard it). -> FeatureItems with ``keys`` beside."""
     # Its own generator: a DataLoader without one draws its base seed from the global RNG, which would shift
@@ -361,8 +362,9 @@ def main():
     set_seed(args.seed)
     try:
         model = UniAD(**model_kwargs(args, weights=True))
-    except (ValueError, RuntimeError) as e:
-        fail(f"--backbone {args.backbone} / --backbone_weights {args.backbone_weights}: {e}")
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: timm's pretrained tag offline or not on the hub
+        fail(f"--backbone {args.backbone} / --backbone_weights {args.backbone_weights}: "
+             f"{' '.join(str(e).split())[:300]}")
     model_json = model_record(UniAD, **model_kwargs(args, weights=False))
     accelerator, run = start_run(args, task="anomaly", model_json=model_json)
     run.load_init(model)

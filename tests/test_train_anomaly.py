@@ -109,6 +109,8 @@ def test_cached_features_train_like_recomputed_ones(data_dir, tmp_path):
     (["--neighbor_size", "9"], "neighbor_size"),
     (["--out_indices", "a,b"], "--out_indices expects"),
     (["--backbone_weights", "/nowhere/b4.pth"], "/nowhere/b4.pth"),
+    (["--backbone", "no_such_net"], "--backbone no_such_net"),
+    (["--backbone_weights", "timm"], "--backbone_weights timm"),  # the tests run offline: no download
     (["--val_fraction", "1.5"], "--val_fraction"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path, extra, expected):
@@ -172,3 +174,37 @@ def test_predict_bad_input_one_line_nothing_written(trained_run, data_dir, tmp_p
         assert proc.returncode == 2 and expected in proc.stderr, (extra, proc.stderr[-2000:])
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_step_benchmark_prints_overhead_and_cache_speedup(tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("backbone: test_efficientnet\ninput_size: 64\nhidden_dim: 32\nnum_heads: 2\nnum_encoder_layers: 1\n"
+                      "num_decoder_layers: 1\ndim_feedforward: 64\nneighbor_size: 3\nbatch_size: 4\n")
+    proc = run_python("benchmarks/anomaly_step.py", "--config", str(preset), "--steps", "2", "--rounds", "1",
+                      "--warmup", "0", "--out", str(tmp_path / "bench"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours/bare = " in proc.stdout and "cached / recomputed throughput: " in proc.stdout
+    cache = json.loads((tmp_path / "bench" / "anomaly_cache.json").read_text())
+    assert cache["speedup"] > 0 and [r["batch"] for r in cache["tables"][1]["rows"]] == [1, 32]
+
+
+def test_quality_benchmark_scores_uniad_and_patchcore_per_category(trained_run, tmp_path):
+    proc = run_python("benchmarks/anomaly_quality.py", "--checkpoint", str(trained_run), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "anomaly_quality.json").read_text())["tables"][0]["rows"]
+    assert [r["category"] for r in rows] == ["brick", "capsule", "wood", "mean"]
+    for row in rows:
+        for method in ("UniAD", "PatchCore"):
+            assert 0 <= row[f"{method} image_auroc"] <= 100 and 0 <= row[f"{method} aupro"] <= 100
+
+
+def test_coreset_is_greedy_k_centre():
+    from benchmarks.anomaly_quality import coreset
+
+    bank = torch.tensor([[0.0], [0.1], [0.2], [5.0], [5.1], [10.0]])
+    picked = coreset(bank, 0.5).tolist()
+    assert len(picked) == 3 == len(set(picked))
+    # whichever point comes first, three k-centre picks cover the three clusters
+    assert {min(picked, key=lambda i: abs(bank[i, 0] - c)) for c in (0.1, 5.05, 10.0)} == set(picked)
+    assert sorted({round(float(bank[i, 0]) / 5) for i in picked}) == [0, 1, 2]
+    assert coreset(bank, 1.0).tolist() == list(range(6))

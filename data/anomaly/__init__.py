@@ -1,7 +1,7 @@
 """Unified anomaly detection data (UniAD, anomaly.md): listing and validating datasets, the train/val/test
 records, the torch Dataset, and a synthetic mini-MVTec builder.
 
-    python -m data.anomaly build --out DIR [--seed 0] [--size 64] [--n_train 48] [--n_test 10] [--n_defect 4]
+    python -m data.anomaly build --out DIR [--seed 0] [--size 128] [--n_train 48] [--n_test 20] [--n_defect 8]
     python -m data.anomaly check --data_dir DIR [--train_meta F --test_meta F] [--categories a,b]
 
     layout.py     Record, Splits, load_splits (folder or meta files -> validated train/val/test records),

@@ -1,7 +1,7 @@
 """A synthetic mini-MVTec, offline and deterministic (anomaly.md §5.2): texture and object categories whose
 normal images vary like real ones, and defects with exact masks.
 
-    python -m data.anomaly build --out DIR [--seed 0] [--size 64] [--n_train 48] [--n_test 10] [--n_defect 4]
+    python -m data.anomaly build --out DIR [--seed 0] [--size 128] [--n_train 48] [--n_test 20] [--n_defect 8]
 
 Categories (CATEGORIES): textures brick, grass, gravel (random crops of scikit-image's bundled 512x512
 photographs, tinted; scale +-10 %, flips, any rotation except for brick, whose courses stay within +-4 deg of
@@ -20,8 +20,9 @@ and stains stay on the object of object categories.
 Masks are exact: a pixel is 255 in the mask if and only if the defective image differs from its clean source
 there, and there it differs by more than MASK_EPS grey levels in some channel (pixels a defect would change
 less are nudged by MASK_EPS + 1 levels, or, for missing parts, left unchanged). Each mask's bounding box spans at
-least MIN_EXTENT of the side and it covers at least MIN_AREA of the image (16 px and 43 px^2 at the default
-64 px, so every defect reaches one stride-16 feature cell); a draw that misses this is redrawn.
+least MIN_EXTENT of the side and it covers at least MIN_AREA of the image (32 px and 171 px^2 at the default
+128 px, 16 px and 43 px^2 at 64 px, so every defect reaches a stride-16 feature cell); a draw that misses this
+is redrawn.
 
 Image k of a category is a pure function of (seed, category, kind, k), kind being train, good (test) or a
 defect name: render_sample returns it with its clean source, and builds with one seed are byte-identical.
@@ -375,7 +376,7 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator, backgroun
                        f"{size} px image")
 
 
-def render_sample(category: str, kind: str, index: int, seed: int = 0, size: int = 64
+def render_sample(category: str, kind: str, index: int, seed: int = 0, size: int = 128
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(clean, image, mask) of image `index` of a category: kind "train" (train/good), "good" (test/good) or
     one of the category's defects. clean and image are (size, size, 3) uint8 RGB (equal for normal images),
@@ -399,8 +400,8 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")   # PIL writes no time stamp: same pixels, same bytes
 
 
-def build_mini_mvtec(out_dir, seed: int = 0, size: int = 64, n_train: int = 48, n_test: int = 10,
-                     n_defect: int = 4, categories: Sequence[str] | None = None, overwrite: bool = False) -> dict:
+def build_mini_mvtec(out_dir, seed: int = 0, size: int = 128, n_train: int = 48, n_test: int = 20,
+                     n_defect: int = 8, categories: Sequence[str] | None = None, overwrite: bool = False) -> dict:
     """Write a synthetic dataset in the MVTec-AD layout into out_dir (new or empty unless overwrite): per
     category n_train train/good, n_test test/good and n_defect test/<defect> images per defect type with
     ground_truth/<defect>/<stem>_mask.png (0/255); UniAD meta files train.jsonl and test.jsonl (paths relative
