@@ -54,6 +54,8 @@ def find_records(data: Path, categories: list[str], category: str | None) -> tup
     of a folder or one image file under --category (unlabelled: label 0, defect = the image's folder)."""
     if data.is_dir() and any((data / c / "test").is_dir() for c in categories):
         if category is not None:
+            if not (data / category / "test").is_dir():
+                fail(f"--data {data}: no {category}/test folder (--category {category})")
             categories = [category]
         try:
             records = list_test(data, [c for c in categories if (data / c / "test").is_dir()])
@@ -73,7 +75,7 @@ def find_records(data: Path, categories: list[str], category: str | None) -> tup
 
 
 @torch.no_grad()
-def predict_maps(model, loader, device, input_size: int) -> tuple[np.ndarray, dict]:
+def predict_maps(model, loader, device, input_size: tuple[int, int]) -> tuple[np.ndarray, dict]:
     """(maps (N, H, W) float32, the items' masks, has_mask, labels and categories as arrays)."""
     maps, extra = [], {k: [] for k in ("mask", "has_mask", "label", "category")}
     for batch in loader:
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None):
         validate(records)
     except ValueError as e:
         fail(f"--data {e}")
-    input_size = export.model.input_size[0]
+    input_size = export.model.input_size
     dataset = AnomalyDataset(records, categories, export.model.input_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
 
@@ -165,8 +167,12 @@ def main(argv: list[str] | None = None):
     print(f"{len(records)} images -> {out} ({flagged} flagged anomalous; {len(records) / seconds:.1f} images/s "
           f"on {device}, batch {args.batch_size})")
     if labelled and len(set(items["label"].tolist())) > 1:
-        metrics = anomaly_metrics(maps, items["mask"], items["label"], items["category"], categories,
-                                  items["has_mask"], pool=spec["score_pool"])
+        try:
+            metrics = anomaly_metrics(maps, items["mask"], items["label"], items["category"], categories,
+                                      items["has_mask"], pool=spec["score_pool"])
+        except ValueError as e:  # e.g. a normal test image whose mask marks pixels: report, keep the files
+            print(f"no metrics: {e}")
+            return
         print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
         for name in categories:
             if f"image_auroc/{name}" in metrics:

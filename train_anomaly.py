@@ -47,6 +47,7 @@ from models.uniad import UniAD
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
 from training.export import load_weights, model_record, read_weights
+from training.io import write_atomically
 from training.run import log_images
 from training.summary import TrainMeter, append_summary
 
@@ -63,6 +64,7 @@ class Args:
     categories: str | None = None         # comma-separated subset of the categories; default: all found
     val_fraction: float = 0.1             # of each category's train/good images, held out for validation
     val_defects: int = 1                  # synthetic defective copies of each validation image (exact masks)
+    split_seed: int = 0                   # draws the validation split and its defects (not --seed: seeds share data)
     eval_test: bool = False               # also score the test set at every evaluation (test/*; never selects)
     input_size: int = 224                 # images are resized to input_size x input_size px
     backbone: str = "efficientnet_b4"     # any timm model with features_only
@@ -90,7 +92,7 @@ class Args:
     score: Literal["max", "mean", "std"] = "max"  # image score for thresholds and predictions (max of the avg-pooled map)
     score_pool: int = 16                  # avg-pool side in px of the "max" image score
     threshold_fpr: float = 0.01           # thresholds flag at most this fraction of normal validation images / pixels
-    seed: int = 42                        # seeds weights, sampler order, jitter, dropout and the synthetic defects
+    seed: int = 42                        # seeds weights, sampler order, jitter and dropout
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the accelerate config
     cpu: bool = False                     # force CPU (with ACCELERATE_USE_CPU=1 for multi-process gloo runs)
     num_workers: int = 2                  # DataLoader workers per process (image decoding and resizing)
@@ -124,10 +126,10 @@ class Args:
             raise UsageError(f"--neighbor_size must be odd (a window centred on its cell), got {self.neighbor_size}")
         if self.hidden_dim % self.num_heads or self.hidden_dim % 2:
             raise UsageError("--hidden_dim must be even and a multiple of --num_heads")
-        if min(self.val_defects, self.num_workers, self.keep_last, self.save_top_k, self.patience,
+        if min(self.val_defects, self.split_seed, self.num_workers, self.keep_last, self.save_top_k, self.patience,
                self.num_figures) < 0:
-            raise UsageError("--val_defects, --num_workers, --keep_last, --save_top_k, --patience and --num_figures "
-                             "must be >= 0")
+            raise UsageError("--val_defects, --split_seed, --num_workers, --keep_last, --save_top_k, --patience and "
+                             "--num_figures must be >= 0")
         self.index_list()
 
     def index_list(self) -> list[int]:
@@ -159,11 +161,13 @@ def load_data(args: Args):
     before a run exists, with one line naming the file."""
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     try:
-        splits = load_splits(args.data_dir, categories, args.val_fraction, args.seed, args.train_meta, args.test_meta)
+        splits = load_splits(args.data_dir, categories, args.val_fraction, args.split_seed, args.train_meta,
+                             args.test_meta)
     except ValueError as e:
         fail(str(e))
     train = AnomalyDataset(splits.train, splits.categories, args.input_size)
-    val = SyntheticDefects(AnomalyDataset(splits.val, splits.categories, args.input_size), args.val_defects, args.seed)
+    val = SyntheticDefects(AnomalyDataset(splits.val, splits.categories, args.input_size), args.val_defects,
+                           args.split_seed)
     test = AnomalyDataset(splits.test, splits.categories, args.input_size) if splits.test else None
     return splits, train, val, test
 
@@ -194,15 +198,39 @@ def extract(model: UniAD, dataset: Dataset, args: Args, device,
     for batch in loader:
         features.append(model.features(batch["image"].to(device)).cpu())
         for k in extra:
-            extra[k].append(batch[k])
+            extra[k].append(batch[k].to(torch.uint8) if k == "mask" else batch[k])  # masks are 0/1: a byte each
     return FeatureItems(torch.cat(features), **{k: torch.cat(v) for k, v in extra.items()})
 
 
-def build_scheduler(optimizer, updates_per_epoch: int, args: Args):
+def build_dataloaders(model: UniAD, train_ds, val_ds, test_ds, args: Args, device, run):
+    """(train, val, test) loaders. The frozen backbone + neck give a fixed image the same features all run long,
+    so validation and test images are always read from a feature cache, and the training images too unless
+    --no-cache_features. Decoding happens here (the listing read headers only): a truncated file ends the
+    run with one line."""
+    start = time.perf_counter()
+    try:
+        val_items = extract(model, val_ds, args, device)
+        test_items = extract(model, test_ds, args, device) if test_ds is not None else None
+        train_items = extract(model, train_ds, args, device, keys=()) if args.cache_features else train_ds
+    except ValueError as e:  # from a DataLoader worker the message ends with the original "ValueError: ..." line
+        fail(f"--data_dir {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}")
+    run.log.info("features of %d images computed in %.1f s", len(val_items) + len(test_items or []) +
+                 (len(train_items) if args.cache_features else 0), time.perf_counter() - start)
+    common = dict(batch_size=args.batch_size, pin_memory=torch.cuda.is_available())
+    # Its own generator: starting an epoch's iterator leaves the global RNG (jitter, dropout) untouched.
+    train_dl = DataLoader(train_items, shuffle=True, drop_last=len(train_items) >= args.batch_size,
+                          num_workers=0 if args.cache_features else args.num_workers,
+                          generator=torch.Generator().manual_seed(args.seed), **common)
+    test_dl = DataLoader(test_items, **common) if test_items is not None else None
+    return train_dl, DataLoader(val_items, **common), test_dl
+
+
+def build_scheduler(optimizer, batches_per_epoch: int, args: Args):
     """UniAD's StepLR (x lr_gamma every lr_step_epochs epochs), written per update so that it is stepped once per
-    real update like every other schedule here, and resumes with the update count alone."""
+    real update like every other schedule here, and resumes with the update count alone. The epoch of an update
+    counts micro-batches: with --grad_accum an accumulation group may straddle two epochs."""
     def factor(step: int) -> float:
-        return args.lr_gamma ** ((step // updates_per_epoch) // args.lr_step_epochs)
+        return args.lr_gamma ** ((step * args.grad_accum // batches_per_epoch) // args.lr_step_epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -340,15 +368,19 @@ def finish(model, val_dl, test_dl, accelerator, run, state: TrainState, args: Ar
     for name, weights in (("best", read_weights(best) if best.is_file() else None), ("final", final_weights)):
         if weights is None:
             continue
-        load_weights(unwrapped, weights, best) if name == "best" else unwrapped.load_state_dict(weights)
+        if name == "best":
+            load_weights(unwrapped, weights, best)
+        else:
+            unwrapped.load_state_dict(weights)
         thresholds = set_thresholds(model, val_dl, accelerator, categories, args)
         if test_dl is not None:
             result.update(score(predict(model, test_dl, accelerator, args), categories, args,
                                 "test" if name == "best" else "test_final"))
         if accelerator.is_main_process:
             target = run.dir / ("best" if name == "best" else "") / "thresholds.json"
-            target.write_text(json.dumps(thresholds, indent=1))
-    accelerator.log({k: v for k, v in result.items() if k.startswith("test")}, step=state.global_step)
+            write_atomically(target, lambda tmp: tmp.write_text(json.dumps(thresholds, indent=1)))
+    # "results/": --eval_test logs test/* of the current weights at the same step
+    accelerator.log({f"results/{k}": v for k, v in result.items() if k.startswith("test")}, step=state.global_step)
     if accelerator.is_main_process:
         (run.dir / "results.json").write_text(json.dumps(result, indent=1))
     return result
@@ -362,9 +394,10 @@ def main():
     set_seed(args.seed)
     try:
         model = UniAD(**model_kwargs(args, weights=True))
-    except (ValueError, RuntimeError, OSError) as e:  # OSError: timm's pretrained tag offline or not on the hub
-        fail(f"--backbone {args.backbone} / --backbone_weights {args.backbone_weights}: "
-             f"{' '.join(str(e).split())[:300]}")
+    except (ValueError, RuntimeError, OSError, IndexError, KeyError, AssertionError) as e:
+        # OSError: timm's pretrained tag offline or not on the hub; IndexError: an --out_indices stage it lacks
+        fail(f"--backbone {args.backbone} / --out_indices {args.out_indices} / --backbone_weights "
+             f"{args.backbone_weights}: {' '.join(str(e).split())[:300] or type(e).__name__}")
     model_json = model_record(UniAD, **model_kwargs(args, weights=False))
     accelerator, run = start_run(args, task="anomaly", model_json=model_json)
     run.load_init(model)
@@ -373,22 +406,8 @@ def main():
                  "%.2f M trainable parameters, features %s x %s", args.backbone, ", ".join(categories),
                  len(train_ds), len(val_ds), len(val_ds) - len(splits.val), len(test_ds or []),
                  sum(p.numel() for p in model.reconstruction.parameters()) / 1e6, model.channels, model.feature_size)
-    model.to(accelerator.device)
-    start = time.perf_counter()
-    # Frozen backbone + neck: the features of a fixed image never change, so validation and test images are
-    # always read from a cache, and the training images too unless --no-cache_features.
-    val_items = extract(model, val_ds, args, accelerator.device)
-    test_items = extract(model, test_ds, args, accelerator.device) if test_ds is not None else None
-    train_items = extract(model, train_ds, args, accelerator.device, keys=()) if args.cache_features else train_ds
-    run.log.info("features of %d images computed in %.1f s", len(val_items) + len(test_items or []) +
-                 (len(train_items) if args.cache_features else 0), time.perf_counter() - start)
-    common = dict(batch_size=args.batch_size, pin_memory=torch.cuda.is_available())
-    # Its own generator: starting an epoch's iterator leaves the global RNG (jitter, dropout) untouched.
-    train_dl = DataLoader(train_items, shuffle=True, drop_last=len(train_items) >= args.batch_size,
-                          num_workers=0 if args.cache_features else args.num_workers,
-                          generator=torch.Generator().manual_seed(args.seed), **common)
-    val_dl = DataLoader(val_items, **common)
-    test_dl = DataLoader(test_items, **common) if test_items is not None else None
+    train_dl, val_dl, test_dl = build_dataloaders(model.to(accelerator.device), train_ds, val_ds, test_ds, args,
+                                                  accelerator.device, run)
     optimizer = torch.optim.AdamW(model.reconstruction.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
@@ -396,7 +415,7 @@ def main():
     max_steps = args.max_steps or math.ceil(args.epochs * len(train_dl) / args.grad_accum)
     eval_every = args.eval_every_steps or 10 * updates_per_epoch
     save_every = args.save_every_steps or 10 * updates_per_epoch
-    scheduler = build_scheduler(optimizer, updates_per_epoch, args)  # not prepared: stepped once per real update
+    scheduler = build_scheduler(optimizer, len(train_dl), args)  # not prepared: stepped once per real update
     monitor = "val/aupro"
     state = TrainState()
     stopper = EarlyStopping(monitor, mode="max", patience=args.patience)
@@ -404,6 +423,8 @@ def main():
                         save_top_k=args.save_top_k, model_json=model_json, export_files=("thresholds.json",))
     ckpt.register(scheduler, state, stopper)
     ckpt.resume(state)
+    if accelerator.is_main_process:  # thresholds of the weights a resumed run had: stale once it trains on
+        (run.dir / "thresholds.json").unlink(missing_ok=True)
 
     stop = stopper.stopped  # a resumed run that had stopped early stays stopped
     progress = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,

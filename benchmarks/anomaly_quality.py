@@ -5,14 +5,15 @@
 Both methods see exactly the same features: the run's frozen backbone and MFCN neck (``feature_align``) of the
 run's own training images (``train/good`` minus the validation split, rebuilt from the run's args.yaml).
 UniAD rebuilds each test image's features with its transformer; the anomaly map is the L2 norm of the error
-and the image score the max of its avg-pooled map (the run's --score_pool). PatchCore (Roth et al., 2022), one
-memory bank per category: every training position's feature, averaged over its 3 x 3 neighbourhood (PatchCore's
-locally aware patch features), greedily subsampled to ``--coreset`` of the bank by k-centre selection (in a
-128-dimensional random projection, as PatchCore does, distances then taken in the full space); a test
-position's score is its distance to the nearest bank entry, the map is upsampled like UniAD's and smoothed
-by a Gaussian of sigma 4 px, and the image score is the largest position score. Per category and mean: image
-AUROC, pixel AUROC, AUPRO (FPR <= 0.3), from metrics/anomaly.py; and inference images/s of both on the cached
-features (the backbone's share, the same for both, is reported once).
+and the image score the max of its avg-pooled map (the run's --score_pool). PatchCore (Roth et al., 2022) keeps
+one memory bank per category, so unlike UniAD it is told each test image's category: every training position's
+feature, averaged over its 3 x 3 neighbourhood (PatchCore's locally aware patch features), greedily subsampled
+to ``--coreset`` of the bank by k-centre selection (in a 128-dimensional random projection, as PatchCore does,
+distances then taken in the full space); a test position's score is its distance to the nearest bank entry,
+the map is upsampled like UniAD's and smoothed by a Gaussian of sigma 4 px, and the image score is the largest
+position score. Per category and mean: image AUROC, pixel AUROC, AUPRO (FPR <= 0.3), from metrics/anomaly.py;
+and inference images/s of both on the cached features (the backbone's share, the same for both, is reported
+once).
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def main():
     data_dir = flags.data_dir or run_args["data_dir"]
     cats = [c.strip() for c in run_args["categories"].split(",")] if run_args.get("categories") else None
     try:
-        splits = load_splits(data_dir, cats, run_args["val_fraction"], run_args["seed"], run_args.get("train_meta"),
+        splits = load_splits(data_dir, cats, run_args["val_fraction"], run_args.get("split_seed", 0), run_args.get("train_meta"),
                              run_args.get("test_meta"))
     except ValueError as e:
         fail(f"--data_dir {e}")
@@ -152,8 +153,8 @@ def main():
     for cid, name in enumerate(splits.categories):
         idx = labels["categories"] == cid
         results["PatchCore"][f"image_auroc/{name}"] = auroc(p_image[idx], labels["labels"][idx])
-    results["PatchCore"]["image_auroc"] = float(np.mean([results["PatchCore"][f"image_auroc/{c}"]
-                                                         for c in splits.categories]))
+    results["PatchCore"]["image_auroc"] = float(np.nanmean([results["PatchCore"][f"image_auroc/{c}"]
+                                                            for c in splits.categories]))
 
     rows = []
     for name in [*splits.categories, "mean"]:
@@ -171,7 +172,8 @@ def main():
     notes = [f"Run {export.folder} (update {export.metrics.get('global_step', '?')}), backbone "
              f"{run_args['backbone']} ({run_args.get('backbone_weights') or 'random init'}), input {input_size} px; "
              f"{len(splits.train)} training and {n_test} test images of {len(splits.categories)} categories.",
-             f"PatchCore memory banks built in {p_build:.1f} s.",
+             f"PatchCore memory banks built in {p_build:.1f} s. PatchCore keeps one bank per category and is told each "
+             "test image's category; UniAD is one model for all categories and is not.",
              "Scores in %; image AUROC from each method's own image score (UniAD: max of the map avg-pooled over "
              f"{pool} px; PatchCore: largest position score)."]
     report("anomaly_quality", "UniAD vs PatchCore (same frozen features)", info,

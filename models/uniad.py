@@ -19,6 +19,7 @@ Reconstruction transformer (anomaly.md §1.3), hidden d = 256, L = h * w tokens,
 
     tokens       (B, L, C) from feature_align; in training only, feature jitter is added before input_proj:
                  noise = randn * (||token||_2 / C) * jitter_scale, each token with probability jitter_prob
+                 (UniAD draws once per forward pass whether to jitter all tokens; the same at the default 1)
                  (the target stays the clean feature_align)
     input_proj   Linear(C -> d)
     pos          learned: row_embed Embedding(h, d/2), col_embed Embedding(w, d/2), uniform(0, 1) init;
@@ -326,7 +327,10 @@ class UniAD(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.input_size:
             raise ValueError(f"UniAD expects (B, 3, {self.input_size[0]}, {self.input_size[1]}) images "
                              f"(input_size), got {tuple(images.shape)}")
-        return mfcn(self.backbone(images), self.feature_size)
+        # Always in float32, also inside a mixed-precision forward: cached features (computed outside autocast)
+        # and recomputed ones must be the same numbers.
+        with torch.autocast(images.device.type, enabled=False):
+            return mfcn(self.backbone(images.float()), self.feature_size)
 
     def reconstruct(self, feature_align: torch.Tensor) -> torch.Tensor:
         """feature_align (B, channels, *feature_size) -> feature_rec, same shape (jitter in training only)."""

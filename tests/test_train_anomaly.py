@@ -76,19 +76,33 @@ def test_two_process_run_scores_every_validation_image_once(data_dir, tmp_path):
     # 2 processes x 8 = one process x 16: the same update, so the gathered validation metrics agree
     for key in ("val/image_auroc", "val/pixel_auroc", "val/aupro"):
         assert float(two[key]) == pytest.approx(float(single[key]), abs=1e-4), key
+    # and so do the test metrics and thresholds that the end of the run computes from gathered maps
+    two_result = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    one_result = json.loads((one / "r" / "results.json").read_text())
+    for key in ("test/image_auroc", "test/aupro", "test_final/pixel_auroc"):
+        assert two_result[key] == pytest.approx(one_result[key], abs=1e-4), key
+    two_t = json.loads((tmp_path / "ddp" / "final" / "thresholds.json").read_text())["categories"]
+    one_t = json.loads((one / "r" / "final" / "thresholds.json").read_text())["categories"]
+    for name in one_t:
+        assert two_t[name]["image"] == pytest.approx(one_t[name]["image"], rel=1e-4), name
 
 
 def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
-    common = ["--max_steps", "6", "--save_every_steps", "3", "--eval_every_steps", "3", "--num_figures", "0"]
+    # 27 training images in batches of 8: 3 updates per epoch, so the checkpoint at update 2 is mid-epoch
+    common = ["--max_steps", "6", "--save_every_steps", "2", "--eval_every_steps", "3", "--num_figures", "0"]
     run_script("train_anomaly.py", args(data_dir, tmp_path / "a", *common, "--run_name", "full"))
     part = tmp_path / "b" / "part"
     kill_after_checkpoint("train_anomaly.py", args(data_dir, tmp_path / "b", *common, "--run_name", "part"), 1,
-                          part / "checkpoints" / "step_00000003" / "COMPLETE")
+                          part / "checkpoints" / "step_00000002" / "COMPLETE")
     assert not (part / "final").exists()
     run_script("train_anomaly.py", args(data_dir, tmp_path / "b", *common, "--run_name", "part", "--resume", "auto"))
-    a = load_file(tmp_path / "a" / "full" / "final" / "model.safetensors")
+    full = tmp_path / "a" / "full"
+    a = load_file(full / "final" / "model.safetensors")
     b = load_file(part / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    result_a, result_b = (json.loads((r / "results.json").read_text()) for r in (full, part))
+    assert {k: v for k, v in result_a.items() if k != "run"} == {k: v for k, v in result_b.items() if k != "run"}
+    assert (full / "final" / "thresholds.json").read_text() == (part / "final" / "thresholds.json").read_text()
 
 
 def test_cached_features_train_like_recomputed_ones(data_dir, tmp_path):
@@ -108,6 +122,7 @@ def test_cached_features_train_like_recomputed_ones(data_dir, tmp_path):
     (["--neighbor_size", "4"], "--neighbor_size must be odd"),
     (["--neighbor_size", "9"], "neighbor_size"),
     (["--out_indices", "a,b"], "--out_indices expects"),
+    (["--out_indices", "0,9"], "--out_indices 0,9"),
     (["--backbone_weights", "/nowhere/b4.pth"], "/nowhere/b4.pth"),
     (["--backbone", "no_such_net"], "--backbone no_such_net"),
     (["--backbone_weights", "timm"], "--backbone_weights timm"),  # the tests run offline: no download
@@ -128,6 +143,16 @@ def test_a_missing_mask_is_named_before_the_run_starts(data_dir, tmp_path):
     proc = run_python("train_anomaly.py", *args(bad, tmp_path / "runs", "--max_steps", "1"))
     assert proc.returncode == 2 and mask.stem.replace("_mask", "") in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_image_ends_the_run_with_one_line(data_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    image = sorted((bad / "brick" / "test" / "good").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes()[:200])  # the header still reads; the pixels do not
+    proc = run_python("train_anomaly.py", *args(bad, tmp_path / "runs", "--max_steps", "1"))
+    assert proc.returncode == 2 and image.name in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
 
 
 def test_predict_writes_scores_maps_overlays_and_masks(trained_run, data_dir, tmp_path, capsys):
