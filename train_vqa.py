@@ -73,7 +73,7 @@ class Args:
     batch_size: int = 64                  # per device, per micro-batch
     grad_accum: int = 1                   # micro-batches per optimizer update
     lr: float = 5e-4                      # AdamW peak learning rate
-    weight_decay: float = 0.05            # AdamW decoupled weight decay (not on biases, LayerNorms, position/class embeddings)
+    weight_decay: float = 0.05            # AdamW decoupled weight decay (on every trainable parameter)
     warmup_steps: int = 200               # linear warm-up in updates, then cosine decay to min_lr at max_steps
     min_lr: float = 1e-6                  # floor of the cosine decay
     clip_grad: float = 1.0                # max global gradient norm
@@ -210,18 +210,6 @@ def save_processor(net, processor, run) -> tuple[str, ...]:
             for name in names:
                 (run.dir / name).write_bytes((Path(tmp) / name).read_bytes())
     return names
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """The trainable parameters in two AdamW groups: decayed matrices, and the rest undecayed. Biases and
-    LayerNorm gains (1-D) and the ViT's position and class embeddings set offsets and scales, not feature
-    directions; decaying them pulls them to zero, which is the usual transformer recipe's reason to exempt them."""
-    decay, keep = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            exempt = p.ndim < 2 or name.endswith(("position_embedding", "class_embedding"))
-            (keep if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def build_scheduler(optimizer, args: Args, max_steps: int):
@@ -397,7 +385,8 @@ def main():
     train_dl = DataLoader(train_ds, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(args.seed),
                           **common)
     val_dl, test_dls = DataLoader(val_ds, **common), {k: DataLoader(v, **common) for k, v in test_ds.items()}
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     test_dls = {k: accelerator.prepare(v) for k, v in test_dls.items()}
     updates_per_epoch = max(1, len(train_dl) // args.grad_accum)  # len(train_dl) is per process after prepare
