@@ -4,8 +4,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from benchmarks.common import preset_args
+from conftest import ROOT
 from train_vqa import Args
 
 
@@ -17,7 +19,8 @@ def test_preset_found_from_anywhere_then_flags_then_fixed_values(tmp_path, monke
     monkeypatch.chdir(tmp_path)  # outside the repo: the relative preset path is found in the repository
     args = preset_args(flags(config="configs/vqa_cpu.yaml", batch_size=3), Args, ("batch_size", "mixed_precision"),
                        model="scratch")
-    assert args.lr == 3e-4 and args.epochs == 20  # from the preset
+    preset = yaml.safe_load((ROOT / "configs" / "vqa_cpu.yaml").read_text())
+    assert (args.lr, args.epochs) == (preset["lr"], preset["epochs"]) != (Args().lr, Args().epochs)  # the preset's
     assert args.batch_size == 3 and args.mixed_precision is None  # a given flag wins, an absent one does not
     assert (args.grad_accum, args.num_workers, args.report_to, args.cpu) == (1, 0, "none", True)
     assert preset_args(flags(), Args, ()).lr == Args().lr  # "none": the script's defaults
