@@ -42,7 +42,7 @@ bench: $(BIN)/.installed datasets/pair/meta.json datasets/vqa/meta.json datasets
 	$(BIN)/python benchmarks/anomaly_aupro.py --out bench_out
 	$(BIN)/python benchmarks/anomaly_step.py --out bench_out
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train_anomaly.py --config configs/anomaly_cpu.yaml \
-		--cpu --run_name cpu --resume auto --report_to none   # ~60 min on 2 cores
+		--cpu --run_name cpu --resume auto --report_to none   # ~42 min on 2 cores
 	$(BIN)/python benchmarks/anomaly_quality.py --checkpoint runs/anomaly/cpu --out bench_out
 
 datasets/pair/meta.json: $(BIN)/.installed

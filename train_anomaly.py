@@ -25,17 +25,25 @@ validation images (``--threshold_fpr``) and saved as ``thresholds.json`` in ``be
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import cv2
+import h5py
 import matplotlib
 import numpy as np
+import PIL
+import timm
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -80,6 +88,7 @@ class Args:
     jitter_scale: float = 20.0            # feature jitter: noise std = scale x ||token|| / channels (training only)
     jitter_prob: float = 1.0              # probability that a token is jittered
     cache_features: bool = True           # compute the frozen features once; --no-cache_features recomputes each step
+    feature_cache_dir: str | None = None  # also keep them on disk (<dir>/<key>.h5), reused by runs with the same key
     epochs: int = 1000                    # passes over the training images
     max_steps: int | None = None          # optimizer updates; default: epochs x updates per epoch
     batch_size: int = 8                   # per device, per micro-batch
@@ -130,6 +139,11 @@ class Args:
                self.num_figures) < 0:
             raise UsageError("--val_defects, --split_seed, --num_workers, --keep_last, --save_top_k, --patience and "
                              "--num_figures must be >= 0")
+        if self.feature_cache_dir:
+            folder = Path(self.feature_cache_dir).absolute()
+            existing = next(p for p in (folder, *folder.parents) if p.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise UsageError(f"--feature_cache_dir {self.feature_cache_dir}: {existing} is not a writable folder")
         self.index_list()
 
     def index_list(self) -> list[int]:
@@ -202,19 +216,126 @@ def extract(model: UniAD, dataset: Dataset, args: Args, device,
     return FeatureItems(torch.cat(features), **{k: torch.cat(v) for k, v in extra.items()})
 
 
-def build_dataloaders(model: UniAD, train_ds, val_ds, test_ds, args: Args, device, run):
+def backbone_fingerprint(model: UniAD) -> str:
+    """Hash of what the features depend on besides the images: the backbone's weights, the code that reads,
+    resizes and normalises images, draws the validation defects, runs the backbone and neck and extracts (those
+    source files, and extract() itself), and the library versions underneath."""
+    h = hashlib.sha256()
+    for name, tensor in model.backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    root = Path(__file__).parent
+    for source in ("data/anomaly/dataset.py", "data/anomaly/synth.py", "models/uniad.py"):
+        h.update((root / source).read_bytes())
+    h.update(inspect.getsource(extract).encode())
+    h.update(json.dumps([torch.__version__, timm.__version__, PIL.__version__, np.__version__, cv2.__version__]).encode())
+    return h.hexdigest()
+
+
+def feature_key(fingerprint: str, dataset: Dataset, args: Args, device, keys: tuple[str, ...]) -> str:
+    """The cache file's name for one split: the backbone fingerprint, the stages and input size, the device type
+    (CPU and GPU kernels round differently), the extracted keys, and every item (image and mask file with size
+    and modification time, category, label; the synthetic defects' copies, seed and kinds). The transformer's
+    settings are not in it: runs that differ only there share the files."""
+    h = hashlib.sha256(json.dumps({"fingerprint": fingerprint, "backbone": args.backbone,
+                                   "out_indices": args.index_list(), "input_size": args.input_size,
+                                   "device": torch.device(device).type, "keys": list(keys)}).encode())
+    if isinstance(dataset, SyntheticDefects):
+        h.update(json.dumps({"copies": dataset.copies, "seed": dataset.seed, "kinds": dataset.kinds}).encode())
+        dataset = dataset.base
+    h.update(json.dumps(dataset.categories).encode())
+    for r in dataset.records:
+        files = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in (r.path, r.mask) if f]
+        h.update(json.dumps([files, r.category, r.label, r.defect]).encode())
+    return h.hexdigest()[:32]
+
+
+def _read_h5(path: Path, n: int, keys: tuple[str, ...], shape: tuple[int, ...]) -> FeatureItems:
+    with h5py.File(path, "r") as f:
+        found = (sorted(f.keys()), f["feature_align"].shape if "feature_align" in f else None)
+        if found != (sorted({"feature_align", "index", *keys}), (n, *shape)):
+            raise ValueError(f"holds {found[0]} with features {found[1]}, expected {n} x {shape}")
+        tensors = {k: torch.from_numpy(f[k][()]) for k in f.keys()}
+    return FeatureItems(tensors.pop("feature_align"), **tensors)
+
+
+def _write_h5(items: FeatureItems, path: Path) -> None:
+    """Written to a temporary file of its own, then renamed: two runs that share a cold cache may write the
+    same key at once (same content; the last rename wins)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("feature_align", data=items.features.numpy())
+            for k, v in items.extra.items():
+                f.create_dataset(k, data=v.numpy())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _data_error(e: ValueError) -> str:
+    # from a DataLoader worker the message ends with the original "ValueError: ..." line
+    return f"--data_dir {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}"
+
+
+def cached_extract(model: UniAD, dataset: Dataset, args: Args, accelerator, run, split: str, fingerprint: str,
+                   keys: tuple[str, ...] = ("mask", "has_mask", "label", "category")) -> FeatureItems:
+    """extract(), or with --feature_cache_dir the features of an earlier run with the same key, read from
+    <dir>/<key>.h5. The main process reads, or computes and writes, the file and tells the others what
+    happened (so that a bad image ends every process with the same line); they then read the file, so that a
+    multi-process run computes the backbone once. The folder must be one that every process sees."""
+    device = accelerator.device
+    if not args.feature_cache_dir:
+        try:
+            return extract(model, dataset, args, device, keys)
+        except ValueError as e:
+            fail(_data_error(e))
+    path = Path(args.feature_cache_dir) / f"{feature_key(fingerprint, dataset, args, device, keys)}.h5"
+    expected = (len(dataset), keys, (model.channels, *model.feature_size))
+    status, items = ["file"], None
+    if accelerator.is_main_process:
+        try:
+            items = _read_h5(path, *expected) if path.is_file() else None
+        except (OSError, KeyError, ValueError) as e:
+            run.log.warning("%s features: %s is unreadable (%s); computing them again", split, path,
+                            " ".join(str(e).split())[:200])
+        if items is not None:
+            run.log.info("%s features read from %s", split, path)
+        else:
+            try:
+                items = extract(model, dataset, args, device, keys)
+                _write_h5(items, path)
+                run.log.info("%s features written to %s", split, path)
+            except ValueError as e:
+                status = [_data_error(e)]
+            except OSError as e:   # a full disk, say: the run goes on with the features in memory
+                run.log.warning("%s features could not be written to %s (%s); every process computes them",
+                                split, path, " ".join(str(e).split())[:200])
+                status = ["compute"]
+    status = broadcast_object_list(status) if accelerator.num_processes > 1 else status
+    if status[0] not in ("file", "compute"):
+        fail(status[0])
+    if accelerator.is_main_process:
+        return items
+    return extract(model, dataset, args, device, keys) if status[0] == "compute" else _read_h5(path, *expected)
+
+
+def build_dataloaders(model: UniAD, train_ds, val_ds, test_ds, args: Args, accelerator, run):
     """(train, val, test) loaders. The frozen backbone + neck give a fixed image the same features all run long,
     so validation and test images are always read from a feature cache, and the training images too unless
     --no-cache_features. Decoding happens here (the listing read headers only): a truncated file ends the
     run with one line."""
     start = time.perf_counter()
-    try:
-        val_items = extract(model, val_ds, args, device)
-        test_items = extract(model, test_ds, args, device) if test_ds is not None else None
-        train_items = extract(model, train_ds, args, device, keys=()) if args.cache_features else train_ds
-    except ValueError as e:  # from a DataLoader worker the message ends with the original "ValueError: ..." line
-        fail(f"--data_dir {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}")
-    run.log.info("features of %d images computed in %.1f s", len(val_items) + len(test_items or []) +
+    fingerprint = backbone_fingerprint(model) if args.feature_cache_dir else ""
+    val_items = cached_extract(model, val_ds, args, accelerator, run, "validation", fingerprint)
+    test_items = (cached_extract(model, test_ds, args, accelerator, run, "test", fingerprint)
+                  if test_ds is not None else None)
+    train_items = (cached_extract(model, train_ds, args, accelerator, run, "training", fingerprint, keys=())
+                   if args.cache_features else train_ds)
+    run.log.info("features of %d images ready in %.1f s", len(val_items) + len(test_items or []) +
                  (len(train_items) if args.cache_features else 0), time.perf_counter() - start)
     common = dict(batch_size=args.batch_size, pin_memory=torch.cuda.is_available())
     # Its own generator: starting an epoch's iterator leaves the global RNG (jitter, dropout) untouched.
@@ -407,7 +528,7 @@ def main():
                  len(train_ds), len(val_ds), len(val_ds) - len(splits.val), len(test_ds or []),
                  sum(p.numel() for p in model.reconstruction.parameters()) / 1e6, model.channels, model.feature_size)
     train_dl, val_dl, test_dl = build_dataloaders(model.to(accelerator.device), train_ds, val_ds, test_ds, args,
-                                                  accelerator.device, run)
+                                                  accelerator, run)
     optimizer = torch.optim.AdamW(model.reconstruction.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     test_dl = accelerator.prepare(test_dl) if test_dl is not None else None

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,11 @@ def test_two_process_run_scores_every_validation_image_once(data_dir, tmp_path):
     # no jitter, no dropout: nothing random but the sampler, which Accelerate seeds alike for 1 and 2 processes
     common = ["--max_steps", "1", "--eval_every_steps", "1", "--num_figures", "0", "--jitter_scale", "0",
               "--dropout", "0"]
-    run_script("train_anomaly.py", args(data_dir, tmp_path, *common, "--run_name", "ddp"), nproc=2)
+    # with a disk cache: the main process computes and writes the features, the other reads them
+    cache = tmp_path / "cache"
+    run_script("train_anomaly.py", args(data_dir, tmp_path, *common, "--run_name", "ddp", "--feature_cache_dir",
+                                        str(cache)), nproc=2)
+    assert len(list(cache.glob("*.h5"))) == 3 and not list(cache.glob("*.tmp"))
     one = tmp_path / "one"
     run_script("train_anomaly.py", args(data_dir, one, *common, "--run_name", "r", "--batch_size", "16"))
     two = read_csv(tmp_path / "ddp" / "summary.csv")[-1]
@@ -117,8 +123,56 @@ def test_cached_features_train_like_recomputed_ones(data_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+def test_feature_cache_dir_is_reused_and_an_unreadable_file_computed_again(data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--max_steps", "2", "--eval_every_steps", "2", "--num_figures", "0", "--feature_cache_dir", str(cache)]
+    run_script("train_anomaly.py", args(data_dir, tmp_path, *common, "--run_name", "a"))
+    files = sorted(cache.glob("*.h5"))
+    assert len(files) == 3  # training, validation and test features
+    log_a = (tmp_path / "a" / "train.log").read_text()
+    assert log_a.count("features written to") == 3 and "features read from" not in log_a
+    files[0].write_bytes(b"not an HDF5 file")
+    with h5py.File(files[1], "w") as f:  # a sound HDF5 file that holds something else
+        f.create_dataset("feature_align", data=np.zeros((2, 3), np.float32))
+    run_script("train_anomaly.py", args(data_dir, tmp_path, *common, "--run_name", "b"))
+    log_b = (tmp_path / "b" / "train.log").read_text()
+    assert log_b.count("features read from") == 1 and log_b.count("computing them again") == 2, log_b
+    assert sorted(cache.glob("*.h5")) == files and h5py.is_hdf5(files[0])
+    # the features read back are the ones computed: the two runs are the same run
+    result_a, result_b = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("a", "b"))
+    assert {k: v for k, v in result_a.items() if k != "run"} == {k: v for k, v in result_b.items() if k != "run"}
+
+
+def test_feature_key_changes_with_what_the_features_depend_on(data_dir, tmp_path):
+    from data.anomaly import AnomalyDataset, SyntheticDefects, load_splits
+    from models.uniad import UniAD
+    from train_anomaly import Args, backbone_fingerprint, feature_key, model_kwargs
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    splits = load_splits(str(data), None, 0.25, 0)
+
+    def key(seed=0, input_size=64, defects_seed=0, hidden_dim=32, keys=("mask",)):
+        a = Args(backbone="test_efficientnet", input_size=input_size, neighbor_size=3, hidden_dim=hidden_dim,
+                 num_heads=2)
+        torch.manual_seed(seed)
+        model = UniAD(**model_kwargs(a, weights=False))
+        val = SyntheticDefects(AnomalyDataset(splits.val, splits.categories, input_size), 1, defects_seed)
+        return feature_key(backbone_fingerprint(model), val, a, "cpu", keys)
+
+    base = key()
+    # the transformer's settings are not in the key: a search over them shares the features
+    assert key() == base == key(hidden_dim=64)
+    assert len({base, key(seed=1), key(input_size=96), key(defects_seed=1), key(keys=())}) == 5
+    image = Path(splits.val[0].path)
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # an edited image
+    assert key() != base
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--categories", "brick,marble"], "marble"),
+    (["--feature_cache_dir", "/proc/version"], "--feature_cache_dir /proc/version"),
     (["--neighbor_size", "4"], "--neighbor_size must be odd"),
     (["--neighbor_size", "9"], "neighbor_size"),
     (["--out_indices", "a,b"], "--out_indices expects"),
@@ -203,8 +257,10 @@ def test_predict_bad_input_one_line_nothing_written(trained_run, data_dir, tmp_p
 
 def test_step_benchmark_prints_overhead_and_cache_speedup(tmp_path):
     preset = tmp_path / "tiny.yaml"
-    preset.write_text("backbone: test_efficientnet\ninput_size: 64\nhidden_dim: 32\nnum_heads: 2\nnum_encoder_layers: 1\n"
-                      "num_decoder_layers: 1\ndim_feedforward: 64\nneighbor_size: 3\nbatch_size: 4\n")
+    # a GPU-recipe preset names timm's pretrained weights: the benchmark times random ones and never downloads
+    preset.write_text("backbone: test_efficientnet\nbackbone_weights: timm\ninput_size: 64\nhidden_dim: 32\n"
+                      "num_heads: 2\nnum_encoder_layers: 1\nnum_decoder_layers: 1\ndim_feedforward: 64\n"
+                      "neighbor_size: 3\nbatch_size: 4\n")
     proc = run_python("benchmarks/anomaly_step.py", "--config", str(preset), "--steps", "2", "--rounds", "1",
                       "--warmup", "0", "--out", str(tmp_path / "bench"))
     assert proc.returncode == 0, proc.stderr[-3000:]
