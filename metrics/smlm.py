@@ -169,3 +169,39 @@ def smlm_metrics(pred_xyz, pred_frame, gt_xyz, gt_frame, dist_lat: float | None 
         out["crlb_lat"] = float(np.sqrt(np.mean(crlb**2))) if tp else float("nan")
         out["rmse_over_crlb"] = rmse_over_crlb(out["rmse_lat"], crlb)
     return out
+
+
+def binned_metrics(pred_xyz, gt_xyz, pred_idx, gt_idx, values, gt_crlb_lat_nm=None, n_bins: int = 4) -> list[dict]:
+    """Recall and errors of the ground truth split into n_bins equal-count bins of `values` (e.g. photons).
+
+    pred_xyz (N, 3) and gt_xyz (M, 3) nm, (pred_idx, gt_idx) the TP pairs of `match_emitters`, values (M,)
+    one number per ground-truth emitter; the bin edges are its quantiles, so every method scored on the same
+    ground truth gets the same bins. Per bin: lo, hi (its range of values), n_gt, recall, rmse_lat, rmse_ax,
+    median_lat (the median lateral error sqrt(dx^2 + dy^2) of its matched pairs, nm) and, with gt_crlb_lat_nm
+    (M,), crlb_lat (RMS bound of its matched emitters) and rmse_over_crlb. Bins without a match have NaN errors.
+    """
+    pred_xyz, gt_xyz = _as_xyz(pred_xyz, "pred_xyz"), _as_xyz(gt_xyz, "gt_xyz")
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(values) != len(gt_xyz):
+        raise ValueError(f"values must have one entry per ground-truth emitter ({len(gt_xyz)}), got {len(values)}")
+    pred_idx, gt_idx = np.asarray(pred_idx, dtype=np.int64), np.asarray(gt_idx, dtype=np.int64)
+    edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)) if len(values) else np.zeros(n_bins + 1)
+    # Bin of each emitter: the interior edges split it; the top edge belongs to the last bin.
+    gt_bin = np.clip(np.searchsorted(edges[1:-1], values, side="right"), 0, n_bins - 1)
+    pair_bin = gt_bin[gt_idx]
+    crlb = None if gt_crlb_lat_nm is None else np.broadcast_to(
+        np.asarray(gt_crlb_lat_nm, dtype=np.float64), (len(gt_xyz),))
+    rows = []
+    for b in range(n_bins):
+        in_bin = pair_bin == b
+        p, g = pred_idx[in_bin], gt_idx[in_bin]
+        n_gt = int((gt_bin == b).sum())
+        row = {"lo": float(edges[b]), "hi": float(edges[b + 1]), "n_gt": n_gt,
+               "recall": _ratio(len(g), n_gt), **localisation_errors(pred_xyz[p], gt_xyz[g])}
+        d = pred_xyz[p] - gt_xyz[g]
+        row["median_lat"] = float(np.median(np.hypot(d[:, 0], d[:, 1]))) if len(g) else float("nan")
+        if crlb is not None:
+            row["crlb_lat"] = float(np.sqrt(np.mean(crlb[g] ** 2))) if len(g) else float("nan")
+            row["rmse_over_crlb"] = rmse_over_crlb(row["rmse_lat"], crlb[g])
+        rows.append(row)
+    return rows

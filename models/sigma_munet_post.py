@@ -34,6 +34,7 @@ sigma_z > 80 nm; each limit may be None (not applied).
 
 Detections are a dict of numpy arrays with one row each, ordered by frame then row-major pixel:
     frame_ix (N,) int64; prob (N,) integrated p_new; prob_raw (N,) p of the pixel itself
+    pixel (N, 2) int64 (row i, col j) of the pixel the detection was read from, so x px - j is its offset
     param_out (N, 4)  (photons / phot_max, x px, y px, z / z_max): the target layout of losses/smlm.py
     sigma_out (N, 4)  the sigmas in the same units
     xyz_px (N, 3)     x px, y px, z nm (DECODE's EmitterSet convention: z is always nm)
@@ -57,8 +58,8 @@ SPLIT_TH = 0.6
 MAX_SIGMA_XY_NM = 40.0
 MAX_SIGMA_Z_NM = 80.0
 
-DETECTION_KEYS = ("frame_ix", "prob", "prob_raw", "param_out", "sigma_out", "xyz_px", "xyz_nm", "xyz_sig_px",
-                  "xyz_sig_nm", "phot", "phot_sig", "bg")
+DETECTION_KEYS = ("frame_ix", "prob", "prob_raw", "pixel", "param_out", "sigma_out", "xyz_px", "xyz_nm",
+                  "xyz_sig_px", "xyz_sig_nm", "phot", "phot_sig", "bg")
 
 
 def _as_output(output) -> torch.Tensor:
@@ -110,6 +111,7 @@ def detections_from_output(output, raw_th: float = RAW_TH, split_th: float = SPL
         "frame_ix": (b_ix + frame_ix0).to(torch.int64),
         "prob": p_new[b_ix, i_ix, j_ix],
         "prob_raw": out[b_ix, P_CH, i_ix, j_ix],
+        "pixel": torch.stack([i_ix, j_ix], dim=1).to(torch.int64),
         "param_out": param,
         "sigma_out": sigma,
         "xyz_px": xyz_px,

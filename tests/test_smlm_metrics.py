@@ -10,6 +10,7 @@ bound, so it is not used. Thompson et al. (2002) have the same no-background ter
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -18,10 +19,10 @@ import torch
 from scipy.integrate import quad
 from scipy.special import ndtr
 
-from data.smlm import EMCCD_EXCESS_NOISE, SimConfig, pixel_gaussian
-from metrics.smlm import (ALPHA_AX, ALPHA_LAT, detection_metrics, efficiency, localisation_errors, match_emitters,
-                          rmse_over_crlb, smlm_metrics)
-from metrics.smlm_crlb import crlb_from_fisher, default_roi_px, emitter_crlb_nm
+from data.smlm import EMCCD_EXCESS_NOISE, SimConfig, pixel_gaussian, simulate_movie
+from metrics.smlm import (ALPHA_AX, ALPHA_LAT, binned_metrics, detection_metrics, efficiency, localisation_errors,
+                          match_emitters, rmse_over_crlb, smlm_metrics)
+from metrics.smlm_crlb import crlb_from_fisher, crlb_oracle, default_roi_px, emitter_crlb_nm, ground_truth
 
 
 # Reference routes to the bound of one emitter, against which the batched emitter_crlb_nm is checked: the
@@ -342,3 +343,56 @@ def test_rmse_over_crlb_of_a_simulated_estimator():
     crlb_bg = gaussian_2d_crlb(2000.0, 5.0, 1.3, px_size_nm=100.0)["lat_nm"]
     ratio_bg = rmse_over_crlb(centroid_rmse_lat_nm(2000.0, 5.0, 1.3, 100.0, frames=2000, seed=2), crlb_bg)
     assert ratio_bg > 1.5, ratio_bg
+
+
+def test_binned_metrics_equal_a_per_bin_loop():
+    rng = np.random.default_rng(7)
+    n_gt = 203
+    gt = np.column_stack([rng.uniform(0, 5000, n_gt), rng.uniform(0, 5000, n_gt), rng.uniform(-500, 500, n_gt)])
+    photons = rng.gamma(4.0, 1500.0, n_gt)
+    crlb = 3000.0 / np.sqrt(photons)
+    found = rng.random(n_gt) < 0.8                                   # 80 % matched, in shuffled order
+    gt_idx = rng.permutation(np.flatnonzero(found))
+    pred = np.concatenate([gt[gt_idx] + rng.normal(0, 1, (len(gt_idx), 3)) * crlb[gt_idx, None] / math.sqrt(2),
+                           rng.uniform(0, 5000, (9, 3))])            # plus 9 unmatched predictions
+    pred_idx = np.arange(len(gt_idx))
+    rows = binned_metrics(pred, gt, pred_idx, gt_idx, photons, crlb, n_bins=4)
+    edges = np.quantile(photons, [0, 0.25, 0.5, 0.75, 1])
+    assert [r["lo"] for r in rows] + [rows[-1]["hi"]] == pytest.approx(edges)
+    assert sum(r["n_gt"] for r in rows) == n_gt
+    for b, row in enumerate(rows):
+        members = [g for g in range(n_gt) if edges[b] <= photons[g] and (photons[g] < edges[b + 1] or b == 3)]
+        assert row["n_gt"] == len(members)
+        pairs = [(p, g) for p, g in zip(pred_idx, gt_idx) if g in members]
+        assert row["recall"] == pytest.approx(len(pairs) / len(members))
+        sq = [float(np.sum((pred[p, :2] - gt[g, :2]) ** 2)) for p, g in pairs]
+        assert row["rmse_lat"] == pytest.approx(math.sqrt(sum(sq) / len(sq)))
+        assert row["rmse_ax"] == pytest.approx(math.sqrt(np.mean([(pred[p, 2] - gt[g, 2]) ** 2 for p, g in pairs])))
+        assert row["median_lat"] == pytest.approx(float(np.median(np.sqrt(sq))))
+        bound = math.sqrt(np.mean([crlb[g] ** 2 for _, g in pairs]))
+        assert row["crlb_lat"] == pytest.approx(bound)
+        assert row["rmse_over_crlb"] == pytest.approx(row["rmse_lat"] / bound)
+    assert 0.8 < np.mean([r["rmse_over_crlb"] for r in rows]) < 1.25  # each axis has half its lateral bound^2
+    empty = binned_metrics(pred, gt, pred_idx[:0], gt_idx[:0], photons, crlb)
+    assert all(r["recall"] == 0 and math.isnan(r["rmse_lat"]) and math.isnan(r["rmse_over_crlb"]) for r in empty)
+    with pytest.raises(ValueError, match="one entry per ground-truth emitter"):
+        binned_metrics(pred, gt, pred_idx, gt_idx, photons[:-1])
+
+
+def test_crlb_oracle_scatters_each_emitter_by_its_own_bound():
+    cfg = SimConfig(img_size=(32, 32), psf="astigmatic")
+    movie = simulate_movie(dataclasses.replace(cfg, emitter_av=6.0), 400, torch.Generator().manual_seed(3))
+    gt = ground_truth(movie, cfg)
+    assert gt["crlb_nm"].shape == (len(gt["phot"]), 3)
+    np.testing.assert_allclose(gt["crlb_lat_nm"], np.hypot(gt["crlb_nm"][:, 0], gt["crlb_nm"][:, 1]))
+    oracle = crlb_oracle(gt, seed=1)
+    np.testing.assert_array_equal(oracle["frame_ix"], gt["frame_ix"])
+    z_scores = (oracle["xyz_nm"] - gt["xyz_nm"]) / gt["crlb_nm"]      # standard Normal on every axis
+    assert np.abs(z_scores.mean(0)).max() < 0.1 and z_scores.std(0) == pytest.approx([1, 1, 1], abs=0.05)
+    np.testing.assert_array_equal(crlb_oracle(gt, seed=1)["xyz_nm"], oracle["xyz_nm"])
+    m = smlm_metrics(oracle["xyz_nm"], oracle["frame_ix"], gt["xyz_nm"], gt["frame_ix"],
+                     gt_crlb_lat_nm=gt["crlb_lat_nm"])
+    assert m["precision"] > 0.97 and m["recall"] > 0.97
+    # A 2D PSF has no z bound (NaN): the oracle leaves z untouched.
+    flat = {**gt, "crlb_nm": np.column_stack([gt["crlb_nm"][:, :2], np.full(len(gt["phot"]), np.nan)])}
+    np.testing.assert_array_equal(crlb_oracle(flat)["xyz_nm"][:, 2], gt["xyz_nm"][:, 2])
