@@ -42,9 +42,16 @@ Output, by ``--format`` (default from the extension: .h5/.hdf5 DECODE HDF5, anyt
                 left corner of the image, so pixel (row i, col j) has its centre at ((j + 0.5) px_x,
                 (i + 0.5) px_y) nm and the field is [0, W px_x] x [0, H px_y]. sigma = PSF width at the
                 predicted z (geometric mean of the run's sigma_x, sigma_y, nm); intensity = predicted photons;
-                offset = predicted background (photons/px); bkgstd = sqrt(offset), the photon shot noise of
-                that background (no read noise); uncertainty = predicted lateral sigma,
+                offset = predicted background (photons/px); bkgstd = the noise std of a background pixel
+                in photons (data.smlm.background_std_photons: shot noise with the EMCCD excess factor,
+                read noise and ADU rounding, through the camera; the scalar read_sigma, a read-noise map's
+                pixels are not looked up); uncertainty = predicted lateral sigma,
                 sqrt((sigma_x^2 + sigma_y^2) / 2) nm.
+                Photons, in both formats, are photons reaching the camera (detected photoelectrons / qe),
+                as ThunderSTORM reports them with the same camera setup (photoelectrons per A/D count =
+                e_per_adu, EM gain, base level = baseline, quantum efficiency = qe): intensity =
+                (ADU - base level) x e_per_adu / (EM gain x qe) summed over the spot. ThunderSTORM's default
+                quantum efficiency is 1, which makes it report photoelectrons: ours x qe.
   decode        DECODE EmitterSet (smlm.md 7.1), xy_unit "nm" with DECODE's convention (pixel (i, j) centre
                 at (j px_x, i px_y) nm), z nm, frame_ix 0-based, id 0-based. .h5/.hdf5: groups meta (attrs
                 xy_unit, px_size), decode (attr version) and data (xyz, xyz_sig, phot, phot_sig, frame_ix, id,
@@ -75,7 +82,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from data.smlm import SimConfig, load_sim_config, psf_sigmas, scale_frames, to_photons, window_indices
+from data.smlm import (SimConfig, background_std_photons, load_sim_config, psf_sigmas, scale_frames, to_photons,
+                       window_indices)
 from models.sigma_munet_post import DETECTION_KEYS, MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM, detections_from_output
 from training import UsageError
 from training.config import fail
@@ -311,7 +319,7 @@ def _thunderstorm_table(det: dict, cfg: SimConfig) -> tuple[list[str], np.ndarra
         "id": np.arange(1, n + 1), "frame": det["frame_ix"] + 1,
         "x [nm]": (xyz[:, 0] + 0.5) * px_x, "y [nm]": (xyz[:, 1] + 0.5) * px_y, "z [nm]": xyz[:, 2],
         "sigma [nm]": sigma_nm, "intensity [photon]": det["phot"], "offset [photon]": bg,
-        "bkgstd [photon]": np.sqrt(np.clip(bg, 0, None)),
+        "bkgstd [photon]": background_std_photons(bg, cfg),
         "uncertainty [nm]": np.sqrt(0.5 * (sig[:, 0] ** 2 + sig[:, 1] ** 2)),
     }
     names = [c for c in THUNDERSTORM_COLUMNS if not (c == "z [nm]" and cfg.psf == "gaussian")]

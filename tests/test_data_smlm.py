@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.special import ndtr
 
-from data.smlm import (Emitters, MovieWindowDataset, SimConfig, SMLMSimDataset, bin_emitters, camera_forward,
+from data.smlm import (Emitters, MovieWindowDataset, SimConfig, SMLMSimDataset, background_std_photons, bin_emitters,
+                       camera_forward,
                        collate_smlm, frame_targets, load_sim_config, psf_sigmas, read_movie_h5, render,
                        sample_loose_emitters, scale_frames, simulate_movie, to_photons, window_indices,
                        write_movie_h5)
@@ -119,6 +120,37 @@ def test_to_photons_inverts_the_expected_value(camera, gain, e_per_adu, read_sig
     assert photons.mean().item() == pytest.approx(50.0 - floor_bias, abs=0.3)
     exact = (50.0 * 0.9 + cfg.spur_noise) * (gain or 1.0) / cfg.e_per_adu + cfg.baseline
     assert to_photons(torch.tensor(exact), cfg).item() == pytest.approx(50.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("camera,gain,e_per_adu,read_sigma,qe", [
+    ("emccd", 100.0, 20.0, 50.0, 0.9), ("emccd", 300.0, 45.0, 74.4, 1.0), ("scmos", None, 0.5, 1.6, 0.8),
+    ("scmos", None, 2.0, 8.0, 0.7), ("perfect", None, 1.0, 0.0, 1.0)])
+def test_background_std_in_photons_matches_the_simulated_camera(camera, gain, e_per_adu, read_sigma, qe):
+    cfg = SimConfig(camera=camera, em_gain=gain, qe=qe, e_per_adu=e_per_adu, read_sigma=read_sigma, baseline=400.0)
+    for bg in (5.0, 60.0):
+        photons = to_photons(camera_forward(torch.full((200_000,), bg), cfg, _gen(5)), cfg).double()
+        assert photons.std().item() == pytest.approx(float(background_std_photons(bg, cfg)), rel=0.02)
+    # Shot noise alone for an ideal sCMOS: sqrt(bg / qe) photons, the Poisson spread of qe bg photoelectrons.
+    ideal = SimConfig(camera="scmos", em_gain=None, qe=0.8, e_per_adu=1e-6, read_sigma=0.0, spur_noise=0.0)
+    assert background_std_photons(np.array([50.0]), ideal) == pytest.approx(np.sqrt(50.0 / 0.8), rel=1e-6)
+
+
+def test_photons_are_photons_reaching_the_camera_as_thunderstorm_counts_them():
+    # A user's EMCCD (QE 0.9): the frames the network sees, and so the photons it is trained to predict, are
+    # photons reaching the camera. ThunderSTORM with the same camera setup converts a spot's summed ADU above
+    # the base level the same way: (ADU - offset) x photoelectrons per count / (EM gain x QE).
+    cfg = SimConfig(img_size=(16, 16), psf="gaussian", sigma0_px=1.2, camera="emccd", qe=0.9, spur_noise=0.0,
+                    em_gain=100.0, e_per_adu=20.0, baseline=100.0, read_sigma=50.0)
+    expected = render(_emitters([[7.3, 8.1, 0.0]], [5000.0]), 1, cfg).float().expand(4000, 16, 16)
+    adu = camera_forward(expected, cfg, _gen(6)).double()
+    ours = to_photons(adu, cfg).double().sum((1, 2))
+    thunderstorm = (adu - cfg.baseline).sum((1, 2)) * cfg.e_per_adu / (cfg.em_gain * cfg.qe)
+    torch.testing.assert_close(ours, thunderstorm, rtol=1e-5, atol=1e-2)
+    floor_bias = 256 * 0.5 * cfg.e_per_adu / (cfg.em_gain * cfg.qe)  # whole-ADU rounding, every pixel
+    assert ours.mean().item() + floor_bias == pytest.approx(5000.0, rel=0.01)
+    # Photoelectrons, what ThunderSTORM reports with its default QE of 1, are qe times fewer.
+    photoelectrons = (adu - cfg.baseline).sum((1, 2)) * cfg.e_per_adu / cfg.em_gain
+    assert (photoelectrons.mean() / ours.mean()).item() == pytest.approx(0.9, rel=1e-6)
 
 
 def test_blinking_conserves_photons_and_ontime_is_exponential():

@@ -16,12 +16,17 @@ Units and conventions
               and DECODE's `psf_extent`. x runs along the last (W) axis, y along H. nm = px * px_size_nm.
     z         nm, 0 at the focal plane.
     time      frames; frame k is the exposure [k, k + 1). Emitter on-times are continuous.
-    photons   detected photons (DECODE's `qe: 1` convention, smlm.md §1.1). An emitter's `flux` is its photons
-              per full frame; a frame row of `Emitters` holds the photons it emitted in that frame.
+    photons   photons reaching the camera, before the quantum efficiency: the camera detects qe x photons as
+              photoelectrons, and `to_photons` divides by qe again, so frames, targets, predictions and the
+              fitted output are all in photons reaching the camera (with DECODE's default qe 1, smlm.md §1.1,
+              the two are the same). ThunderSTORM reports the same unit when its camera setup has the same
+              quantum efficiency; with its default QE 1 it reports photoelectrons (ours x qe). An emitter's
+              `flux` is its photons per full frame; a frame row of `Emitters` holds the photons it emitted in
+              that frame.
     frames    (T, H, W) float32. Cameras return ADU; `to_photons` maps them back to photons with the mean
               response (smlm.md §1.5 step 9), which is what the network sees (DECODE `convert2photons: true`,
               always on here).
-    bg        photons per px per frame, added before the camera (smlm.md §1.4).
+    bg        photons per px per frame reaching the camera, added before the camera (smlm.md §1.4).
 
 PSFs (`psf`, smlm.md §1.3): "gaussian" and "astigmatic" are pixel-integrated Gaussians (erf); "spline" is the
 cubic-spline PSF of a SMAP calibration .mat (`spline_calib`), evaluated in torch by `SplinePSF` (coefficient axes
@@ -41,7 +46,8 @@ vectorised call is about ten times cheaper per window than one movie per window 
 benchmarks/smlm_throughput.py). Fixed validation and test movies are whole movies (`simulate_movie`) stored
 in HDF5 (`write_movie_h5` / `read_movie_h5`) and cut into windows by `MovieWindowDataset`.
 """
-from .camera import EMCCD_EXCESS_NOISE, camera_forward, excess_noise, load_read_sigma_map, sample_background, to_photons
+from .camera import (EMCCD_EXCESS_NOISE, background_std_photons, camera_forward, excess_noise, load_read_sigma_map,
+                     sample_background, to_photons)
 from .config import CAMERA_KINDS, PSF_KINDS, SimConfig, load_sim_config
 from .dataset import (MovieWindowDataset, SMLMSimDataset, collate_smlm, frame_targets, is_target, scale_frames,
                       window_indices)
@@ -51,8 +57,8 @@ from .psf import (SplinePSF, load_smap_spline, pixel_gaussian, psf_sigmas, rende
 from .simulate import Emitters, Movie, bin_emitters, sample_loose_emitters, simulate_acquisition, simulate_movie
 
 __all__ = ["CAMERA_KINDS", "EMCCD_EXCESS_NOISE", "PSF_KINDS", "Emitters", "Movie", "MovieWindowDataset",
-           "SMLMSimDataset", "SimConfig", "SplinePSF", "bin_emitters", "camera_forward", "collate_smlm",
-           "excess_noise", "frame_targets", "is_target", "load_read_sigma_map", "load_sim_config",
+           "SMLMSimDataset", "SimConfig", "SplinePSF", "background_std_photons", "bin_emitters", "camera_forward",
+           "collate_smlm", "excess_noise", "frame_targets", "is_target", "load_read_sigma_map", "load_sim_config",
            "load_smap_spline", "pixel_gaussian", "psf_sigmas", "read_movie_h5", "render", "sample_background",
            "sample_loose_emitters", "save_smap_spline", "scale_frames", "simulate_acquisition", "simulate_movie",
            "spline_from_psf_stack", "to_photons", "window_indices", "write_movie_h5", "write_tiff_movie"]

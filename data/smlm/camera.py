@@ -81,6 +81,24 @@ def to_photons(adu: torch.Tensor, cfg: SimConfig) -> torch.Tensor:
     return (electrons - cfg.spur_noise) / cfg.qe
 
 
+def background_std_photons(bg, cfg: SimConfig, read_sigma=None) -> np.ndarray:
+    """Noise std of one pixel of background bg (photons/px, the unit of `to_photons`) after `to_photons`,
+    from the camera model: sqrt(F^2 (qe bg + spur) + (read_sigma^2 + e_per_adu^2 / 12) / g^2) / qe, with F^2
+    the excess noise (2 for emccd), g the EM gain (1 for scmos) and e_per_adu^2 / 12 the rounding to whole
+    ADU; sqrt(bg) for the perfect camera, 0 for noiseless. read_sigma (e-, scalar or per value of bg)
+    replaces cfg.read_sigma, e.g. a read-noise map's pixel. This is what a fitter that measures the spread
+    of the background around a spot in photons (ThunderSTORM's bkgstd) sees."""
+    bg = np.clip(np.asarray(bg, dtype=np.float64), 0.0, None)
+    if cfg.camera == "noiseless":
+        return np.zeros_like(bg)
+    if cfg.camera == "perfect":
+        return np.sqrt(bg)
+    read = cfg.read_sigma if read_sigma is None else np.asarray(read_sigma, dtype=np.float64)
+    gain = cfg.em_gain if cfg.camera == "emccd" else 1.0
+    electrons_var = excess_noise(cfg) * (cfg.qe * bg + cfg.spur_noise) + (read**2 + cfg.e_per_adu**2 / 12) / gain**2
+    return np.sqrt(electrons_var) / cfg.qe
+
+
 def load_read_sigma_map(cfg: SimConfig) -> torch.Tensor | None:
     """The scmos per-pixel read noise (H, W) e- from cfg.read_sigma_map (.npy), or None."""
     if cfg.read_sigma_map is None:
