@@ -35,7 +35,10 @@ Output channels and activations (smlm.md §2.2; units are the scaled targets of 
 Note the logit clamp has zero gradient outside [-8, 8], as in the reference.
 
 Initialisation (smlm.md §2.2, `init_custom`): Kaiming-normal (fan_in, gain for ReLU) on every conv weight,
-biases 0, except the p head's output bias = -6 so p starts near sigmoid(-6) = 0.0025.
+biases 0, except the p head's output bias = -6 so p starts near sigmoid(-6) = 0.0025; unlike DECODE, the
+weights of the mu, sigma and bg heads' output convs start at 0, so those outputs start at their neutral
+value on every pixel (offsets and z 0, photons and bg half their scale, sigmas 1.5) instead of saturated
+(`reset_parameters` says why).
 
 Parameters (trainable; sigma_eps is a buffer), I = F:
     F = I = 48, depth 2/2 (defaults)   2,199,418  (shared 1,027,008, union 1,088,784, heads 83,626;
@@ -170,6 +173,14 @@ class SigmaMUNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+        # The output convs of the mu, sigma and bg heads start at zero, so those outputs start at their neutral
+        # value on every pixel: offsets and z at 0 (the pixel centre), not at the +-1 limit of the tanh. With
+        # Kaiming weights they start saturated (|offset| ~ 0.9 on every pixel); the p map then learns to sit
+        # one pixel off each emitter, where the saturated offset can reach it, and the vanishing tanh gradient
+        # keeps it there (docs/smlm.md, "Where the error comes from"). The p head keeps DECODE's init, so the
+        # first update already reaches the U-Nets through it.
+        for name in ("mu", "sigma", "bg"):
+            nn.init.zeros_(self.heads[name][-1].weight)
         nn.init.constant_(self.heads["p"][-1].bias, P_BIAS_INIT)
 
     def _activate(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -55,6 +55,11 @@ def run_dir(tmp_path_factory):
     model = build_model(record)
     with torch.no_grad():
         model.heads["p"][-1].bias.zero_()
+        # As after training, the outputs vary from pixel to pixel (the heads start at constant values), and
+        # the predicted sigmas straddle the sigma filter's limits (0.4 px in x, y; 80 / 900 of z_max in z).
+        for name in ("mu", "sigma", "bg"):
+            model.heads[name][-1].weight.normal_(0.0, 0.3)
+        model.heads["sigma"][-1].bias.copy_(torch.tensor([-2.0, -2.0, -2.0, -3.6]))
     (run / "final").mkdir()
     (run / "final" / "model.json").write_text(json.dumps(record))
     save_file(model.state_dict(), run / "final" / "model.safetensors")
@@ -238,7 +243,10 @@ def test_positions_match_the_truth(tmp_path, psf):
             assert float(row["z [nm]"]) == pytest.approx(z, abs=1e-2)
         assert float(row["intensity [photon]"]) == pytest.approx(phot, rel=1e-5)
         assert float(row["offset [photon]"]) == pytest.approx(bg[f], rel=1e-5)
-        assert float(row["bkgstd [photon]"]) == pytest.approx(math.sqrt(bg[f]), rel=1e-4)
+        # The default EMCCD (gain 300, 45 e-/ADU, read noise 74.4 e-, spurious charge 0.002, qe 1): shot noise
+        # doubled by the excess-noise factor, plus read noise and ADU rounding divided by the gain.
+        bkgstd = math.sqrt(2 * (bg[f] + 0.002) + (74.4**2 + 45.0**2 / 12) / 300.0**2)
+        assert float(row["bkgstd [photon]"]) == pytest.approx(bkgstd, rel=1e-4)
         lateral = math.sqrt(((sx * 100.0) ** 2 + (sy * 120.0) ** 2) / 2)
         assert float(row["uncertainty [nm]"]) == pytest.approx(lateral, abs=1e-2)
         psf_x, psf_y = (float(s) for s in psf_sigmas(torch.tensor([z], dtype=torch.float64), cfg))
@@ -247,8 +255,10 @@ def test_positions_match_the_truth(tmp_path, psf):
     dec = tmp_path / "truth_decode.csv"
     fit_smlm.write_localisations(det, dec, "decode", cfg)
     rows = list(csv.DictReader(dec.read_text().splitlines()[3:]))
-    for row, (f, x, y, z, *_) in zip(rows, truth):  # DECODE: pixel centres at integer px, frames 0-based
+    for row, (f, x, y, z, phot, *_) in zip(rows, truth):  # DECODE: pixel centres at integer px, frames 0-based
         assert int(row["frame_ix"]) == f
+        assert float(row["phot"]) == pytest.approx(phot, rel=1e-5)  # the same photons as the ThunderSTORM CSV
+        assert float(row["bg"]) == pytest.approx(bg[f], rel=1e-5)
         assert float(row["x"]) == pytest.approx(x * 100.0, abs=1e-3)
         assert float(row["y"]) == pytest.approx(y * 120.0, abs=1e-3)
         assert float(row["z"]) == pytest.approx(z, abs=1e-3)
@@ -385,11 +395,22 @@ def test_quality_benchmark_scores_ours_and_classical(tmp_path, run_dir):
             "--densities", "0.5,2", "--out", str(tmp_path)]
     proc = run_python("benchmarks/smlm_quality.py", *argv)
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads((tmp_path / "smlm_quality.json").read_text())["tables"][0]["rows"]
-    assert [(r["method"], r["density"].split()[0]) for r in rows] == [
-        ("ours", "0.5"), ("classical", "0.5"), ("ours", "2"), ("classical", "2")]
+    report = json.loads((tmp_path / "smlm_quality.json").read_text())
+    rows, quartiles = report["tables"][0]["rows"], report["tables"][1]["rows"]
+    methods = ["ours", "ours, sigma filter", "classical", "crlb oracle"]
+    assert [(r["method"], r["density"].split()[0]) for r in rows] == [(m, d) for d in ("0.5", "2") for m in methods]
     for r in rows:
-        assert 0 <= r["jaccard"] <= 1 and r["frames/s"] > 0
+        assert 0 <= r["jaccard"] <= 1 and (r["frames/s"] is None) == (r["method"] == "crlb oracle")
+    # Four photon quartiles per method and density, holding every ground-truth emitter between them.
+    assert [(r["method"], r["photons"][:2]) for r in quartiles[:8]] == [
+        (m, f"Q{q}") for m in methods[:2] for q in range(1, 5)]
+    per_density = report["per_density"]
+    for d, entry in enumerate(per_density):
+        assert sum(r["n_gt"] for r in quartiles[16 * d:16 * d + 4]) == entry["gt_emitters"]
+        oracle = entry["metrics"]["crlb oracle"]
+        assert oracle["detections"] == entry["gt_emitters"] and oracle["recall"] > 0.9
+        filtered, ours = entry["metrics"]["ours, sigma filter"], entry["metrics"]["ours"]
+        assert filtered["detections"] <= ours["detections"] and filtered["seconds"] == ours["seconds"]
     movies = sorted(p.name for p in (tmp_path / "smlm_movies").iterdir())
     assert len(movies) == 2
     again = run_python("benchmarks/smlm_quality.py", *argv)
@@ -397,6 +418,24 @@ def test_quality_benchmark_scores_ours_and_classical(tmp_path, run_dir):
     rerun = json.loads((tmp_path / "smlm_quality.json").read_text())["tables"][0]["rows"]
     speed = lambda r: {k: v for k, v in r.items() if k != "frames/s"}  # noqa: E731
     assert [speed(r) for r in rerun] == [speed(r) for r in rows]        # the same movies, the same results
+
+
+def test_tails_benchmark_bins_every_matched_pair(tmp_path, run_dir):
+    """benchmarks/smlm_tails.py end to end: every factor's bins hold all matched pairs and all squared error."""
+    argv = ["--checkpoint", str(run_dir), "--weights", "final", "--frames", "8", "--img_size", "16",
+            "--density", "2", "--raw_th", "0.05", "--out", str(tmp_path)]
+    proc = run_python("benchmarks/smlm_tails.py", *argv)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "smlm_tails.json").read_text())["tables"][0]["rows"]
+    total = rows[0]
+    assert total["factor"] == "all" and total["pairs"] > 0 and total["% sq err"] == pytest.approx(100.0)
+    factors = {r["factor"] for r in rows[1:]}
+    assert factors == {"photons", "edge distance", "neighbour", "blinking nbr", "on in t-1/t+1", "offset",
+                       "partner", "split", "|z|"}
+    for factor in factors:
+        group = [r for r in rows if r["factor"] == factor]
+        assert sum(r["pairs"] for r in group) == total["pairs"], factor
+        assert sum(r["% sq err"] for r in group) == pytest.approx(100.0), factor
 
 
 def test_simulated_tiff_cli_feeds_fit_smlm(tmp_path, run_dir):

@@ -23,7 +23,7 @@ def test_output_shape_and_channel_ranges_even_when_saturated():
     # Blow up the head outputs so every activation is driven to its limits, which exercises the clamps.
     with torch.no_grad():
         for head in model.heads.values():
-            head[-1].weight.mul_(1e3)
+            head[-1].weight.normal_(0.0, 30.0)
     x = torch.randn(2, 3, 16, 12) * 10
     out = model(x)
     assert out.shape == (2, N_CHANNELS, 16, 12)
@@ -39,11 +39,19 @@ def test_output_shape_and_channel_ranges_even_when_saturated():
     assert mu[:, 1:].abs().max() > 0.999
 
 
-def test_init_p_bias_and_kaiming():
+def test_init_p_bias_kaiming_and_neutral_heads():
     model = SigmaMUNet()
     assert torch.all(model.heads["p"][-1].bias == P_BIAS_INIT)
     for name in ("mu", "sigma", "bg"):
-        assert torch.all(model.heads[name][-1].bias == 0)
+        assert torch.all(model.heads[name][-1].bias == 0) and torch.all(model.heads[name][-1].weight == 0)
+    # Bright frames (a spot of 7 scaled units, as 10,000 photons give) still start at the neutral outputs:
+    # offsets and z exactly 0, photons and bg 0.5, sigmas 1.5 + eps, not at the limits of their activations.
+    x = torch.zeros(1, 3, 16, 16)
+    x[:, :, 6:9, 6:9] = 7.0
+    out = tiny()(x)
+    assert torch.all(out[:, MU_CH][:, 1:] == 0) and torch.all(out[:, MU_CH][:, 0] == 0.5)
+    assert torch.allclose(out[:, SIGMA_CH], torch.full_like(out[:, SIGMA_CH], 0.5 * SIGMA_SCALE + SIGMA_EPS))
+    assert torch.all(out[:, BG_CH] == 0.5)
     w = model.unet_union.base[2].weight                     # conv3x3 192 -> 192, fan_in 1728
     assert w.std().item() == pytest.approx(math.sqrt(2 / w[0].numel()), rel=0.02)
     assert float(model.sigma_eps) == pytest.approx(SIGMA_EPS) and "sigma_eps" not in dict(model.named_parameters())
@@ -76,11 +84,20 @@ def test_gradients_reach_every_parameter_through_gmm_loss():
     emitters = torch.stack([torch.rand(2, 3), torch.rand(2, 3) * 7, torch.rand(2, 3) * 7,
                             torch.rand(2, 3) * 2 - 1], dim=-1)
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    loss, parts = gmm_loss(model(x), emitters, mask, torch.rand(2, 8, 8), count_times_num_emitters=True)
-    assert torch.isfinite(loss)
-    loss.backward()
-    for name, prm in model.named_parameters():
-        assert prm.grad is not None and prm.grad.abs().sum() > 0, name
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # The mu, sigma and bg heads' output convs start at zero, so on the first update nothing flows back into
+    # their hidden convs; the U-Nets learn through the p head from the start, and after one step every
+    # parameter has a gradient.
+    blocked = {f"heads.{name}.0.{kind}" for name in ("mu", "sigma", "bg") for kind in ("weight", "bias")}
+    for step in range(2):
+        optimizer.zero_grad()
+        loss, parts = gmm_loss(model(x), emitters, mask, torch.rand(2, 8, 8), count_times_num_emitters=True)
+        assert torch.isfinite(loss)
+        loss.backward()
+        for name, prm in model.named_parameters():
+            reached = prm.grad is not None and prm.grad.abs().sum() > 0
+            assert reached == (step > 0 or name not in blocked), (step, name)
+        optimizer.step()
 
 
 @pytest.mark.parametrize("depth, size, ok", [(1, (6, 10), True), (1, (7, 8), False), (2, (12, 20), True),
