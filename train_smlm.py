@@ -27,8 +27,8 @@ val/rmse_over_crlb = rmse_lat / crlb_lat, where crlb_lat = sqrt(mean(CRLB_lat^2)
 ground-truth emitters (the same emitters rmse_lat averages over), CRLB_lat = sqrt(CRLB_x^2 + CRLB_y^2) of each
 emitter from metrics.smlm_crlb.emitter_crlb_nm: its photons in that frame, the frame's background, its PSF widths,
 (x, y, z, photons, bg) all estimated (z only for the astigmatic PSF), the EMCCD excess-noise factor 2. It
-ignores the multi-frame input, neighbours and the frame edge, so it is the single-emitter, single-frame limit;
-a network that sees 3 frames of a blinking emitter can go below 1.
+counts only the pixels inside the frame and ignores the multi-frame input and neighbours, so it is the
+single-emitter, single-frame limit; a network that sees 3 frames of a blinking emitter can go below 1.
 """
 from __future__ import annotations
 

@@ -42,8 +42,10 @@ def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512) -> np.nd
     includes the cost of not knowing z, and (x, y, N, b) for the 2D Gaussian; photons and background are
     detected electrons (x qe), the EMCCD excess-noise factor 2 divides the information. Each emitter sits
     alone at its sub-pixel offset in its own ROI of default_roi_px(max(sigma_x, sigma_y)) pixels (the ROI
-    size matters through b: more pixels pin the background down better); frame edges and neighbours are
-    ignored, so this is the single-emitter limit. A spline PSF has no closed form here: all NaN.
+    size matters through b: more pixels pin the background down better), cut at the edges of the frame
+    (cfg.img_size; x, y px in the frame's pixel convention): an emitter near the edge has a larger bound,
+    because part of its spot is never recorded. Neighbours are ignored, so this is the single-emitter limit.
+    A spline PSF has no closed form here: all NaN.
     """
     xyz = np.asarray(xyz_px, dtype=np.float64).reshape(-1, 3)
     n_em = len(xyz)
@@ -61,10 +63,15 @@ def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512) -> np.nd
         sx, sy, dsx, dsy = (s.numpy() for s in psf_sigmas(torch.from_numpy(xyz[sl, 2].copy()), cfg, with_dz=True))
         roi = default_roi_px(max(sx.max(), sy.max()))
         centres = np.arange(roi, dtype=np.float64)
-        # Pixels outside an emitter's own ROI (same centre, smaller side) carry no weight.
+        # Pixels outside an emitter's own ROI (same centre, smaller side) carry no weight, nor do pixels beyond
+        # the frame's edge: the camera never records that part of the spot.
         own_half = np.array([default_roi_px(max(a, c)) // 2 for a, c in zip(sx, sy)])[:, None]
         inside = np.abs(centres - (roi - 1) / 2) <= own_half                       # (n, roi)
-        weight = (inside[:, :, None] & inside[:, None, :]).astype(np.float64)          # (n, roi, roi)
+        frame_col = np.round(xyz[sl, 0])[:, None] - (roi - 1) // 2 + centres        # (n, roi) frame column
+        frame_row = np.round(xyz[sl, 1])[:, None] - (roi - 1) // 2 + centres
+        in_x = inside & (frame_col >= 0) & (frame_col <= cfg.img_size[1] - 1)
+        in_y = inside & (frame_row >= 0) & (frame_row <= cfg.img_size[0] - 1)
+        weight = (in_y[:, :, None] & in_x[:, None, :]).astype(np.float64)          # (n, roi, roi)
         pos = (roi - 1) / 2 + xyz[sl, :2] - np.round(xyz[sl, :2])
         ex, dex, dex_s = _axis(roi, pos[:, 0], sx)
         ey, dey, dey_s = _axis(roi, pos[:, 1], sy)

@@ -279,9 +279,11 @@ def test_finite_difference_fisher_matches_analytic_and_handles_astigmatism():
 def test_emitter_crlb_matches_the_per_emitter_fisher_computation():
     """The batched bound of simulated emitters equals the one-emitter finite-difference Fisher route."""
     rng = np.random.default_rng(0)
-    xyz = np.column_stack([rng.uniform(0, 30, 5), rng.uniform(0, 30, 5), [-700.0, -250.0, 0.0, 300.0, 750.0]])
+    # Far from the edges of a large frame, so that every emitter's whole ROI (up to 53 px at z = -700 nm) is in it.
+    xyz = np.column_stack([rng.uniform(40, 80, 5), rng.uniform(40, 80, 5), [-700.0, -250.0, 0.0, 300.0, 750.0]])
     phot, bg = rng.uniform(500, 20000, 5), rng.uniform(20, 150, 5)
-    cfg = SimConfig(psf="astigmatic", sigma0_px=1.2, px_size_nm=(100.0, 110.0), camera="emccd", qe=0.9)
+    cfg = SimConfig(img_size=(120, 120), psf="astigmatic", sigma0_px=1.2, px_size_nm=(100.0, 110.0), camera="emccd",
+                    qe=0.9)
     crlb = emitter_crlb_nm(xyz, phot, bg, cfg, chunk=2)          # chunks of 2: the last chunk holds one emitter
     for i in range(5):
         roi = default_roi_px(max(astigmatic_sigma(xyz[i, 2], 1.2)))
@@ -293,7 +295,7 @@ def test_emitter_crlb_matches_the_per_emitter_fisher_computation():
             excess_noise=EMCCD_EXCESS_NOISE))
         np.testing.assert_allclose(crlb[i], [ref[0] * 100, ref[1] * 110, ref[2]], rtol=1e-4)
     # 2D PSF with a Poisson camera: the analytic (x, y, N, b) bound, no z.
-    cfg2 = SimConfig(psf="gaussian", sigma0_px=1.3, camera="perfect", em_gain=None)
+    cfg2 = SimConfig(img_size=(120, 120), psf="gaussian", sigma0_px=1.3, camera="perfect", em_gain=None)
     crlb2 = emitter_crlb_nm(xyz, phot, bg, cfg2)
     frac = xyz[:, :2] - np.round(xyz[:, :2])
     for i in range(5):
@@ -304,7 +306,26 @@ def test_emitter_crlb_matches_the_per_emitter_fisher_computation():
     # Not knowing z costs lateral precision off focus.
     known_z = [gaussian_2d_crlb(phot[0] * 0.9, bg[0] * 0.9, float(s), px_size_nm=100.0,
                                 excess_noise=EMCCD_EXCESS_NOISE)["x_nm"] for s in astigmatic_sigma(-700.0, 1.2)]
-    assert emitter_crlb_nm(np.array([[5.0, 5.0, -700.0]]), phot[:1], bg[:1], cfg)[0, 0] > known_z[0]
+    assert emitter_crlb_nm(np.array([[60.0, 60.0, -700.0]]), phot[:1], bg[:1], cfg)[0, 0] > known_z[0]
+
+
+def test_crlb_counts_only_the_pixels_inside_the_frame():
+    """An emitter 0.3 px from the left edge: its bound is the Fisher information of the pixels the camera
+    records (the ROI's columns left of the frame dropped), larger than the same emitter's in the middle."""
+    cfg = SimConfig(img_size=(20, 24), psf="gaussian", sigma0_px=1.3, camera="perfect", em_gain=None)
+    n, bg = 3000.0, 40.0
+    roi = default_roi_px(1.3)
+    c = (roi - 1) // 2                                   # ROI column k is frame column round(x) - c + k
+    for x, y in [(0.3, 10.2), (23.4, 18.6), (-0.45, 0.4)]:
+        col0, row0 = round(x) - c, round(y) - c
+        cols = (col0 + np.arange(roi) >= 0) & (col0 + np.arange(roi) <= 23)
+        rows = (row0 + np.arange(roi) >= 0) & (row0 + np.arange(roi) <= 19)
+        image = lambda t: gaussian_psf_image(t[0], t[1], t[2], t[3], 1.3, roi)[np.ix_(rows, cols)]  # noqa: E731
+        ref = crlb_from_fisher(fisher_information(image, [c + x - round(x), c + y - round(y), n, bg]))
+        edge = emitter_crlb_nm([[x, y, 0.0]], n, bg, cfg)[0]
+        np.testing.assert_allclose(edge[:2], ref[:2] * 100.0, rtol=1e-4)
+        middle = emitter_crlb_nm([[12.0 + x - round(x), 10.0 + y - round(y), 0.0]], n, bg, cfg)[0]
+        assert edge[0] > 1.05 * middle[0]
 
 
 def test_fisher_equals_monte_carlo_covariance_of_the_poisson_score():
