@@ -44,8 +44,8 @@ Output, by ``--format`` (default from the extension: .h5/.hdf5 DECODE HDF5, anyt
                 predicted z (geometric mean of the run's sigma_x, sigma_y, nm); intensity = predicted photons;
                 offset = predicted background (photons/px); bkgstd = the noise std of a background pixel
                 in photons (data.smlm.background_std_photons: shot noise with the EMCCD excess factor,
-                read noise and ADU rounding, through the camera; the scalar read_sigma, a read-noise map's
-                pixels are not looked up); uncertainty = predicted lateral sigma,
+                read noise and ADU rounding, through the camera; an sCMOS read-noise map counts by its root
+                mean square); uncertainty = predicted lateral sigma,
                 sqrt((sigma_x^2 + sigma_y^2) / 2) nm.
                 Photons, in both formats, are photons reaching the camera (detected photoelectrons / qe),
                 as ThunderSTORM reports them with the same camera setup (photoelectrons per A/D count =

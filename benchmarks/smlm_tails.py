@@ -21,7 +21,8 @@ RMSE goes.
     blinking nbr    another emitter within 4 px that is on in frame t-1 or t+1 but not in t: the network's
                     3-frame window sees a spot that is absent from the frame it localises
     on in t-1/t+1   whether the emitter itself is on in both neighbouring frames (full frame, 3 looks at it)
-                    or not (its first or last frame: partial photons, fewer looks)
+                    or not (its first or last frame: partial photons, fewer looks; always "not both" in the
+                    movie's first and last frame)
     |z|             nm from the focal plane (the widest astigmatic spots at the ends of the range)
     offset          |predicted offset| from the centre of the pixel the detection was read from, max over x, y:
                     beyond 0.5 px the detection sits on a neighbouring pixel; tanh limits it to 1 px
@@ -84,10 +85,7 @@ def pair_factors(det: dict, pred_idx: np.ndarray, gt_idx: np.ndarray, gt: dict, 
     em = movie.emitters
     all_xyz = em.xyz.numpy().astype(np.float64)
     all_frame, all_id = em.frame_ix.numpy(), em.id.numpy()
-    # Map each ground-truth row back to its row in the full emitter list (same frame, same position).
-    key = {(int(f), float(x), float(y)): r for r, (f, x, y) in enumerate(zip(all_frame, all_xyz[:, 0], all_xyz[:, 1]))}
-    rows = np.array([key[(int(f), float(x), float(y))] for f, x, y in
-                     zip(gt["frame_ix"], gt["xyz_px"][:, 0], gt["xyz_px"][:, 1])])[gt_idx]
+    rows = gt["row"][gt_idx]                                   # the matched emitters' rows in movie.emitters
     xyz, frame, ids = all_xyz[rows], all_frame[rows], all_id[rows]
     phot = gt["phot"][gt_idx]
 
@@ -119,8 +117,8 @@ def pair_factors(det: dict, pred_idx: np.ndarray, gt_idx: np.ndarray, gt: dict, 
         "blinking nbr": (np.where(blink, f"within {BLINK_RADIUS_PX:g} px", "none"),
                          [f"within {BLINK_RADIUS_PX:g} px", "none"]),
         "on in t-1/t+1": (np.where(both, "both (full frame)", "not both"), ["both (full frame)", "not both"]),
-        "offset": (bins(offset, [0, 0.5, 0.9], ["<= 0.5 px", "0.5-0.9 px", "> 0.9 px"]),
-                   ["<= 0.5 px", "0.5-0.9 px", "> 0.9 px"]),
+        "offset": (bins(offset, [0, 0.5, 0.9], ["< 0.5 px", "0.5-0.9 px", ">= 0.9 px"]),
+                   ["< 0.5 px", "0.5-0.9 px", ">= 0.9 px"]),
         "partner": (np.where(nearest_gt == rows, "nearest", "another is nearer"), ["nearest", "another is nearer"]),
         "split": (np.where(other_pred <= 1.0, "2nd prediction < 1 px", "none"), ["2nd prediction < 1 px", "none"]),
     }
@@ -166,6 +164,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=32, help="frames per forward pass")
     flags = p.parse_args()
     positive("--frames", flags.frames, 4)
+    positive("--batch_size", flags.batch_size)
     if not flags.density > 0:
         fail(f"--density {flags.density}: expected a number > 0")
     try:
@@ -189,9 +188,9 @@ def main():
         det = filter_by_sigma(det)
     two_d = cfg.psf == "gaussian"
     pred_nm, gt_nm = det["xyz_nm"].astype(np.float64), gt["xyz_nm"]
-    match = {"dist_ax": None, "match_dims": 2} if two_d else {}
+    match_kw = {"dist_ax": None, "match_dims": 2} if two_d else {}
     pred_idx, gt_idx = match_emitters(pred_nm[:, :2] if two_d else pred_nm, det["frame_ix"],
-                                      gt_nm[:, :2] if two_d else gt_nm, gt["frame_ix"], **match)
+                                      gt_nm[:, :2] if two_d else gt_nm, gt["frame_ix"], **match_kw)
     if not len(pred_idx):
         fail(f"--checkpoint {flags.checkpoint}: no detection matched on {path}")
     sq_err = ((pred_nm[pred_idx, :2] - gt_nm[gt_idx, :2]) ** 2).sum(1)

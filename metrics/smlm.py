@@ -172,11 +172,12 @@ def smlm_metrics(pred_xyz, pred_frame, gt_xyz, gt_frame, dist_lat: float | None 
 
 
 def binned_metrics(pred_xyz, gt_xyz, pred_idx, gt_idx, values, gt_crlb_lat_nm=None, n_bins: int = 4) -> list[dict]:
-    """Recall and errors of the ground truth split into n_bins equal-count bins of `values` (e.g. photons).
+    """Recall and errors of the ground truth split into n_bins bins at the quantiles of `values` (e.g. photons).
 
     pred_xyz (N, 3) and gt_xyz (M, 3) nm, (pred_idx, gt_idx) the TP pairs of `match_emitters`, values (M,)
-    one number per ground-truth emitter; the bin edges are its quantiles, so every method scored on the same
-    ground truth gets the same bins. Per bin: lo, hi (its range of values), n_gt, recall, rmse_lat, rmse_ax,
+    one finite number per ground-truth emitter; the bin edges are its quantiles, so every method scored on the
+    same ground truth gets the same bins, of equal counts unless values tie (tied values share one bin, and the
+    bins they empty have n_gt 0 and NaN metrics). Per bin: lo, hi (its range of values), n_gt, recall, rmse_lat, rmse_ax,
     median_lat (the median lateral error sqrt(dx^2 + dy^2) of its matched pairs, nm) and, with gt_crlb_lat_nm
     (M,), crlb_lat (RMS bound of its matched emitters) and rmse_over_crlb. Bins without a match have NaN errors.
     """
@@ -184,6 +185,8 @@ def binned_metrics(pred_xyz, gt_xyz, pred_idx, gt_idx, values, gt_crlb_lat_nm=No
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if len(values) != len(gt_xyz):
         raise ValueError(f"values must have one entry per ground-truth emitter ({len(gt_xyz)}), got {len(values)}")
+    if n_bins < 1 or not np.isfinite(values).all():
+        raise ValueError(f"need n_bins >= 1 and finite values, got n_bins {n_bins}")
     pred_idx, gt_idx = np.asarray(pred_idx, dtype=np.int64), np.asarray(gt_idx, dtype=np.int64)
     edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)) if len(values) else np.zeros(n_bins + 1)
     # Bin of each emitter: the interior edges split it; the top edge belongs to the last bin.

@@ -106,12 +106,15 @@ def crlb_from_fisher(fisher: np.ndarray) -> np.ndarray:
 
 def ground_truth(movie, cfg: SimConfig) -> dict:
     """The targets of a simulated movie (``data.smlm.is_target``, the emitters the loss trains on) as numpy, with
-    their bound: frame_ix, xyz_px (x px, y px, z nm), xyz_nm, phot, bg (photons/px at the emitter's pixel) and
-    crlb_nm (``emitter_crlb_nm``: x, y, z) and crlb_lat_nm (its lateral part). Validation and the quality benchmark score against this."""
-    e = movie.emitters.subset(is_target(movie.emitters, cfg))
+    their bound: frame_ix, xyz_px (x px, y px, z nm), xyz_nm, phot, bg (photons/px at the emitter's pixel),
+    crlb_nm (``emitter_crlb_nm``: x, y, z), crlb_lat_nm (its lateral part) and row (each target's index in
+    movie.emitters). Validation and the quality benchmark score against this."""
+    keep = is_target(movie.emitters, cfg)
+    e = movie.emitters.subset(keep)
     h, w = cfg.img_size
     row, col = e.xyz[:, 1].round().long().clamp(0, h - 1), e.xyz[:, 0].round().long().clamp(0, w - 1)
-    gt = {"frame_ix": e.frame_ix.numpy(), "xyz_px": e.xyz.numpy().astype(np.float64),
+    gt = {"frame_ix": e.frame_ix.numpy(), "row": np.flatnonzero(keep.numpy()),
+          "xyz_px": e.xyz.numpy().astype(np.float64),
           "phot": e.phot.numpy(), "bg": movie.bg[e.frame_ix, row, col].numpy()}
     gt["xyz_nm"] = gt["xyz_px"] * np.array([*cfg.px_size_nm, 1.0])
     gt["crlb_nm"] = emitter_crlb_nm(gt["xyz_px"], gt["phot"], gt["bg"], cfg)
@@ -124,7 +127,10 @@ def crlb_oracle(gt: dict, seed: int = 0) -> dict:
     plus independent Normal noise of its own bound on each axis (crlb_nm; no noise on an axis whose bound is
     NaN, z of a 2D PSF). Scored through the same matching as a method, it is the reference that "within X of
     the physical limit" is measured against: its rmse_over_crlb is 1 up to sampling noise, and its Jaccard
-    is below 1 only where the noise carries an emitter past the matching radius. frame_ix and xyz_nm."""
+    is below 1 only where the noise carries an emitter past the matching radius. frame_ix and xyz_nm.
+    Raises ValueError when a lateral bound is not finite (a spline PSF has none): there is no limit to scatter by."""
+    if not np.isfinite(gt["crlb_nm"][:, :2]).all():
+        raise ValueError("the CRLB oracle needs a finite lateral bound for every emitter (gaussian or astigmatic PSF)")
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(gt["crlb_nm"].shape) * np.nan_to_num(gt["crlb_nm"], nan=0.0)
     return {"frame_ix": gt["frame_ix"].copy(), "xyz_nm": gt["xyz_nm"] + noise}

@@ -8,8 +8,7 @@ import torch
 from scipy.special import ndtr
 
 from data.smlm import (Emitters, MovieWindowDataset, SimConfig, SMLMSimDataset, background_std_photons, bin_emitters,
-                       camera_forward,
-                       collate_smlm, frame_targets, load_sim_config, psf_sigmas, read_movie_h5, render,
+                       camera_forward, collate_smlm, frame_targets, load_sim_config, psf_sigmas, read_movie_h5, render,
                        sample_loose_emitters, scale_frames, simulate_movie, to_photons, window_indices,
                        write_movie_h5)
 from losses.smlm import gmm_loss
@@ -125,11 +124,17 @@ def test_to_photons_inverts_the_expected_value(camera, gain, e_per_adu, read_sig
 @pytest.mark.parametrize("camera,gain,e_per_adu,read_sigma,qe", [
     ("emccd", 100.0, 20.0, 50.0, 0.9), ("emccd", 300.0, 45.0, 74.4, 1.0), ("scmos", None, 0.5, 1.6, 0.8),
     ("scmos", None, 2.0, 8.0, 0.7), ("perfect", None, 1.0, 0.0, 1.0)])
-def test_background_std_in_photons_matches_the_simulated_camera(camera, gain, e_per_adu, read_sigma, qe):
+def test_background_std_in_photons_matches_the_simulated_camera(tmp_path, camera, gain, e_per_adu, read_sigma, qe):
     cfg = SimConfig(camera=camera, em_gain=gain, qe=qe, e_per_adu=e_per_adu, read_sigma=read_sigma, baseline=400.0)
     for bg in (5.0, 60.0):
         photons = to_photons(camera_forward(torch.full((200_000,), bg), cfg, _gen(5)), cfg).double()
         assert photons.std().item() == pytest.approx(float(background_std_photons(bg, cfg)), rel=0.02)
+    # A read-noise map: its root mean square is the camera's read noise; read_sigma= overrides either.
+    if camera == "scmos":
+        np.save(tmp_path / "map.npy", np.full(cfg.img_size, read_sigma * 2.0))
+        mapped = dataclasses.replace(cfg, read_sigma_map=str(tmp_path / "map.npy"))
+        assert background_std_photons(60.0, mapped) == pytest.approx(background_std_photons(60.0, cfg, 2 * read_sigma))
+        assert background_std_photons(60.0, mapped) > background_std_photons(60.0, cfg)
     # Shot noise alone for an ideal sCMOS: sqrt(bg / qe) photons, the Poisson spread of qe bg photoelectrons.
     ideal = SimConfig(camera="scmos", em_gain=None, qe=0.8, e_per_adu=1e-6, read_sigma=0.0, spur_noise=0.0)
     assert background_std_photons(np.array([50.0]), ideal) == pytest.approx(np.sqrt(50.0 / 0.8), rel=1e-6)

@@ -38,6 +38,7 @@ def test_single_pixel_at_centre_plus_offset_with_units():
     np.testing.assert_allclose([det["phot"][0], det["phot_sig"][0], det["bg"][0]], [7500.0, 300.0, 100.0], rtol=1e-6)
     assert det["frame_ix"].tolist() == [0] and det["frame_ix"].dtype == np.int64
     assert det["prob"][0] == pytest.approx(0.9 + 4 * P_FLOOR) and det["prob_raw"][0] == pytest.approx(0.9)
+    assert det["pixel"].tolist() == [[3, 5]] and det["pixel"].dtype == np.int64    # (row i, col j)
 
 
 def test_neighbouring_pixels_of_one_emitter_integrate_into_one_detection():

@@ -86,14 +86,20 @@ def background_std_photons(bg, cfg: SimConfig, read_sigma=None) -> np.ndarray:
     from the camera model: sqrt(F^2 (qe bg + spur) + (read_sigma^2 + e_per_adu^2 / 12) / g^2) / qe, with F^2
     the excess noise (2 for emccd), g the EM gain (1 for scmos) and e_per_adu^2 / 12 the rounding to whole
     ADU; sqrt(bg) for the perfect camera, 0 for noiseless. read_sigma (e-, scalar or per value of bg)
-    replaces cfg.read_sigma, e.g. a read-noise map's pixel. This is what a fitter that measures the spread
-    of the background around a spot in photons (ThunderSTORM's bkgstd) sees."""
+    replaces the camera's read noise, which is cfg.read_sigma, or the root mean square of the map of an sCMOS
+    with cfg.read_sigma_map (the map replaces read_sigma in the simulation too). This is what a fitter that
+    measures the spread of the background around a spot in photons (ThunderSTORM's bkgstd) sees."""
     bg = np.clip(np.asarray(bg, dtype=np.float64), 0.0, None)
     if cfg.camera == "noiseless":
         return np.zeros_like(bg)
     if cfg.camera == "perfect":
         return np.sqrt(bg)
-    read = cfg.read_sigma if read_sigma is None else np.asarray(read_sigma, dtype=np.float64)
+    if read_sigma is not None:
+        read = np.asarray(read_sigma, dtype=np.float64)
+    elif cfg.camera == "scmos" and cfg.read_sigma_map is not None:
+        read = float(np.sqrt(np.mean(np.load(cfg.read_sigma_map, allow_pickle=False).astype(np.float64) ** 2)))
+    else:
+        read = cfg.read_sigma
     gain = cfg.em_gain if cfg.camera == "emccd" else 1.0
     electrons_var = excess_noise(cfg) * (cfg.qe * bg + cfg.spur_noise) + (read**2 + cfg.e_per_adu**2 / 12) / gain**2
     return np.sqrt(electrons_var) / cfg.qe
