@@ -3,6 +3,7 @@ that can spoil a localisation, with each group's share of the summed squared err
 
     python benchmarks/smlm_tails.py --checkpoint runs/smlm/<run> --out bench_out
     python benchmarks/smlm_tails.py --checkpoint runs/smlm/<run> --density 0.5 --sigma_filter --out bench_out
+    python benchmarks/smlm_tails.py --checkpoint runs/smlm/<run> --classical --out bench_out    # the classical fitter
 
 The test movie is the one benchmarks/smlm_quality.py simulates for the same --img_size, --frames, --density and
 --seed (the run's simulation with only the density and the frame size changed; reused from <out>/smlm_movies/).
@@ -28,6 +29,8 @@ RMSE goes.
                     beyond 0.5 px the detection sits on a neighbouring pixel; tanh limits it to 1 px
     partner         whether the ground-truth emitter nearest to the prediction (any brightness) is the one it
                     was matched to
+    single emitter  the case the single-emitter bound describes: >= 4 px from the edge, no other emitter within
+                    8 px, |z| < 300 nm; split into the brightest photon quartile and the rest, and all others
     split           another prediction in the same frame within 1 px of the matched one (one emitter read twice,
                     or two emitters close together)
 """
@@ -46,6 +49,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import positive, print_header, report, table
+from benchmarks.smlm_classical import fit_movie
 from benchmarks.smlm_quality import image_size, test_movie
 from fit_smlm import load_fitter, localise
 from metrics.smlm import match_emitters
@@ -125,6 +129,11 @@ def pair_factors(det: dict, pred_idx: np.ndarray, gt_idx: np.ndarray, gt: dict, 
     if cfg.psf != "gaussian":
         factors["|z|"] = (bins(np.abs(xyz[:, 2]), [0, 300, 600], ["< 300 nm", "300-600 nm", ">= 600 nm"]),
                           ["< 300 nm", "300-600 nm", ">= 600 nm"])
+    # The case the single-emitter bound describes: nothing else within 8 px, whole spot in the frame, in focus.
+    single = (edge >= 4) & (nbr >= 8) & ((np.abs(xyz[:, 2]) < 300) if cfg.psf != "gaussian" else True)
+    bright = phot >= q[3]
+    order = ["single, Q4", "single, Q1-Q3", "not single"]
+    factors["single emitter"] = (np.where(single, np.where(bright, order[0], order[1]), order[2]), order)
     return factors
 
 
@@ -162,6 +171,9 @@ def main():
                    help=f"drop detections with predicted sigma x or y > {MAX_SIGMA_XY_NM:g} nm or z > "
                         f"{MAX_SIGMA_Z_NM:g} nm first")
     p.add_argument("--batch_size", type=int, default=32, help="frames per forward pass")
+    p.add_argument("--classical", action="store_true",
+                   help="split the errors of the classical fitter (benchmarks/smlm_classical.py) instead, on the "
+                        "same movie (--checkpoint gives the simulation)")
     flags = p.parse_args()
     positive("--frames", flags.frames, 4)
     positive("--batch_size", flags.batch_size)
@@ -182,8 +194,13 @@ def main():
     info = print_header("SMLM: where the lateral error comes from")
     movie, path = test_movie(cfg, flags.frames, flags.seed, Path(flags.out) / "smlm_movies")
     gt = ground_truth(movie, cfg)
-    with torch.no_grad():
-        det = localise(model, movie.frames, cfg, window=settings.window, raw_th=raw_th, batch_size=flags.batch_size)
+    if flags.classical:
+        det = fit_movie(movie.frames, cfg)
+        det["pixel"] = np.round(det["xyz_px"][:, 1::-1]).astype(np.int64)  # its own pixel (row, col): offset < 0.5
+    else:
+        with torch.no_grad():
+            det = localise(model, movie.frames, cfg, window=settings.window, raw_th=raw_th,
+                           batch_size=flags.batch_size)
     if flags.sigma_filter:
         det = filter_by_sigma(det)
     two_d = cfg.psf == "gaussian"
@@ -199,7 +216,8 @@ def main():
     for r in rows:
         print(f"  {r['factor']:>14} {r['bin']:>22}: {r['pairs']:6d} pairs ({r['% pairs']:5.1f} %), RMSE "
               f"{r['rmse_lat_nm']:6.1f} nm, {r['rmse_over_crlb']:5.2f} x CRLB, {r['% sq err']:5.1f} % of sq err")
-    notes = [f"Run {flags.checkpoint} ({flags.weights}), raw_th {raw_th}"
+    notes = [("Classical fitter (benchmarks/smlm_classical.py) on the simulation of " if flags.classical else "")
+             + f"Run {flags.checkpoint} ({flags.weights}), raw_th {raw_th}"
              + (", sigma filter on" if flags.sigma_filter else "") + f"; movie {path} ({flags.frames} frames, "
              f"{cfg.img_size[0]}x{cfg.img_size[1]} px, {flags.density:g} emitters/um^2, seed {flags.seed}).",
              f"{len(gt['phot'])} ground-truth emitters, {len(det['frame_ix'])} detections, {len(pred_idx)} matched.",

@@ -453,6 +453,8 @@ def test_tails_factors_of_a_hand_made_movie():
     assert labels["partner"] == ["nearest", "nearest", "nearest"]
     assert labels["split"] == ["none", "2nd prediction < 1 px", "none"]
     assert labels["|z|"] == ["< 300 nm", "< 300 nm", ">= 600 nm"]
+    # None is a single emitter: id 0 is at the edge, id 1 has id 3 at 5.7 px, id 3 is out of focus.
+    assert labels["single emitter"] == ["not single", "not single", "not single"]
 
 
 def test_tails_benchmark_bins_every_matched_pair(tmp_path, run_dir):
@@ -466,11 +468,15 @@ def test_tails_benchmark_bins_every_matched_pair(tmp_path, run_dir):
     assert total["factor"] == "all" and total["pairs"] > 0 and total["% sq err"] == pytest.approx(100.0)
     factors = {r["factor"] for r in rows[1:]}
     assert factors == {"photons", "edge distance", "neighbour", "blinking nbr", "on in t-1/t+1", "offset",
-                       "partner", "split", "|z|"}
+                       "partner", "split", "|z|", "single emitter"}
     for factor in factors:
         group = [r for r in rows if r["factor"] == factor]
         assert sum(r["pairs"] for r in group) == total["pairs"], factor
         assert sum(r["% sq err"] for r in group) == pytest.approx(100.0), factor
+    classical = run_python("benchmarks/smlm_tails.py", *argv, "--classical")
+    assert classical.returncode == 0, classical.stderr
+    report = json.loads((tmp_path / "smlm_tails.json").read_text())
+    assert report["notes"][0].startswith("Classical fitter") and report["tables"][0]["rows"][0]["factor"] == "all"
 
 
 def test_simulated_tiff_cli_feeds_fit_smlm(tmp_path, run_dir):
