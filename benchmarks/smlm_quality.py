@@ -131,16 +131,23 @@ def timed_call(fn, frames: torch.Tensor, device: torch.device) -> tuple[dict, fl
     return det, time.perf_counter() - start
 
 
-def score(det: dict, gt: dict, cfg: SimConfig) -> tuple[dict, list[dict]]:
-    """(metrics of smlm_metrics, per photon quartile of the ground truth: binned_metrics)."""
+def match(det: dict, gt: dict, cfg: SimConfig):
+    """(pred nm, true nm, matching options, (pred_idx, gt_idx)) of detections against `ground_truth`. For a 2D
+    Gaussian PSF z carries no information: positions are compared laterally (module docstring)."""
     pred, true = np.asarray(det["xyz_nm"], dtype=np.float64), gt["xyz_nm"]
     match_kw = {}
-    if cfg.psf == "gaussian":  # no z information: compare laterally (module docstring)
+    if cfg.psf == "gaussian":
         pred, true = pred[:, :2], true[:, :2]
         match_kw = {"dist_ax": None, "match_dims": 2}
-    m = smlm_metrics(pred, det["frame_ix"], true, gt["frame_ix"], gt_crlb_lat_nm=gt["crlb_lat_nm"], **match_kw)
-    pred_idx, gt_idx = match_emitters(pred, det["frame_ix"], true, gt["frame_ix"], **match_kw)
-    return m, binned_metrics(pred, true, pred_idx, gt_idx, gt["phot"], gt["crlb_lat_nm"], n_bins=4)
+    return pred, true, match_kw, match_emitters(pred, det["frame_ix"], true, gt["frame_ix"], **match_kw)
+
+
+def score(det: dict, gt: dict, cfg: SimConfig) -> tuple[dict, list[dict]]:
+    """(metrics of smlm_metrics, per photon quartile of the ground truth: binned_metrics)."""
+    pred, true, match_kw, pairs = match(det, gt, cfg)
+    m = smlm_metrics(pred, det["frame_ix"], true, gt["frame_ix"], gt_crlb_lat_nm=gt["crlb_lat_nm"], pairs=pairs,
+                     **match_kw)
+    return m, binned_metrics(pred, true, *pairs, gt["phot"], gt["crlb_lat_nm"], n_bins=4)
 
 
 def main():
@@ -209,6 +216,7 @@ def main():
         name = f"{density:g} ({labels[rank]})"
         base = {"density": name, "emitters/frame": len(gt["frame_ix"]) / flags.frames}
         results, quartiles = {}, {}
+        two_d = cfg.psf == "gaussian"
         methods = [] if model is None else [("ours", lambda f: localise(model, f, cfg, window=settings.window,
                                                                           raw_th=raw_th, batch_size=flags.batch_size,
                                                                           device=device))]
@@ -233,7 +241,6 @@ def main():
             m["frames_per_s"] = None if seconds is None else flags.frames / seconds
             m["seconds"], m["detections"] = seconds, len(det["frame_ix"])
             results[method], quartiles[method] = m, bins
-            two_d = cfg.psf == "gaussian"
             rows.append({**base, "method": method, "jaccard": m["jaccard"], "recall": m["recall"],
                          "precision": m["precision"], "rmse_lat_nm": m["rmse_lat"],
                          "rmse_ax_nm": None if two_d else m["rmse_ax"], "effcy_lat": m["effcy_lat"],

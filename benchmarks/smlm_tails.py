@@ -50,9 +50,8 @@ import torch
 
 from benchmarks.common import positive, print_header, report, table
 from benchmarks.smlm_classical import fit_movie
-from benchmarks.smlm_quality import image_size, test_movie
+from benchmarks.smlm_quality import image_size, match, test_movie
 from fit_smlm import load_fitter, localise
-from metrics.smlm import match_emitters
 from metrics.smlm_crlb import ground_truth
 from models.sigma_munet_post import MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM, filter_by_sigma
 from training import UsageError
@@ -203,11 +202,7 @@ def main():
                            batch_size=flags.batch_size)
     if flags.sigma_filter:
         det = filter_by_sigma(det)
-    two_d = cfg.psf == "gaussian"
-    pred_nm, gt_nm = det["xyz_nm"].astype(np.float64), gt["xyz_nm"]
-    match_kw = {"dist_ax": None, "match_dims": 2} if two_d else {}
-    pred_idx, gt_idx = match_emitters(pred_nm[:, :2] if two_d else pred_nm, det["frame_ix"],
-                                      gt_nm[:, :2] if two_d else gt_nm, gt["frame_ix"], **match_kw)
+    pred_nm, gt_nm, _, (pred_idx, gt_idx) = match(det, gt, cfg)
     if not len(pred_idx):
         fail(f"--checkpoint {flags.checkpoint}: no detection matched on {path}")
     sq_err = ((pred_nm[pred_idx, :2] - gt_nm[gt_idx, :2]) ** 2).sum(1)

@@ -148,15 +148,16 @@ def rmse_over_crlb(rmse_lat_nm: float, crlb_lat_nm) -> float:
 
 def smlm_metrics(pred_xyz, pred_frame, gt_xyz, gt_frame, dist_lat: float | None = DIST_LAT_NM,
                  dist_ax: float | None = DIST_AX_NM, dist_vol: float | None = None, match_dims: int = 3,
-                 gt_crlb_lat_nm=None) -> dict[str, float]:
+                 gt_crlb_lat_nm=None, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Match, then every metric of the module docstring; positions in nm.
 
     gt_crlb_lat_nm: optional lateral CRLB (nm) per ground-truth emitter (M,) or one value; adds
-    "crlb_lat" (the RMS bound over the matched emitters) and "rmse_over_crlb".
+    "crlb_lat" (the RMS bound over the matched emitters) and "rmse_over_crlb". pairs: the (pred_idx, gt_idx)
+    of an earlier `match_emitters` call on the same inputs, so a caller that needs the pairs matches once.
     """
     pred_xyz, gt_xyz = _as_xyz(pred_xyz, "pred_xyz"), _as_xyz(gt_xyz, "gt_xyz")
-    pred_idx, gt_idx = match_emitters(pred_xyz, pred_frame, gt_xyz, gt_frame, dist_lat, dist_ax, dist_vol,
-                                      match_dims)
+    pred_idx, gt_idx = pairs if pairs is not None else match_emitters(
+        pred_xyz, pred_frame, gt_xyz, gt_frame, dist_lat, dist_ax, dist_vol, match_dims)
     tp = len(pred_idx)
     fp, fn = len(pred_xyz) - tp, len(gt_xyz) - tp
     out = {"tp": float(tp), "fp": float(fp), "fn": float(fn), **detection_metrics(tp, fp, fn)}
@@ -177,9 +178,10 @@ def binned_metrics(pred_xyz, gt_xyz, pred_idx, gt_idx, values, gt_crlb_lat_nm=No
     pred_xyz (N, 3) and gt_xyz (M, 3) nm, (pred_idx, gt_idx) the TP pairs of `match_emitters`, values (M,)
     one finite number per ground-truth emitter; the bin edges are its quantiles, so every method scored on the
     same ground truth gets the same bins, of equal counts unless values tie (tied values share one bin, and the
-    bins they empty have n_gt 0 and NaN metrics). Per bin: lo, hi (its range of values), n_gt, recall, rmse_lat, rmse_ax,
-    median_lat (the median lateral error sqrt(dx^2 + dy^2) of its matched pairs, nm) and, with gt_crlb_lat_nm
-    (M,), crlb_lat (RMS bound of its matched emitters) and rmse_over_crlb. Bins without a match have NaN errors.
+    bins they empty have n_gt 0 and NaN metrics). Per bin: lo, hi (its range of values), n_gt, recall,
+    rmse_lat, rmse_ax, median_lat (the median lateral error sqrt(dx^2 + dy^2) of its matched pairs, nm) and,
+    with gt_crlb_lat_nm (M,), crlb_lat (RMS bound of its matched emitters) and rmse_over_crlb. Bins without a
+    match have NaN errors.
     """
     pred_xyz, gt_xyz = _as_xyz(pred_xyz, "pred_xyz"), _as_xyz(gt_xyz, "gt_xyz")
     values = np.asarray(values, dtype=np.float64).reshape(-1)

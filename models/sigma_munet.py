@@ -177,7 +177,7 @@ class SigmaMUNet(nn.Module):
         # value on every pixel: offsets and z at 0 (the pixel centre), not at the +-1 limit of the tanh. With
         # Kaiming weights they start saturated (|offset| ~ 0.9 on every pixel); the p map then learns to sit
         # one pixel off each emitter, where the saturated offset can reach it, and the vanishing tanh gradient
-        # keeps it there (docs/smlm.md, "Where the error comes from"). The p head keeps DECODE's init, so the
+        # keeps it there (docs/smlm.md, "Where the error came from"). The p head keeps DECODE's init, so the
         # first update already reaches the U-Nets through it.
         for name in ("mu", "sigma", "bg"):
             nn.init.zeros_(self.heads[name][-1].weight)

@@ -417,3 +417,10 @@ def test_crlb_oracle_scatters_each_emitter_by_its_own_bound():
     # A 2D PSF has no z bound (NaN): the oracle leaves z untouched.
     flat = {**gt, "crlb_nm": np.column_stack([gt["crlb_nm"][:, :2], np.full(len(gt["phot"]), np.nan)])}
     np.testing.assert_array_equal(crlb_oracle(flat)["xyz_nm"][:, 2], gt["xyz_nm"][:, 2])
+
+
+def test_precomputed_pairs_give_the_same_metrics():
+    pairs = match_emitters(PRED, PRED_FRAME, GT, GT_FRAME)
+    direct = smlm_metrics(PRED, PRED_FRAME, GT, GT_FRAME, gt_crlb_lat_nm=10.0)
+    reused = smlm_metrics(PRED, PRED_FRAME, GT, GT_FRAME, gt_crlb_lat_nm=10.0, pairs=pairs)
+    assert reused == direct and direct["tp"] == 3
