@@ -28,8 +28,8 @@ finite, their own localisations are dropped, and the count is printed.
 Camera: ADU -> photons with ``data.smlm.to_photons`` and the run's camera (``simulation.yaml``), unless
 ``--camera FILE`` is given: a YAML file whose ``simulation:`` section, or, when it has none, whose top-level
 mapping holds some of the keys camera, qe, spur_noise, em_gain, e_per_adu, baseline, read_sigma,
-read_sigma_map, px_size_nm; they replace the run's values (other keys are an error: the model's training
-distribution cannot be changed at fit time). px_size_nm only changes the nm conversion.
+read_sigma_map, sensor_origin, px_size_nm; they replace the run's values (other keys are an error: the model's
+training distribution cannot be changed at fit time). px_size_nm only changes the nm conversion.
 
 Post-processing: SpatialIntegration + look-up (models/sigma_munet_post.py) with ``--raw_th``; default: the threshold of
 the evaluation the loaded weights come from (val/raw_th of the export's metrics.json; train_smlm.py chooses
@@ -82,8 +82,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from data.smlm import (SimConfig, background_std_photons, load_sim_config, psf_sigmas, scale_frames, to_photons,
-                       window_indices)
+from data.smlm import (SimConfig, background_std_photons, load_read_sigma_map, load_sim_config, psf_sigmas,
+                       scale_frames, to_photons, window_indices)
 from models.sigma_munet_post import DETECTION_KEYS, MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM, detections_from_output
 from training import UsageError
 from training.config import fail
@@ -91,7 +91,7 @@ from training.export import load_export, resolve_device
 from training.io import check_output, write_atomically
 
 CAMERA_KEYS = ("camera", "qe", "spur_noise", "em_gain", "e_per_adu", "baseline", "read_sigma", "read_sigma_map",
-               "px_size_nm")
+               "sensor_origin", "px_size_nm")
 FORMATS = ("thunderstorm", "decode")
 NONFINITE_MODES = ("error", "skip")
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -435,8 +435,14 @@ def main(argv: list[str] | None = None):
         model, cfg, settings = load_fitter(args.checkpoint, args.weights, device)
         if args.camera is not None:
             cfg = apply_camera(cfg, args.camera)
+        # The stack's frame size, so that an sCMOS read-noise map (and its sensor_origin) is checked against
+        # the frames before any fitting; bkgstd uses that map.
+        cfg = dataclasses.replace(cfg, img_size=(height, width))
+        load_read_sigma_map(cfg)
     except UsageError as e:
         fail(str(e))
+    except ValueError as e:
+        fail(f"--camera/--checkpoint camera: {_one_line(e)}")
     raw_th = settings.raw_th if args.raw_th is None else args.raw_th
     if raw_th is None:
         fail(f"--checkpoint {args.checkpoint}: its {args.weights} export has no val/raw_th in metrics.json "

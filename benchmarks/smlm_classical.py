@@ -71,7 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.smlm import SimConfig, excess_noise, load_read_sigma_map, pixel_gaussian, psf_sigmas
+from data.smlm import SimConfig, excess_noise, pixel_gaussian, psf_sigmas, read_noise_variance
 
 Z_GRID_POINTS = 16
 DECREMENT_TOL = 5e-2      # Newton decrement g^T I^-1 g below which a fit counts as converged
@@ -80,11 +80,8 @@ MAX_SHIFT_PX = 1.5        # largest accepted distance (each of x, y) from the ca
 
 def _read_var(cfg: SimConfig, shape: tuple[int, int], device) -> torch.Tensor:
     """(H, W) read-noise variance in photons^2 that the fit adds to data and model (sCMOS only)."""
-    if cfg.camera != "scmos":
-        return torch.zeros(shape, device=device)
-    sigma_map = load_read_sigma_map(cfg)
-    sigma = torch.full(shape, cfg.read_sigma) if sigma_map is None else sigma_map
-    return (sigma.to(device=device, dtype=torch.float32) / cfg.qe) ** 2
+    var = torch.as_tensor(read_noise_variance(cfg), dtype=torch.float32) / cfg.qe**2
+    return var.to(device).expand(shape)
 
 
 def detection_sigma_px(cfg: SimConfig) -> float:

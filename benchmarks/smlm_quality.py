@@ -100,8 +100,10 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def test_movie(cfg: SimConfig, n_frames: int, base_seed: int, folder: Path):
-    """The movie of cfg (simulated once, then read back from folder) and its file. Its generator seed is
-    derived from (base_seed, density), so adding a density leaves the other movies unchanged."""
+    """(movie, its file, cfg): the movie of cfg (simulated once, then read back from folder). Its generator
+    seed is derived from (base_seed, density), so adding a density leaves the other movies unchanged. On an
+    sCMOS whose read-noise map is larger than the frames, the returned cfg holds the movie's sensor_origin:
+    the classical fitter weights each pixel by its own read noise."""
     h, w = cfg.img_size
     density = cfg.emitter_density
     seed = int(np.random.SeedSequence([base_seed, round(density * 1e6)]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -109,15 +111,21 @@ def test_movie(cfg: SimConfig, n_frames: int, base_seed: int, folder: Path):
     if path.is_file():
         try:
             movie, stored, meta = read_movie_h5(path)
+            if cfg.sensor_origin is None:  # the file records the place it drew
+                stored = dataclasses.replace(stored, sensor_origin=None)
             if stored.to_dict() == cfg.to_dict() and meta["seed"] == seed and movie.frames.shape[0] == n_frames:
-                return movie, path
+                return movie, path, at_sensor_origin(cfg, movie)
         except ValueError:
             pass  # a foreign or broken file under our name: simulate it again
         print(f"  {path}: other config, seed or length; simulating again", flush=True)
     movie = simulate_movie(cfg, n_frames, torch.Generator().manual_seed(seed))
     folder.mkdir(parents=True, exist_ok=True)
     write_movie_h5(path, movie, cfg, seed=seed)
-    return movie, path
+    return movie, path, at_sensor_origin(cfg, movie)
+
+
+def at_sensor_origin(cfg: SimConfig, movie) -> SimConfig:
+    return cfg if movie.sensor_origin is None else dataclasses.replace(cfg, sensor_origin=movie.sensor_origin)
 
 
 def timed_call(fn, frames: torch.Tensor, device: torch.device) -> tuple[dict, float]:
@@ -209,7 +217,7 @@ def main():
             cfg = dataclasses.replace(run_cfg, img_size=img_size, emitter_av=None, emitter_density=density)
         except ValueError as e:
             fail(f"--img_size/--densities: {e}")
-        movie, path = test_movie(cfg, flags.frames, flags.seed, Path(flags.out) / "smlm_movies")
+        movie, path, cfg = test_movie(cfg, flags.frames, flags.seed, Path(flags.out) / "smlm_movies")
         movies.append(str(path))
         gt = ground_truth(movie, cfg)
         frames = movie.frames

@@ -191,7 +191,7 @@ def main():
     except ValueError as e:
         fail(f"--img_size/--density: {e}")
     info = print_header("SMLM: where the lateral error comes from")
-    movie, path = test_movie(cfg, flags.frames, flags.seed, Path(flags.out) / "smlm_movies")
+    movie, path, cfg = test_movie(cfg, flags.frames, flags.seed, Path(flags.out) / "smlm_movies")
     gt = ground_truth(movie, cfg)
     if flags.classical:
         det = fit_movie(movie.frames, cfg)

@@ -3,7 +3,8 @@ EmitterSet fields).
 
 For an emitter with expected image mu_k(theta) on pixels k and independent Poisson counts, the Fisher
 information is I_ij = sum_k (d mu_k / d theta_i)(d mu_k / d theta_j) / mu_k; an EMCCD at high gain doubles the
-count variance (excess noise factor F^2 = 2), which divides I by 2 (Mortensen et al. 2010). CRLB_i =
+count variance (excess noise factor F^2 = 2), which divides I by 2 (Mortensen et al. 2010); an sCMOS pixel's read
+noise variance r adds to its count variance, mu_k -> mu_k + r_k (Huang et al. 2013). CRLB_i =
 sqrt(inv(I)_ii). The PSF is the simulator's pixel-integrated Gaussian (data.smlm.pixel_gaussian, smlm.md §1.3)
 with theta = (x px, y px, [z nm,] N photons, b photons/px), N the total photons of the unbounded PSF, b the
 per-pixel background, all estimated. Pixel (row i, col j) of the ROI covers [j - 1/2, j + 1/2) x
@@ -19,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from data.smlm import SimConfig, excess_noise, is_target, pixel_gaussian, psf_sigmas
+from data.smlm import SimConfig, excess_noise, is_target, pixel_gaussian, psf_sigmas, read_noise_variance
 
 
 def default_roi_px(sigma_px) -> int:
@@ -33,7 +34,7 @@ def _axis(roi: int, pos: np.ndarray, sigma: np.ndarray):
     return tuple(v.numpy() for v in pixel_gaussian(roi, pos, sigma, derivatives=True))
 
 
-def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512) -> np.ndarray:
+def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512, read_var=None) -> np.ndarray:
     """CRLB (N, 3) in nm of x, y and z for each emitter of a simulation, z NaN for a 2D PSF.
 
     xyz_px (N, 3): x, y in px, z in nm; phot: the emitter's photons in its frame; bg: that frame's
@@ -45,6 +46,9 @@ def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512) -> np.nd
     size matters through b: more pixels pin the background down better), cut at the edges of the frame
     (cfg.img_size; x, y px in the frame's pixel convention): an emitter near the edge has a larger bound,
     because part of its spot is never recorded. Neighbours are ignored, so this is the single-emitter limit.
+    An sCMOS's read noise enters as the Poisson-equivalent model of Huang et al. 2013 (each pixel's
+    information d mu^2 / (mu + r), r its read-noise variance in e-^2): read_var, a scalar or an (H, W) map
+    over the frame, defaults to `data.smlm.read_noise_variance(cfg)` (0 for the other cameras).
     A spline PSF has no closed form here: all NaN.
     """
     xyz = np.asarray(xyz_px, dtype=np.float64).reshape(-1, 3)
@@ -57,6 +61,7 @@ def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512) -> np.nd
     n_all = np.broadcast_to(np.asarray(phot, dtype=np.float64), (n_em,)) * cfg.qe
     # A floor of 1e-3 photons/px keeps mu > 0 (the information divides by it) for a frame without background.
     b_all = np.maximum(np.broadcast_to(np.asarray(bg, dtype=np.float64), (n_em,)) * cfg.qe, 1e-3)
+    read_var = np.asarray(read_noise_variance(cfg) if read_var is None else read_var, dtype=np.float64)
     for lo in range(0, n_em, chunk):
         sl = slice(lo, lo + chunk)
         n, b = n_all[sl, None, None], b_all[sl, None, None]
@@ -84,7 +89,12 @@ def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512) -> np.nd
                             + (dey_s * dsy[:, None])[:, :, None] * ex[:, None, :]))
         jac += [psf, np.ones_like(mu)]
         jac = np.stack(jac, axis=-1)                                            # (n, roi, roi, P)
-        crlb = crlb_from_fisher(np.einsum("nhwi,nhwj,nhw->nij", jac, jac, weight / mu) / excess)
+        if read_var.ndim == 2:  # each ROI pixel's own read noise; pixels outside the frame have weight 0
+            r = read_var[frame_row.clip(0, cfg.img_size[0] - 1).astype(np.int64)[:, :, None],
+                         frame_col.clip(0, cfg.img_size[1] - 1).astype(np.int64)[:, None, :]]
+        else:
+            r = read_var
+        crlb = crlb_from_fisher(np.einsum("nhwi,nhwj,nhw->nij", jac, jac, weight / (excess * mu + r)))
         out[sl, 0] = crlb[:, 0] * cfg.px_size_nm[0]
         out[sl, 1] = crlb[:, 1] * cfg.px_size_nm[1]
         if astig:
@@ -117,7 +127,9 @@ def ground_truth(movie, cfg: SimConfig) -> dict:
           "xyz_px": e.xyz.numpy().astype(np.float64),
           "phot": e.phot.numpy(), "bg": movie.bg[e.frame_ix, row, col].numpy()}
     gt["xyz_nm"] = gt["xyz_px"] * np.array([*cfg.px_size_nm, 1.0])
-    gt["crlb_nm"] = emitter_crlb_nm(gt["xyz_px"], gt["phot"], gt["bg"], cfg)
+    read_var = read_noise_variance(cfg, getattr(movie, "sensor_origin", None))
+    gt["crlb_nm"] = emitter_crlb_nm(gt["xyz_px"], gt["phot"], gt["bg"], cfg,
+                                    read_var=np.asarray(read_var, dtype=np.float64))
     gt["crlb_lat_nm"] = np.hypot(gt["crlb_nm"][:, 0], gt["crlb_nm"][:, 1])
     return gt
 

@@ -8,9 +8,11 @@ import torch
 from scipy.special import ndtr
 
 from data.smlm import (Emitters, MovieWindowDataset, SimConfig, SMLMSimDataset, background_std_photons, bin_emitters,
-                       camera_forward, collate_smlm, frame_targets, load_sim_config, psf_sigmas, read_movie_h5, render,
-                       sample_loose_emitters, scale_frames, simulate_movie, to_photons, window_indices,
-                       write_movie_h5)
+                       camera_forward, collate_smlm, frame_read_sigma, frame_targets, load_read_sigma_map,
+                       load_sim_config, psf_sigmas, read_movie_h5, read_noise_variance, read_noise_window, render,
+                       sample_loose_emitters, scale_frames, simulate_movie, synthetic_read_sigma_map, to_photons,
+                       window_indices, write_movie_h5)
+from data.smlm.__main__ import main as smlm_cli
 from losses.smlm import gmm_loss
 
 
@@ -310,3 +312,107 @@ def test_read_sigma_map_file_is_validated(tmp_path):
         SMLMSimDataset(dataclasses.replace(cfg, read_sigma_map=str(bad)), 1)
     with pytest.raises(ValueError, match="read_sigma_map"):
         SimConfig(read_sigma_map=str(good))
+
+
+def _scmos(tmp_path, sensor: np.ndarray, name: str = "sensor.npy", **changes) -> SimConfig:
+    np.save(tmp_path / name, sensor.astype(np.float32))
+    values = dict(img_size=(8, 8), camera="scmos", em_gain=None, qe=1.0, spur_noise=0.0, e_per_adu=1.0,
+                  baseline=400.0, read_sigma_map=str(tmp_path / name))
+    return SimConfig(**{**values, **changes})
+
+
+def test_a_sensor_map_larger_than_the_frames_gives_each_movie_a_window(tmp_path):
+    sensor = np.arange(20 * 30, dtype=np.float32).reshape(20, 30) / 100       # a distinct value per pixel
+    cfg = _scmos(tmp_path, sensor)
+    full = load_read_sigma_map(cfg)
+    assert full.shape == (20, 30)
+    fixed = dataclasses.replace(cfg, sensor_origin=(5, 7))
+    window, origin = read_noise_window(full, fixed)
+    assert origin == (5, 7) and torch.equal(window, full[5:13, 7:15])
+    assert torch.equal(frame_read_sigma(fixed), full[5:13, 7:15])
+    assert torch.equal(frame_read_sigma(cfg, sensor_origin=(0, 22)), full[0:8, 22:30])
+    # Unset: a place drawn from the generator, the same for the same seed, anywhere the frames fit.
+    origins = [read_noise_window(full, cfg, _gen(seed))[1] for seed in range(40)]
+    assert origins[3] == read_noise_window(full, cfg, _gen(3))[1]
+    assert len(set(origins)) > 20 and all(0 <= r <= 12 and 0 <= c <= 22 for r, c in origins)
+    rows, cols = [r for r, _ in origins], [c for _, c in origins]
+    assert max(rows) - min(rows) >= 8 and max(cols) - min(cols) >= 15
+    # A map of the frame size is used whole, without drawing.
+    small = _scmos(tmp_path, sensor[:8, :8], name="small.npy")
+    assert read_noise_window(load_read_sigma_map(small), small, None)[1] == (0, 0)
+    # Where the frames sit is unknown: whoever needs the frames' own pixels (fitters, bounds) refuses.
+    with pytest.raises(ValueError, match="sensor_origin"):
+        frame_read_sigma(cfg)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_read_sigma_map(dataclasses.replace(cfg, sensor_origin=(13, 0)))
+    with pytest.raises(ValueError, match="at least the frame size"):
+        load_read_sigma_map(dataclasses.replace(cfg, img_size=(21, 8)))
+    with pytest.raises(ValueError, match="sensor_origin"):
+        SimConfig(sensor_origin=(0, 0))                                      # no map to place the frames on
+    for bad in ((-1, 2), (1.5, 2), (1, 2, 3), "0,0"):
+        with pytest.raises(ValueError, match="sensor_origin"):
+            dataclasses.replace(cfg, sensor_origin=bad)
+
+
+def test_simulated_frames_carry_the_read_noise_of_their_window(tmp_path):
+    # A quiet sensor with one loud row: the frames are noisy exactly on the row their window puts it at.
+    sensor = np.full((24, 10), 0.5)
+    sensor[15] = 40.0
+    cfg = _scmos(tmp_path, sensor, emitter_av=0.0, bg_uniform=10.0)
+    for fixed in (None, (10, 1), (15, 2)):
+        run = cfg if fixed is None else dataclasses.replace(cfg, sensor_origin=fixed)
+        movie = simulate_movie(run, 300, _gen(11))
+        r, c = movie.sensor_origin
+        assert fixed is None or (r, c) == fixed
+        var = movie.frames.var(0)                                            # (8, 8), photons^2
+        assert 0 <= 15 - r < 8
+        loud = var[15 - r]
+        assert loud.mean().item() == pytest.approx(10.0 + 40.0**2 + 1 / 12, rel=0.15)
+        quiet = torch.cat([var[:15 - r], var[15 - r + 1:]])
+        assert quiet.mean().item() == pytest.approx(10.0 + 0.25 + 1 / 12, rel=0.15)
+        # The stored movie says where it was recorded, and its config reproduces the same window.
+        write_movie_h5(tmp_path / "m.h5", movie, run, seed=11)
+        back, stored, _ = read_movie_h5(tmp_path / "m.h5")
+        assert back.sensor_origin == stored.sensor_origin == (r, c)
+        assert torch.equal(frame_read_sigma(stored), load_read_sigma_map(cfg)[r:r + 8, c:c + 8])
+    # Training movies: the same place for the same (seed, epoch, block), new places across blocks.
+    ds = SMLMSimDataset(cfg, 64, seed=3, block=16)
+    first = ds._block_movie(0).sensor_origin
+    assert ds._block_movie(1).sensor_origin is not None
+    assert SMLMSimDataset(cfg, 64, seed=3, block=16)._block_movie(0).sensor_origin == first
+    assert len({ds._block_movie(b).sensor_origin for b in range(4)}) > 1
+
+
+def test_read_noise_variance_and_background_std_use_the_frames_window(tmp_path):
+    sensor = np.ones((16, 16))
+    sensor[8:, 8:] = 3.0
+    cfg = _scmos(tmp_path, sensor, e_per_adu=0.5)
+    var = read_noise_variance(cfg, sensor_origin=(8, 8))
+    assert torch.allclose(var, torch.full((8, 8), 9.0 + 0.25 / 12, dtype=torch.float64))
+    assert read_noise_variance(dataclasses.replace(cfg, read_sigma_map=None, read_sigma=2.0)) == 4.0 + 0.25 / 12
+    assert read_noise_variance(SimConfig()) == 0.0                            # EMCCD: negligible after the gain
+    corner = dataclasses.replace(cfg, sensor_origin=(8, 8))
+    assert background_std_photons(30.0, corner) == pytest.approx(background_std_photons(30.0, cfg, read_sigma=3.0))
+    whole = np.sqrt(np.mean(sensor**2))                                      # unknown place: the sensor's RMS
+    assert background_std_photons(30.0, cfg) == pytest.approx(background_std_photons(30.0, cfg, read_sigma=whole))
+
+
+def test_read_noise_map_cli_is_deterministic_and_keeps_existing_maps(tmp_path, capsys):
+    out = tmp_path / "maps" / "sensor.npy"
+    assert smlm_cli(["read-noise-map", "--out", str(out), "--size", "60,80", "--median_e", "1.4", "--seed", "2"]) == 0
+    sigma = np.load(out)
+    assert sigma.shape == (60, 80) and sigma.dtype == np.float32 and sigma.min() > 0
+    assert np.median(sigma) == pytest.approx(1.4, rel=0.05)
+    assert sigma.max() > 3 * 1.4                                             # the noisy-pixel tail
+    assert np.array_equal(sigma, synthetic_read_sigma_map((60, 80), median_e=1.4, seed=2))
+    assert not np.array_equal(sigma, synthetic_read_sigma_map((60, 80), median_e=1.4, seed=3))
+    for argv, named in ((["--out", str(out)], "--overwrite"), (["--out", str(tmp_path / "m.txt")], ".npy"),
+                        (["--out", str(tmp_path / "a.npy"), "--size", "60"], "--size"),
+                        (["--out", str(tmp_path / "b.npy"), "--median_e", "0"], "--median_e")):
+        with pytest.raises(SystemExit) as exit_info:
+            smlm_cli(["read-noise-map", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and named in err, err
+    assert np.array_equal(np.load(out), sigma) and not (tmp_path / "a.npy").exists()
+    assert smlm_cli(["read-noise-map", "--out", str(out), "--size", "4,4", "--overwrite"]) == 0
+    assert np.load(out).shape == (4, 4)

@@ -310,6 +310,10 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
         (no_th / name).write_bytes((run_dir / name).read_bytes())
     foreign_camera = tmp_path / "foreign.yaml"
     foreign_camera.write_text(yaml.safe_dump({"img_size": [8, 8]}))
+    np.save(tmp_path / "small_map.npy", np.ones((4, 4), np.float32))      # smaller than the stack's frames
+    small_map = tmp_path / "small_map.yaml"
+    small_map.write_text(yaml.safe_dump({"camera": "scmos", "em_gain": None, "read_sigma_map":
+                                         str(tmp_path / "small_map.npy")}))
     out = tmp_path / "locs.csv"
     cases = [
         (["--checkpoint", run_dir, "--frames", not_tiff], "notes.tif"),
@@ -319,6 +323,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
         (["--checkpoint", tmp_path / "missing_run", "--frames", stack], "missing_run"),
         (["--checkpoint", run_dir, "--frames", stack, "--weights", "final", "--camera", bad_camera], "em_gain"),
         (["--checkpoint", run_dir, "--frames", stack, "--camera", foreign_camera], "img_size"),
+        (["--checkpoint", run_dir, "--frames", stack, "--camera", small_map], "small_map.npy"),
         (["--checkpoint", run_dir, "--frames", stack, "--raw_th", "1.5"], "--raw_th"),
         (["--checkpoint", no_th, "--frames", stack], "--raw_th"),
     ]

@@ -180,6 +180,27 @@ def test_scmos_read_noise_is_modelled():
     assert np.sqrt(np.mean(res[:, :2] ** 2)) < 0.05
 
 
+def test_benchmark_movies_on_a_sensor_map_fit_with_their_own_window(tmp_path, capsys):
+    """A read-noise map of a whole chip: the quality benchmark's movie records where on the chip it was
+    simulated, hands that place to the classical fitter (which weights pixels by their read noise), and is
+    read back from its file rather than simulated again; without the place the fitter refuses in one line."""
+    from benchmarks.smlm_quality import test_movie as benchmark_movie
+    np.save(tmp_path / "chip.npy", np.random.default_rng(0).uniform(1.0, 3.0, (48, 64)).astype(np.float32))
+    cfg = dataclasses.replace(CFG_2D, img_size=(24, 24), camera="scmos", em_gain=None, e_per_adu=1.0,
+                              baseline=100.0, read_sigma_map=str(tmp_path / "chip.npy"), emitter_av=None,
+                              emitter_density=1.0, intensity_mu=3000.0, intensity_sig=300.0, bg_uniform=20.0)
+    movie, path, placed = benchmark_movie(cfg, 4, 0, tmp_path / "movies")
+    assert placed.sensor_origin == movie.sensor_origin is not None
+    capsys.readouterr()
+    again, again_path, placed_again = benchmark_movie(cfg, 4, 0, tmp_path / "movies")
+    assert "simulating again" not in capsys.readouterr().out
+    assert again_path == path and placed_again == placed and torch.equal(again.frames, movie.frames)
+    det = fit_movie(movie.frames, placed)
+    assert len(det["frame_ix"]) > 0
+    with pytest.raises(ValueError, match="sensor_origin"):
+        fit_movie(movie.frames, cfg)
+
+
 def test_duplicate_fits_keep_the_brightest_per_frame():
     frame_ix = torch.tensor([0, 0, 0, 1, 1])
     xy = torch.tensor([[10.0, 10.0], [10.5, 10.2], [20.0, 10.0], [10.2, 10.0], [30.0, 30.0]])

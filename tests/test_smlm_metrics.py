@@ -87,13 +87,15 @@ def gaussian_2d_crlb(n_photons, bg, sigma_px: float, px_size_nm: float = 100.0, 
     return {k: float(v) if np.ndim(v) == 0 else v for k, v in out.items()}
 
 
-def fisher_information(image_fn, theta, steps=None, excess_noise: float = 1.0) -> np.ndarray:
+def fisher_information(image_fn, theta, steps=None, excess_noise: float = 1.0, read_var=0.0) -> np.ndarray:
     """Fisher information (P, P) of any expected-image model image_fn(theta) -> photons per pixel (all > 0) by
     central finite differences; steps (P,) default 1e-4 * max(|theta_i|, 1) (truncation ~ step^2, round-off
-    ~ 1e-16 / step)."""
+    ~ 1e-16 / step). read_var (scalar or per pixel of the image) adds to each pixel's count variance."""
     theta = np.asarray(theta, dtype=np.float64)
     steps = 1e-4 * np.maximum(np.abs(theta), 1.0) if steps is None else np.asarray(steps, dtype=np.float64)
-    mu = np.asarray(image_fn(theta), dtype=np.float64).reshape(-1)
+    mu = np.asarray(image_fn(theta), dtype=np.float64)
+    read_var = np.broadcast_to(np.asarray(read_var, dtype=np.float64), mu.shape).reshape(-1)
+    mu = mu.reshape(-1)
     if np.any(mu <= 0):
         raise ValueError("image_fn(theta) must be positive in every pixel; add a background > 0")
     flat = lambda t: np.asarray(image_fn(t), dtype=np.float64).reshape(-1)  # noqa: E731
@@ -102,7 +104,8 @@ def fisher_information(image_fn, theta, steps=None, excess_noise: float = 1.0) -
         e = np.zeros_like(theta)
         e[i] = h
         jac[:, i] = (flat(theta + e) - flat(theta - e)) / (2 * h)
-    return (jac / mu[:, None]).T @ jac / excess_noise
+    var = excess_noise * mu + read_var
+    return (jac / var[:, None]).T @ jac
 
 
 # Two-plus frames, positions in nm. Frame 0: a duplicate prediction near A, one pair inside and one
@@ -307,6 +310,44 @@ def test_emitter_crlb_matches_the_per_emitter_fisher_computation():
     known_z = [gaussian_2d_crlb(phot[0] * 0.9, bg[0] * 0.9, float(s), px_size_nm=100.0,
                                 excess_noise=EMCCD_EXCESS_NOISE)["x_nm"] for s in astigmatic_sigma(-700.0, 1.2)]
     assert emitter_crlb_nm(np.array([[60.0, 60.0, -700.0]]), phot[:1], bg[:1], cfg)[0, 0] > known_z[0]
+
+
+def test_scmos_read_noise_enters_the_bound_pixel_by_pixel(tmp_path):
+    """sCMOS: each pixel's read-noise variance adds to its count variance (Huang et al. 2013), scalar or from
+    the map at the frames' place on the sensor; the finite-difference Fisher route with the same variances
+    agrees, and ground_truth uses the window the movie was simulated on."""
+    n, bg, qe = 2000.0, 15.0, 0.8
+    roi = default_roi_px(1.3)
+    c = (roi - 1) // 2
+    sensor = np.full((64, 64), 1.5)
+    sensor[24:27, 26] = 12.0                                   # three noisy pixels right of the emitter below
+    np.save(tmp_path / "sensor.npy", sensor.astype(np.float32))
+    cfg = SimConfig(img_size=(32, 32), psf="gaussian", sigma0_px=1.3, camera="scmos", em_gain=None, qe=qe,
+                    e_per_adu=0.5, read_sigma=1.5, px_size_nm=(100.0, 100.0))
+    x, y = 15.2, 14.9                                          # the whole ROI inside the frame
+    image = lambda t: gaussian_psf_image(t[0], t[1], t[2], t[3], 1.3, roi)  # noqa: E731
+    theta = [c + x - round(x), c + y - round(y), n * qe, bg * qe]
+    rounding = 0.25 / 12
+    scalar = emitter_crlb_nm([[x, y, 0.0]], n, bg, cfg)[0]
+    ref = crlb_from_fisher(fisher_information(image, theta, read_var=1.5**2 + rounding))
+    np.testing.assert_allclose(scalar[:2], ref[:2] * 100.0, rtol=1e-4)
+    assert scalar[0] > emitter_crlb_nm([[x, y, 0.0]], n, bg, dataclasses.replace(cfg, read_sigma=0.0,
+                                                                                   e_per_adu=1e-6))[0, 0]
+    mapped = dataclasses.replace(cfg, read_sigma_map=str(tmp_path / "sensor.npy"), sensor_origin=(10, 10))
+    window = sensor[10:42, 10:42]                              # emitter pixel (15, 15) -> sensor (25, 25)
+    ref_var = window[round(y) - c:round(y) - c + roi, round(x) - c:round(x) - c + roi] ** 2 + rounding
+    per_pixel = emitter_crlb_nm([[x, y, 0.0]], n, bg, mapped)[0]
+    ref = crlb_from_fisher(fisher_information(image, theta, read_var=ref_var))
+    np.testing.assert_allclose(per_pixel[:2], ref[:2] * 100.0, rtol=1e-4)
+    assert per_pixel[0] > scalar[0] * 1.01                     # the noisy column beside the spot costs x precision
+    # A movie on a random window of the sensor: its targets' bounds use that window.
+    movie_cfg = dataclasses.replace(mapped, sensor_origin=None, emitter_av=4.0)
+    movie = simulate_movie(movie_cfg, 6, torch.Generator().manual_seed(2))
+    gt = ground_truth(movie, movie_cfg)
+    r0, c0 = movie.sensor_origin
+    expect = emitter_crlb_nm(gt["xyz_px"], gt["phot"], gt["bg"], movie_cfg,
+                             read_var=sensor[r0:r0 + 32, c0:c0 + 32] ** 2 + rounding)
+    np.testing.assert_allclose(gt["crlb_nm"], expect, rtol=1e-6)
 
 
 def test_crlb_counts_only_the_pixels_inside_the_frame():

@@ -1,11 +1,17 @@
 """python -m data.smlm tiff --sim_config FILE --out stack.tif [--frames N] [--img_size H,W]
-[--emitter_density D] [--seed S]"""
+[--emitter_density D] [--seed S]
+python -m data.smlm read-noise-map --out map.npy [--size H,W] [--median_e E] [--seed S]"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from pathlib import Path
 
+import numpy as np
+
+from .camera import synthetic_read_sigma_map
 from .config import load_sim_config
 from .io import write_tiff_movie
 
@@ -22,11 +28,21 @@ def main(argv=None) -> int:
                    help="emitters per um^2 per frame (default: the config's emitter_av / emitter_density)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .tif; the ground truth goes to the same name with .h5")
+    m = commands.add_parser("read-noise-map", help="write a synthetic sCMOS read-noise map (.npy, e- rms per "
+                                                   "pixel) for a simulation config's read_sigma_map")
+    m.add_argument("--out", required=True, help="output .npy")
+    m.add_argument("--size", default="512,512", help="H,W px of the sensor")
+    m.add_argument("--median_e", type=float, default=1.6, help="median read noise, e- rms")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
 
     def fail(message: str):
         sys.stderr.write(f"data.smlm: error: {message}\n")
         raise SystemExit(2)
+
+    if args.command == "read-noise-map":
+        return write_read_noise_map(args, fail)
 
     if args.frames < 1:
         fail(f"--frames must be >= 1, got {args.frames}")
@@ -49,6 +65,31 @@ def main(argv=None) -> int:
           f"{info['emitters']} emitter-frames, {cfg.em_avg:.1f} emitters/frame on average"
           + (f", {info['saturated_pixels']} pixels clipped at 65535" if info["saturated_pixels"] else ""))
     print(f"{h5}: ground truth (data.smlm.read_movie_h5)")
+    return 0
+
+
+def write_read_noise_map(args, fail) -> int:
+    try:
+        h, w = (int(v) for v in args.size.split(","))
+    except ValueError:
+        fail(f"--size {args.size!r}: expected H,W, e.g. 512,512")
+    if h < 1 or w < 1:
+        fail(f"--size {args.size!r}: expected two positive integers")
+    if not (args.median_e > 0 and np.isfinite(args.median_e)):
+        fail(f"--median_e must be a finite number > 0, got {args.median_e}")
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        fail(f"--out {out}: expected a .npy file name")
+    if out.exists() and not args.overwrite:  # it may be a user's real calibration
+        fail(f"--out {out}: already exists (pass --overwrite to replace it)")
+    sigma = synthetic_read_sigma_map((h, w), median_e=args.median_e, seed=args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, sigma)
+    os.replace(tmp, out)
+    print(f"{out}: {h}x{w} px read-noise map, median {np.median(sigma):.2f} e-, rms {np.sqrt(np.mean(sigma**2)):.2f} "
+          f"e-, max {sigma.max():.1f} e-")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Background and camera (smlm.md §1.4-1.5): expected photons -> noisy ADU frames, and ADU back to photons."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +88,9 @@ def background_std_photons(bg, cfg: SimConfig, read_sigma=None) -> np.ndarray:
     the excess noise (2 for emccd), g the EM gain (1 for scmos) and e_per_adu^2 / 12 the rounding to whole
     ADU; sqrt(bg) for the perfect camera, 0 for noiseless. read_sigma (e-, scalar or per value of bg)
     replaces the camera's read noise, which is cfg.read_sigma, or the root mean square of the map of an sCMOS
-    with cfg.read_sigma_map (the map replaces read_sigma in the simulation too). This is what a fitter that
-    measures the spread of the background around a spot in photons (ThunderSTORM's bkgstd) sees."""
+    with cfg.read_sigma_map (of its window at cfg.sensor_origin when set; the map replaces read_sigma in the
+    simulation too). This is what a fitter that measures the spread of the background around a spot in
+    photons (ThunderSTORM's bkgstd) sees."""
     bg = np.clip(np.asarray(bg, dtype=np.float64), 0.0, None)
     if cfg.camera == "noiseless":
         return np.zeros_like(bg)
@@ -97,7 +99,10 @@ def background_std_photons(bg, cfg: SimConfig, read_sigma=None) -> np.ndarray:
     if read_sigma is not None:
         read = np.asarray(read_sigma, dtype=np.float64)
     elif cfg.camera == "scmos" and cfg.read_sigma_map is not None:
-        read = float(np.sqrt(np.mean(np.load(cfg.read_sigma_map, allow_pickle=False).astype(np.float64) ** 2)))
+        sensor = load_read_sigma_map(cfg)
+        if cfg.sensor_origin is not None:
+            sensor = read_noise_window(sensor, cfg)[0]
+        read = float(torch.sqrt(torch.mean(sensor.double() ** 2)))
     else:
         read = cfg.read_sigma
     gain = cfg.em_gain if cfg.camera == "emccd" else 1.0
@@ -106,15 +111,85 @@ def background_std_photons(bg, cfg: SimConfig, read_sigma=None) -> np.ndarray:
 
 
 def load_read_sigma_map(cfg: SimConfig) -> torch.Tensor | None:
-    """The scmos per-pixel read noise (H, W) e- from cfg.read_sigma_map (.npy), or None."""
+    """The sCMOS read noise (e-) of the whole sensor from cfg.read_sigma_map (.npy), or None without a map.
+    The map may be larger than the frames (a calibration of the full chip, frames recorded in a region of
+    interest); `read_noise_window` picks the frames' part of it."""
     if cfg.read_sigma_map is None:
         return None
     path = Path(cfg.read_sigma_map)
     if not path.is_file():
         raise ValueError(f"read_sigma_map: {path} not found")
     arr = np.load(path, allow_pickle=False)
-    if arr.shape != tuple(cfg.img_size) or not np.all(np.isfinite(arr)) or arr.min() < 0:
-        raise ValueError(f"read_sigma_map: {path} must hold a finite, non-negative {tuple(cfg.img_size)} array, "
-                         f"got shape {arr.shape}")
+    h, w = cfg.img_size
+    if (arr.ndim != 2 or arr.shape[0] < h or arr.shape[1] < w or not np.all(np.isfinite(arr))
+            or arr.min() < 0):
+        raise ValueError(f"read_sigma_map: {path} must hold a finite, non-negative 2-D array of at least the "
+                         f"frame size {h}x{w}, got shape {arr.shape}")
+    if cfg.sensor_origin is not None:
+        r, c = cfg.sensor_origin
+        if r + h > arr.shape[0] or c + w > arr.shape[1]:
+            raise ValueError(f"sensor_origin {list(cfg.sensor_origin)}: {h}x{w} frames there do not fit on the "
+                             f"{arr.shape[0]}x{arr.shape[1]} read_sigma_map {path}")
     return torch.from_numpy(arr.astype(np.float32))
 
+
+def read_noise_window(sensor: torch.Tensor, cfg: SimConfig, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """((H, W) read noise of the frames, (row, col) of their origin on the sensor): the window of the sensor
+    map at cfg.sensor_origin; without one, the whole map when it is the frame size, else a window at an origin
+    drawn from `generator` (a new place on the chip for every simulated movie, as DECODE crops its training
+    frames from a full-chip map, so that a network learns the map's statistics rather than its pixels)."""
+    h, w = cfg.img_size
+    if cfg.sensor_origin is not None:
+        r, c = cfg.sensor_origin
+    elif sensor.shape == (h, w):
+        r, c = 0, 0
+    else:
+        device = generator.device if generator is not None else torch.device("cpu")
+        r = int(torch.randint(sensor.shape[0] - h + 1, (1,), generator=generator, device=device))
+        c = int(torch.randint(sensor.shape[1] - w + 1, (1,), generator=generator, device=device))
+    return sensor[r:r + h, c:c + w], (r, c)
+
+
+def frame_read_sigma(cfg: SimConfig, sensor_origin: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """(H, W) read noise (e-) of frames recorded at a known place on the sensor (`sensor_origin`, else
+    cfg.sensor_origin), for fitters and bounds that weight pixels by it; None without a map. A map larger than
+    the frames needs that place."""
+    sensor = load_read_sigma_map(cfg)
+    if sensor is None:
+        return None
+    if sensor_origin is not None:
+        cfg = dataclasses.replace(cfg, sensor_origin=tuple(sensor_origin))
+        load_read_sigma_map(cfg)  # checks that the frames fit there
+    if cfg.sensor_origin is None and sensor.shape != tuple(cfg.img_size):
+        raise ValueError(f"read_sigma_map {cfg.read_sigma_map} is {sensor.shape[0]}x{sensor.shape[1]}, larger "
+                         f"than the {cfg.img_size[0]}x{cfg.img_size[1]} frames: set sensor_origin [row, col], "
+                         "the frames' place on the sensor")
+    return read_noise_window(sensor, cfg)[0]
+
+
+def read_noise_variance(cfg: SimConfig, sensor_origin: tuple[int, int] | None = None) -> float | torch.Tensor:
+    """Read-noise variance per pixel in e-^2 of an sCMOS, read noise plus the rounding to whole ADU
+    (e_per_adu^2 / 12): (H, W) with a map (`frame_read_sigma`), else a scalar. Likelihoods and bounds add it to
+    each pixel's expected electrons (the Poisson-equivalent sCMOS model of Huang et al. 2013). 0 for the other
+    cameras: an EMCCD's read noise over its gain squared is ~0.06 e-^2 at the defaults, negligible next to
+    the shot noise of any background."""
+    if cfg.camera != "scmos":
+        return 0.0
+    window = frame_read_sigma(cfg, sensor_origin)
+    rounding = cfg.e_per_adu**2 / 12
+    return cfg.read_sigma**2 + rounding if window is None else window.double() ** 2 + rounding
+
+
+def synthetic_read_sigma_map(shape: tuple[int, int], median_e: float = 1.6, spread: float = 0.3,
+                             hot_fraction: float = 0.005, hot_factor: tuple[float, float] = (3.0, 10.0),
+                             seed: int = 0) -> np.ndarray:
+    """A plausible sCMOS read-noise map (e- rms per pixel) for trying the sCMOS route without a calibration:
+    log-normal around `median_e` (log std `spread`: pixel-to-pixel amplifier differences) with a fraction of
+    hot pixels `hot_factor` times noisier (random telegraph noise), as published maps of scientific CMOS
+    chips look (median 1-2 e-, a long tail). Deterministic by seed."""
+    rng = np.random.default_rng(seed)
+    sigma = median_e * np.exp(spread * rng.standard_normal(shape))
+    hot = rng.random(shape) < hot_fraction
+    sigma[hot] *= rng.uniform(*hot_factor, size=int(hot.sum()))
+    return sigma.astype(np.float32)

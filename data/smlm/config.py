@@ -41,7 +41,10 @@ class SimConfig:
     e_per_adu: float = 45.0                        # e- per ADU
     baseline: float = 100.0                        # ADU offset
     read_sigma: float = 74.4                       # read noise std, e- (after gain)
-    read_sigma_map: str | None = None              # scmos only: .npy (H, W) read noise std, e-; replaces read_sigma
+    read_sigma_map: str | None = None              # scmos only: .npy read noise std (e-) of the sensor, at least
+                                                   # img_size; replaces read_sigma
+    sensor_origin: tuple[int, int] | None = None   # (row, col) of the frames on the read_sigma_map sensor; blank: a
+                                                   # random place per simulated movie when the map is larger
     label_photon_min: float = 100.0                # emitters with fewer photons in the frame are rendered, not targets
     max_targets: int = 250                         # per-frame target cap; exceeding it raises (smlm.md §10 #12)
 
@@ -98,6 +101,14 @@ class SimConfig:
                              f"got {self.em_gain!r}")
         if self.read_sigma_map is not None and self.camera != "scmos":
             raise ValueError(f"read_sigma_map is only used by camera 'scmos', got camera {self.camera!r}")
+        if self.sensor_origin is not None:
+            if self.read_sigma_map is None:
+                raise ValueError("sensor_origin is the frames' place on the read_sigma_map; set read_sigma_map too")
+            origin = self.sensor_origin
+            if (not isinstance(origin, (list, tuple)) or len(origin) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in origin)):
+                raise ValueError(f"sensor_origin must be two integers [row, col] >= 0, got {origin!r}")
+            self.sensor_origin = (int(origin[0]), int(origin[1]))
         _check("max_targets", isinstance(self.max_targets, int) and self.max_targets >= 1, "an integer >= 1",
                self.max_targets)
 

@@ -66,7 +66,7 @@ class SMLMSimDataset(Dataset):
         window_indices(1, window)
         self.cfg, self.length, self.seed, self.window, self.epoch = cfg, int(length), int(seed), int(window), 0
         self.block = int(block)
-        self.read_sigma_map = load_read_sigma_map(cfg)
+        self.read_sigma_map = load_read_sigma_map(cfg)   # the whole sensor, read once; each movie takes a window
         self._cached: tuple[tuple[int, int], Movie] | None = None
 
     def set_epoch(self, epoch: int) -> None:

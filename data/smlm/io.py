@@ -1,6 +1,7 @@
 """Files: fixed movies in HDF5 (frames, background, emitters, configuration) and TIFF stacks in ADU."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import h5py
@@ -9,7 +10,6 @@ import tifffile
 import torch
 import yaml
 
-from .camera import load_read_sigma_map
 from .config import SimConfig
 from .simulate import Emitters, Movie, simulate_acquisition
 
@@ -19,7 +19,10 @@ H5_FORMAT = "smlm-movie-1"
 def write_movie_h5(path, movie: Movie, cfg: SimConfig, seed: int | None = None) -> None:
     """Store a fixed movie: /data/frames (T, H, W) photons, /data/bg (T, H, W) photons/px (gzip), /emitters/
     {frame_ix, xyz (x px, y px, z nm), phot, id}, /meta attrs: format, xy_unit "px", px_size (nm), n_frames,
-    seed (-1 if unknown) and config (the full SimConfig as YAML)."""
+    seed (-1 if unknown) and config (the full SimConfig as YAML; with the movie's sensor_origin on an sCMOS
+    read-noise map filled in, so that the config describes this acquisition's window)."""
+    if movie.sensor_origin is not None:
+        cfg = dataclasses.replace(cfg, sensor_origin=tuple(movie.sensor_origin))
     with h5py.File(path, "w") as f:
         meta = f.create_group("meta")
         meta.attrs.update({"format": H5_FORMAT, "xy_unit": "px", "z_unit": "nm", "photon_unit": "photons",
@@ -55,7 +58,7 @@ def read_movie_h5(path) -> tuple[Movie, SimConfig, dict]:
     if frames.shape[1:] != cfg.img_size or bg.shape != frames.shape:
         raise ValueError(f"{path}: frames {tuple(frames.shape)} and bg {tuple(bg.shape)} must both be "
                          f"(T, {cfg.img_size[0]}, {cfg.img_size[1]})")
-    return Movie(frames, bg, Emitters(**em)), cfg, meta
+    return Movie(frames, bg, Emitters(**em), cfg.sensor_origin), cfg, meta
 
 
 def write_tiff_movie(out, cfg: SimConfig, n_frames: int, seed: int = 0) -> tuple[Path, Path, dict]:
@@ -65,12 +68,13 @@ def write_tiff_movie(out, cfg: SimConfig, n_frames: int, seed: int = 0) -> tuple
     tif = Path(out)
     if tif.suffix.lower() not in (".tif", ".tiff"):
         raise ValueError(f"--out {tif}: expected a .tif or .tiff file name")
-    adu, movie = simulate_acquisition(cfg, n_frames, torch.Generator().manual_seed(seed), load_read_sigma_map(cfg))
+    adu, movie = simulate_acquisition(cfg, n_frames, torch.Generator().manual_seed(seed))
     adu = adu.numpy()
     saturated = int((adu > 65535).sum())
     tif.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(tif, np.clip(adu, 0, 65535).astype(np.uint16), photometric="minisblack")
     h5 = tif.with_suffix(".h5")
     write_movie_h5(h5, movie, cfg, seed=seed)
-    return tif, h5, {"frames": n_frames, "emitters": len(movie.emitters), "saturated_pixels": saturated}
+    return tif, h5, {"frames": n_frames, "emitters": len(movie.emitters), "saturated_pixels": saturated,
+                     "sensor_origin": movie.sensor_origin}
 

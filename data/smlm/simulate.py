@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .camera import camera_forward, sample_background, to_photons
+from .camera import camera_forward, load_read_sigma_map, read_noise_window, sample_background, to_photons
 from .config import SimConfig
 from .psf import render
 
@@ -81,25 +81,32 @@ def bin_emitters(loose: dict, n_frames: int) -> Emitters:
 @dataclass
 class Movie:
     """A simulated movie: frames (T, H, W) float32 noisy photons (camera then `to_photons`), bg (T, H, W)
-    photons/px, emitters the per-frame table with 0 <= frame_ix < T."""
+    photons/px, emitters the per-frame table with 0 <= frame_ix < T; sensor_origin (row, col) of the frames on
+    an sCMOS read-noise map (None without one)."""
 
     frames: torch.Tensor
     bg: torch.Tensor
     emitters: Emitters
+    sensor_origin: tuple[int, int] | None = None
 
 
 def simulate_acquisition(cfg: SimConfig, n_frames: int, generator: torch.Generator | None = None,
                          read_sigma_map: torch.Tensor | None = None) -> tuple[torch.Tensor, Movie]:
     """(camera frames in ADU (T, H, W), the movie with those frames converted back to photons): a blinking-
-    emitter acquisition of n_frames frames on the generator's device (smlm.md §1.2-1.5)."""
+    emitter acquisition of n_frames frames on the generator's device (smlm.md §1.2-1.5). An sCMOS read-noise
+    map (the sensor's, `read_sigma_map`, else loaded from cfg.read_sigma_map) is used at the frames' window
+    (`read_noise_window`: cfg.sensor_origin, else a random place drawn after the emitters and background)."""
     emitters = bin_emitters(sample_loose_emitters(cfg, n_frames, generator), n_frames)
     bg = sample_background(cfg, n_frames, generator)
-    adu = camera_forward(render(emitters, n_frames, cfg) + bg, cfg, generator, read_sigma_map)
-    return adu, Movie(to_photons(adu, cfg), bg, emitters)
+    sensor = read_sigma_map if read_sigma_map is not None else load_read_sigma_map(cfg)
+    window, origin = read_noise_window(sensor, cfg, generator) if sensor is not None else (None, None)
+    adu = camera_forward(render(emitters, n_frames, cfg) + bg, cfg, generator, window)
+    return adu, Movie(to_photons(adu, cfg), bg, emitters, origin)
 
 
 def simulate_movie(cfg: SimConfig, n_frames: int, generator: torch.Generator | None = None,
                    read_sigma_map: torch.Tensor | None = None) -> Movie:
-    """A blinking-emitter movie of n_frames frames in photons on the generator's device (smlm.md §1.2-1.5)."""
+    """A blinking-emitter movie of n_frames frames in photons on the generator's device (smlm.md §1.2-1.5);
+    read_sigma_map as for `simulate_acquisition`."""
     return simulate_acquisition(cfg, n_frames, generator, read_sigma_map)[1]
 
