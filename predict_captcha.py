@@ -1,11 +1,13 @@
 """Locate gap and slider in CAPTCHA images of any size with a trained run.
 
     python predict_captcha.py --checkpoint runs/captcha/<run> --images my_captchas/ --out preds.csv
+    python predict_captcha.py --checkpoint captcha.onnx --backend onnx --images my_captchas/ --out preds.csv
 
 ``--checkpoint`` is a run directory (uses ``best/``, else ``final/``), one of those export
 folders, a ``checkpoints/step_*`` folder, or a ``.safetensors`` file of an export; the model is
 rebuilt from the export's ``model.json`` (``training.export.load_export``). EMA weights are used
-when the export has them. Output columns: filename, gap_x, gap_y, slider_x, slider_y (original image
+when the export has them. ``--backend onnx`` runs an ``export_captcha.py`` file with onnxruntime instead;
+letterboxing, decoding and the output are the same. Output columns: filename, gap_x, gap_y, slider_x, slider_y (original image
 pixels), gap_score, slider_score (heatmap peaks in [0, 1]).
 
 The CSV is written at the end to ``<out>.tmp`` and renamed; an existing ``--out`` is only replaced with
@@ -25,9 +27,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data.captcha import letterbox, load_image, to_input_tensor
+from data.captcha import CANVAS_H, CANVAS_W, letterbox, load_image, to_input_tensor
 from losses.captcha import valid_cells
 from metrics.captcha import decode
+from models.onnx_io import OnnxModel, cuda_provider_available
 from training.config import UsageError, fail
 from training.export import load_export_or_exit, resolve_device
 from training.io import check_output, write_atomically
@@ -49,6 +52,21 @@ def list_images(items: list[str]) -> list[Path]:
     return paths
 
 
+def load_onnx_or_exit(path, device: torch.device) -> OnnxModel:
+    """An export_captcha.py file for onnxruntime; anything else ends the program with one line."""
+    if Path(path).suffix.lower() != ".onnx":
+        fail(f"--checkpoint {path}: --backend onnx expects an .onnx file of export_captcha.py")
+    try:
+        model = OnnxModel(path, device)
+    except ValueError as e:
+        fail(f"--checkpoint {e}")
+    shape = model.metadata.get("canvas_w"), model.metadata.get("canvas_h")
+    if model.input_name != "image" or shape != (str(CANVAS_W), str(CANVAS_H)):
+        fail(f"--checkpoint {path}: not an export_captcha.py file (expected input 'image' on a "
+             f"{CANVAS_W}x{CANVAS_H} canvas)")
+    return model
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
@@ -60,6 +78,8 @@ def main(argv: list[str] | None = None):
                         help="leave out unreadable or too small images (listed at the end) instead of stopping")
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="torch: a run or export; onnx: an .onnx file of export_captcha.py, run with onnxruntime")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         fail(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -67,14 +87,20 @@ def main(argv: list[str] | None = None):
         device = resolve_device(args.device)
     except UsageError as e:
         fail(str(e))
-    export = load_export_or_exit(args.checkpoint, device)
+    if args.backend == "onnx":
+        if args.device == "auto" and not cuda_provider_available():
+            device = torch.device("cpu")  # auto: CUDA only where onnxruntime can use it
+        model = load_onnx_or_exit(args.checkpoint, device)
+        print(f"weights: {args.checkpoint} (onnxruntime)")
+    else:
+        export = load_export_or_exit(args.checkpoint, device)
+        model = export.model
+        print(f"weights: {export.weights}")
     try:
         out = check_output(args.out, args.overwrite)
     except UsageError as e:
         fail(str(e))
     paths = list_images(args.images)
-    model = export.model
-    print(f"weights: {export.weights}")
 
     rows, skipped, model_s, total_start = [], [], 0.0, time.perf_counter()
     # disable=None: a bar on a terminal only, not in logs
@@ -96,7 +122,7 @@ def main(argv: list[str] | None = None):
         progress.update(len(paths[start:start + args.batch_size]))
         if not tensors:
             continue
-        image = torch.stack(tensors).to(device)
+        image = torch.stack(tensors).to(device if args.backend == "torch" else "cpu")
         t0 = time.perf_counter()
         with torch.no_grad():
             points, scores = decode(model(image), valid_cells(image))

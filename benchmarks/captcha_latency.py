@@ -1,13 +1,24 @@
-"""Inference latency of LiteHRNet18FPN: the model alone and the whole predict path.
+"""Inference latency of LiteHRNet18FPN (PyTorch and ONNX) against ddddocr's slide_match, and their accuracy
+on the same validation images.
 
     python benchmarks/captcha_latency.py [--checkpoint runs/captcha/<run>] [--batch_sizes 1,32 --iters 20]
 
 "model" rows time model(image) + decode (argmax and offsets), eval mode under torch.no_grad,
 on real letterboxed validation samples: fp32 on the CPU, and on a GPU when one is present fp32
-and bf16 autocast too. "end-to-end" rows time what predict_captcha.py does per batch: read the
-PNGs, letterbox, build the 4-channel tensors, model, decode and map the points back to
-source px, on predict_captcha.py's default device in fp32. Times are per batch and per image
-(batch time / batch size), median and 90th percentile over --iters timed iterations.
+and bf16 autocast too. "onnx" rows time the same network exported by export_captcha.py's route
+(models.onnx_io) and run by onnxruntime on the CPU, + the same decode. "ddddocr" rows time
+ddddocr's slide_match (edge template matching) on one image at a time, given the slider piece as an RGBA
+image and the background right of the piece (a synthetic sample holds its piece; a real CAPTCHA delivers
+them apart). "end-to-end" rows time what predict_captcha.py does per batch: read the PNGs, letterbox, build
+the 4-channel tensors, model, decode and map the points back to source px, on predict_captcha.py's default
+device in fp32. Times are per batch and per image (batch time / batch size), median and 90th percentile
+over --iters timed iterations.
+
+The accuracy table scores the gap on --accuracy_samples validation samples (canvas px, as
+benchmarks/captcha_quality.py): ours with each backend, ddddocr given the true piece (an oracle: it
+never has to find the slider), and ddddocr given the piece cut out at our predicted slider (a box of the
+true piece's size there, without the piece's alpha: the blind use). Random weights (no --checkpoint) make
+the accuracy of ours meaningless; the latency is the same.
 """
 from __future__ import annotations
 
@@ -22,17 +33,22 @@ import copy
 import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
+from benchmarks.captcha_quality import SEARCH_MARGIN, centroid
 from benchmarks.common import int_list, positive, print_header, report, stats_ms, table
-from data.captcha import SyntheticCaptchaDataset, export, letterbox, load_image, to_input_tensor
+from data.captcha import SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor
 from losses.captcha import valid_cells
-from metrics.captcha import decode
+from metrics.captcha import decode, point_errors
 from models.lite_hrnet import LiteHRNet18FPN
+from models.onnx_io import OnnxModel, export_onnx
 from training.export import load_export_or_exit
 
 COLUMNS = ["path", "device", "precision", "batch", "ms_per_batch_median", "ms_per_batch_p90",
            "ms_per_image_median", "ms_per_image_p90", "images_per_s"]
+ACCURACY_COLUMNS = ["method", "n", "gap_hit_le_2px", "gap_hit_le_5px", "gap_mae_px"]
 
 
 def parse_args():
@@ -49,11 +65,14 @@ def parse_args():
     p.add_argument("--no_e2e", action="store_true", help="skip the end-to-end predict rows")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--val_seed", type=int, default=1_000_003, help="seed of the synthetic samples used as inputs")
+    p.add_argument("--accuracy_samples", type=int, default=200,
+                   help="validation samples of the accuracy table (0: no table)")
     p.add_argument("--out", default=None, help="folder for captcha_latency.md/.json")
     args = p.parse_args()
     args.batch_sizes = int_list(args.batch_sizes, "--batch_sizes", minimum=1)
     positive("--iters", args.iters)
     positive("--warmup", args.warmup, 0)
+    positive("--accuracy_samples", args.accuracy_samples, 0)
     if args.threads:
         torch.set_num_threads(positive("--threads", args.threads))
     return args
@@ -102,6 +121,82 @@ def time_predict(model, paths: list[Path], device: torch.device, iters: int, war
     return seconds
 
 
+class SlideInputs:
+    """What ddddocr's slide_match gets for one synthetic sample: the piece (RGBA: the image under the piece's
+    alpha, transparent elsewhere, as a transparent PNG piece is drawn) and the background right of the piece
+    plus SEARCH_MARGIN px, where a gap can be; and how its answer maps back to the gap centre."""
+
+    def __init__(self, sample: dict, slider_xy: tuple[float, float] | None = None):
+        image = sample["image"]
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = sample["slider_box"]
+        if slider_xy is None:  # oracle: the true piece and its alpha
+            alpha = sample["piece_alpha"]
+        else:  # blind: a box of the piece's size at our slider, no alpha known
+            bw, bh = x1 - x0, y1 - y0
+            x0 = int(np.clip(round(slider_xy[0] - bw / 2), 0, w - bw))
+            y0 = int(np.clip(round(slider_xy[1] - bh / 2), 0, h - bh))
+            x1, y1 = x0 + bw, y0 + bh
+            alpha = np.full((bh, bw), 255, np.uint8)
+        rgba = np.dstack([image[y0:y1, x0:x1] * (alpha[..., None] > 0), alpha]).astype(np.uint8)
+        self.piece = Image.fromarray(rgba, "RGBA")
+        self.cut = min(x1 + SEARCH_MARGIN, w - (x1 - x0))  # the background must stay wider than the piece
+        self.background = Image.fromarray(np.ascontiguousarray(image[:, self.cut:]), "RGB")
+        self.size, self.centroid = (x1 - x0, y1 - y0), centroid(alpha)
+
+    def gap(self, result: dict) -> tuple[float, float]:
+        """Gap centre (source px) from slide_match's answer: it returns the matched box's top-left + size // 2."""
+        left = result["target_x"] - self.size[0] // 2
+        top = result["target_y"] - self.size[1] // 2
+        return self.cut + left + self.centroid[0], top + self.centroid[1]
+
+
+def time_ddddocr(slide, inputs: list[SlideInputs], iters: int, warmup: int) -> list[float]:
+    seconds = []
+    for k in range(warmup + iters):
+        item = inputs[k % len(inputs)]
+        start = time.perf_counter()
+        slide.slide_match(item.piece, item.background)
+        if k >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+@torch.no_grad()
+def predict_points(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """(N, 2, 2) decoded (gap, slider) canvas px."""
+    return torch.cat([decode(model(images[i:i + batch_size]), valid_cells(images[i:i + batch_size]))[0]
+                      for i in range(0, len(images), batch_size)])
+
+
+def accuracy_rows(model, onnx_model, slide, n: int, seed: int) -> tuple[list[dict], float]:
+    """Gap accuracy of ours (both backends) and ddddocr (oracle and blind piece) on validation samples 0..n-1;
+    and the largest |ONNX - PyTorch| difference of a decoded point (px)."""
+    samples = [generate_captcha((seed, 0, i)) for i in range(n)]
+    boxes = [letterbox(s["image"]) for s in samples]
+    images = torch.stack([to_input_tensor(canvas, mask) for canvas, mask, _, _ in boxes])
+    to_canvas = lambda p, box: (p[0] * box[2] + box[3][0], p[1] * box[2] + box[3][1])  # noqa: E731
+    to_source = lambda p, box: ((p[0] - box[3][0]) / box[2], (p[1] - box[3][1]) / box[2])  # noqa: E731
+    true = np.array([[to_canvas(s["gap"], b), to_canvas(s["slider"], b)] for s, b in zip(samples, boxes)])
+    ours = predict_points(model, images)
+    ours_onnx = predict_points(onnx_model, images)
+    preds = {"ours (PyTorch)": ours.numpy(), "ours (ONNX)": ours_onnx.numpy()}
+    for name, slider in (("ddddocr, true piece (oracle)", None), ("ddddocr, piece at our slider", ours[:, 1])):
+        gaps = []
+        for i, (s, b) in enumerate(zip(samples, boxes)):
+            item = SlideInputs(s, None if slider is None else to_source(slider[i].tolist(), b))
+            gaps.append(to_canvas(item.gap(slide.slide_match(item.piece, item.background)), b))
+        pred = true.copy()
+        pred[:, 0] = gaps
+        preds[name] = pred
+    rows = []
+    for name, pred in preds.items():
+        err = point_errors(pred, true)["gap"]
+        rows.append({"method": name, "n": n, "gap_hit_le_2px": 100 * float((err <= 2).mean()),
+                     "gap_hit_le_5px": 100 * float((err <= 5).mean()), "gap_mae_px": float(err.mean())})
+    return rows, float((ours - ours_onnx).abs().max())
+
+
 def row(path: str, device: torch.device, precision: str, batch: int, seconds: list[float]) -> dict:
     s = stats_ms(seconds)
     return {"path": path, "device": device.type, "precision": precision, "batch": batch,
@@ -141,6 +236,20 @@ def main():
             rows.append(row("model", device, precision, b, seconds))
             print(f"  model {device.type} {precision} batch {b}: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
 
+    import ddddocr  # a benchmark-only peer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, images[:1], Path(tmp) / "model.onnx", ["gap", "slider", "offset"], input_name="image")
+        onnx_model = OnnxModel(Path(tmp) / "model.onnx", threads=torch.get_num_threads())
+    for b in args.batch_sizes:
+        seconds = time_model(onnx_model, images[:b], False, args.iters, args.warmup)
+        rows.append(row("onnx", cpu, "fp32 onnxruntime", b, seconds))
+        print(f"  onnx cpu batch {b}: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
+    slide = ddddocr.DdddOcr(det=False, ocr=False, show_ad=False)
+    inputs = [SlideInputs(generate_captcha((args.val_seed, 0, i))) for i in range(largest)]
+    rows.append(row("ddddocr slide_match", cpu, "-", 1, time_ddddocr(slide, inputs, args.iters, args.warmup)))
+    print(f"  ddddocr slide_match batch 1: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
+
     e2e_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.no_e2e:
         net = copy.deepcopy(model).to(e2e_device).eval()
@@ -152,6 +261,13 @@ def main():
                 rows.append(row("end-to-end", e2e_device, "fp32", b, seconds))
                 print(f"  end-to-end {e2e_device.type} batch {b}: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
 
+    tables = [table(rows, COLUMNS, formats={"images_per_s": ".1f"})]
+    parity = None
+    if args.accuracy_samples:
+        acc, parity = accuracy_rows(model.cpu().eval(), onnx_model, slide, args.accuracy_samples, args.val_seed)
+        tables.append(table(acc, ACCURACY_COLUMNS, formats={"gap_mae_px": ".2f"}))
+        print(f"  accuracy on {args.accuracy_samples} samples; max |ONNX - PyTorch| point {parity:.4f} px", flush=True)
+
     notes = [
         f"LiteHRNet18FPN, {source}, {n_params / 1e6:.3f} M parameters; input 4x256x512 (RGB + padding mask); "
         f"channels_last {args.channels_last} (model rows only).",
@@ -159,10 +275,16 @@ def main():
         "+ decode + back to source px, as predict_captcha.py (fp32, its default device, files in the page cache).",
         f"{args.iters} timed iterations after {args.warmup} warm-up iterations per row; ms_per_image = batch time / "
         "batch; p90 = 90th percentile.",
+        "onnx = the same network and weights run by onnxruntime (CPU provider, torch's thread count) + the same "
+        "decode; ddddocr = DdddOcr(det=False, ocr=False).slide_match(piece RGBA, background right of the piece), "
+        "one image per call, PIL images already in memory (its own conversion included).",
     ]
-    report("captcha_latency", "CAPTCHA inference latency", info,
-           [table(rows, COLUMNS, formats={"images_per_s": ".1f"})], notes, args.out,
-           extra={"source": source, "parameters": n_params})
+    if parity is not None:
+        notes.append(f"Accuracy table: validation samples 0..{args.accuracy_samples - 1} (seed {args.val_seed}), gap "
+                     "errors in canvas px (mean of |dx|, |dy|, as captcha_quality.py); the largest difference of a "
+                     f"decoded point between ONNX and PyTorch over them: {parity:.4f} px.")
+    report("captcha_latency", "CAPTCHA inference latency", info, tables, notes, args.out,
+           extra={"source": source, "parameters": n_params, "onnx_max_point_diff_px": parity})
 
 
 if __name__ == "__main__":

@@ -213,3 +213,75 @@ def test_output_helpers_keep_the_old_output_on_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(io.os, "access", lambda path, mode: False)  # as a non-root user in a read-only folder
     with pytest.raises(UsageError, match=rf"--out {tmp_path / 'new.csv'}: folder {tmp_path} is not writable"):
         io.check_output(tmp_path / "new.csv", overwrite=False)
+
+
+def peaked_copy(export, folder):
+    """The export with heatmap heads 1000x steeper: an untrained head is nearly flat (init std 0.001), and
+    where two cells differ by float rounding alone, either backend may pick either (a trained head peaks)."""
+    from safetensors.torch import load_file
+
+    folder.mkdir()
+    (folder / "model.json").write_bytes((export / "model.json").read_bytes())
+    model = build_model(json.loads((export / "model.json").read_text()))
+    model.load_state_dict(load_file(export / "model.safetensors"))
+    with torch.no_grad():
+        for head in (model.gap_head, model.slider_head):
+            head[-1].weight.mul_(1000.0)
+    save_file(model.state_dict(), folder / "model.safetensors")
+    return folder
+
+
+def test_export_captcha_onnx_matches_pytorch_and_predicts_the_same(tmp_path, capsys, captcha_export, images):
+    import export_captcha
+    from models.onnx_io import OnnxModel
+    from training.export import load_export
+
+    captcha_export = peaked_copy(captcha_export, tmp_path / "peaked")
+    onnx_file = tmp_path / "captcha.onnx"
+    code, stdout, err = run(capsys, export_captcha.main, "--checkpoint", captcha_export, "--out", onnx_file,
+                            "--check_samples", "3")
+    assert code == 0, err
+    assert "decoded points 0.0000 px" in stdout and onnx_file.is_file()
+    # Any batch size; the same raw outputs as the PyTorch model.
+    onnx_model, model = OnnxModel(onnx_file), load_export(captcha_export).model
+    assert onnx_model.metadata["canvas_w"] == "512" and onnx_model.output_names == ["gap", "slider", "offset"]
+    for batch in (1, 5):
+        x = torch.rand(batch, 4, 256, 512)
+        x[:, 3] = 1.0
+        with torch.no_grad():
+            ref = model(x)
+        got = onnx_model(x)
+        for name in ("gap", "slider", "offset"):
+            assert got[name].shape == ref[name].shape
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
+    # predict_captcha gives the same predictions with either backend.
+    for backend, checkpoint, out in (("torch", captcha_export, tmp_path / "torch.csv"),
+                                     ("onnx", onnx_file, tmp_path / "onnx.csv")):
+        code, stdout, err = run(capsys, predict_captcha.main, "--checkpoint", checkpoint, "--images", images,
+                                "--device", "cpu", "--backend", backend, "--out", out)
+        assert code == 0, err
+    torch_rows, onnx_rows = read_csv(tmp_path / "torch.csv"), read_csv(tmp_path / "onnx.csv")
+    assert [r["filename"] for r in onnx_rows] == [r["filename"] for r in torch_rows]
+    for a, b in zip(torch_rows, onnx_rows):
+        for column in CAPTCHA_COLUMNS[1:]:
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=0.011)
+    # Bad input: one line, exit 2, nothing written or replaced.
+    onnx_file_bytes = onnx_file.read_bytes()
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(b"not a model")
+    cases = [
+        (export_captcha.main, ["--checkpoint", captcha_export, "--out", onnx_file], "--overwrite"),
+        (export_captcha.main, ["--checkpoint", captcha_export, "--out", tmp_path / "m.pt"], ".onnx"),
+        (export_captcha.main, ["--checkpoint", tmp_path / "nope", "--out", tmp_path / "n.onnx"], "nope"),
+        (export_captcha.main, ["--checkpoint", captcha_export, "--out", tmp_path / "n.onnx", "--check_samples", "0"],
+         "--check_samples"),
+        (predict_captcha.main, ["--checkpoint", captcha_export, "--backend", "onnx", "--images", images,
+                                "--out", tmp_path / "p.csv"], ".onnx"),
+        (predict_captcha.main, ["--checkpoint", foreign, "--backend", "onnx", "--images", images,
+                                "--out", tmp_path / "p.csv"], "foreign.onnx"),
+    ]
+    for main, argv, named in cases:
+        code, _, err = run(capsys, main, *argv)
+        assert code == 2 and err.count("\n") == 1 and named in err, (argv, err)
+    assert onnx_file.read_bytes() == onnx_file_bytes
+    assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "p.csv").exists()
