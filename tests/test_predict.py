@@ -285,3 +285,25 @@ def test_export_captcha_onnx_matches_pytorch_and_predicts_the_same(tmp_path, cap
         assert code == 2 and err.count("\n") == 1 and named in err, (argv, err)
     assert onnx_file.read_bytes() == onnx_file_bytes
     assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_ddddocr_inputs_map_its_answer_back_to_the_gap():
+    """benchmarks/captcha_latency.py gives ddddocr's slide_match the true piece and the background right of
+    it; the gap it finds, mapped back, is the generator's gap label (the matching is exact on most samples);
+    the blind piece, cut at a predicted slider point, has the true piece's size."""
+    import ddddocr
+
+    from benchmarks.captcha_latency import SlideInputs
+    from data.captcha import generate_captcha
+
+    slide = ddddocr.DdddOcr(det=False, ocr=False, show_ad=False)
+    errors = []
+    for i in range(6):
+        s = generate_captcha((1_000_003, 0, i))
+        oracle = SlideInputs(s)
+        assert oracle.piece.mode == "RGBA" and oracle.background.width < s["image"].shape[1]
+        errors.append(np.abs(np.subtract(oracle.gap(slide.slide_match(oracle.piece, oracle.background)), s["gap"])))
+        shifted = SlideInputs(s, (s["slider"][0] + 3, s["slider"][1]))
+        assert shifted.piece.size == oracle.piece.size
+    errors = np.array(errors)
+    assert np.median(errors) <= 1.0 and (errors.max(axis=1) <= 2).sum() >= 4, errors
