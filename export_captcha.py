@@ -59,7 +59,8 @@ def compare(model, onnx_model: OnnxModel, images: torch.Tensor, batch_size: int 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="run directory (its best/, else final/), an export folder, a checkpoint or a .safetensors file")
+                        help="run directory (its best/, else final/), an export folder, a checkpoint or a "
+                             ".safetensors file")
     parser.add_argument("--out", required=True, help="output .onnx file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--check_samples", type=int, default=64,
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None):
               + ", ".join(f"{name} {value:.2e}" for name, value in worst.items() if name != "points_px")
               + f"; decoded points {worst['points_px']:.4f} px")
         if worst["points_px"] > args.tolerance_px:
-            sys.stderr.write(f"{Path(sys.argv[0]).name}: error: decoded points differ by {worst['points_px']:.4f} px, more "
-                             f"than --tolerance_px {args.tolerance_px}; nothing written\n")
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: error: decoded points differ by {worst['points_px']:.4f} "
+                             f"px, more than --tolerance_px {args.tolerance_px}; nothing written\n")
             raise SystemExit(1)
         write_atomically(out, lambda path: path.write_bytes(trial.read_bytes()))
     print(f"-> {out} (opset {OPSET}, {out.stat().st_size / 1e6:.1f} MB)")

@@ -7,8 +7,8 @@
 folders, a ``checkpoints/step_*`` folder, or a ``.safetensors`` file of an export; the model is
 rebuilt from the export's ``model.json`` (``training.export.load_export``). EMA weights are used
 when the export has them. ``--backend onnx`` runs an ``export_captcha.py`` file with onnxruntime instead;
-letterboxing, decoding and the output are the same. Output columns: filename, gap_x, gap_y, slider_x, slider_y (original image
-pixels), gap_score, slider_score (heatmap peaks in [0, 1]).
+letterboxing, decoding and the output are the same. Output columns: filename, gap_x, gap_y, slider_x,
+slider_y (original image pixels), gap_score, slider_score (heatmap peaks in [0, 1]).
 
 The CSV is written at the end to ``<out>.tmp`` and renamed; an existing ``--out`` is only replaced with
 ``--overwrite``, and an ``--out`` that is a directory or in a folder that cannot be written is refused before
