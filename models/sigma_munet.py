@@ -193,12 +193,19 @@ class SigmaMUNet(nn.Module):
         }
         return torch.cat([acts[name] for name in HEAD_CHANNELS], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_frames, H, W) scaled frames -> (B, inter_features, H, W) union features (what the heads read)."""
         if x.ndim != 4 or x.shape[1] != self.n_frames:
             raise ValueError(f"SigmaMUNet expects (B, {self.n_frames}, H, W) frames, got {tuple(x.shape)}")
         b, t, h, w = x.shape
         check_size(h, w, self.depth)
         # All frames in one call: (B*T, 1, H, W) -> (B*T, I, H, W) -> (B, T*I, H, W), frame-major channels.
         feats = self.unet_shared(x.reshape(b * t, 1, h, w)).reshape(b, t * self.inter_features, h, w)
-        z = self.unet_union(feats)
+        return self.unet_union(feats)
+
+    def head_output(self, z: torch.Tensor) -> torch.Tensor:
+        """Union features (B, inter_features, H, W) -> the activated (B, 10, H, W) maps."""
         return self._activate({name: head(z) for name, head in self.heads.items()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_output(self.trunk(x))
