@@ -24,7 +24,7 @@ parameters). The ratio head is conv3x3(2I -> I) + act + conv1x1(I -> 2) on the t
 SigmaMUNet's regression heads do.
 
 Parameters (trainable), F = I, depth 2/2, separate weights:
-    F = 16    503,732        F = 8    127,556 (the distillation student of configs/smlm_colour_*.yaml)
+    F = 16    495,078        F = 8    124,414        F = 8, shared weights    62,796
 """
 from __future__ import annotations
 
