@@ -12,8 +12,12 @@ Camera model of the fit
     photon counts (excess noise factor F^2 = 2), so the frames are divided by F^2 = 2 before fitting: d / 2
     then has variance ~ mean, as a Poisson count would, and the fitted photons and background are multiplied
     by 2 again (the usual trick; it weights the pixels correctly, and the positions are unchanged by the
-    scaling). An sCMOS camera's Gaussian read noise (variance v = (read_sigma / qe)^2 photons^2 per pixel,
-    or the per-pixel map) is handled by adding v to both data and model (Huang et al. Nat Methods 2013).
+    scaling). An sCMOS camera's Gaussian read noise r (e-^2 per pixel: read_sigma^2 or the per-pixel map,
+    plus the ADU rounding) is handled by adding v = r / qe photons to both data and model (Huang et al. Nat
+    Methods 2013): in photoelectrons, qe d + r has mean qe mu + r and variance qe mu + r, a Poisson-like
+    count, and a Poisson likelihood is maximised at the same parameters when data and model are both scaled
+    by 1 / qe (it only multiplies the log-likelihood by a constant). The fit in photons is therefore the fit
+    in photoelectrons, for any qe.
     Data are clamped at 0 inside the likelihood; read noise makes a few pixels slightly negative.
 
 Detection
@@ -22,7 +26,8 @@ Detection
     2. a matched filter: the background-subtracted frame correlated with a Gaussian g of the in-focus PSF
        width (sigma0; for the astigmatic PSF its width at z = 0, sigma0 sqrt(1 + (foc_shift / rl)^2)),
        divided by the standard deviation of that correlation under background-only noise,
-       sqrt(sum g^2 F^2 (b + v)), v the sCMOS read variance (0 otherwise). The map is therefore in units of
+       sqrt(sum g^2 F^2 (b + v) / qe), v = r / qe the sCMOS read-noise offset (0 otherwise): the variance of
+       a background pixel in photons (qe b + r photoelectrons, times F^2, over qe^2). The map is therefore in units of
        background-noise standard deviations, also at the frame edge, where only g's part inside the frame
        counts in both numerator and denominator;
     3. candidates: local maxima of that map in a (2 nms_radius + 1)^2 neighbourhood (3 x 3 by default) above
@@ -79,8 +84,13 @@ MAX_SHIFT_PX = 1.5        # largest accepted distance (each of x, y) from the ca
 
 
 def _read_var(cfg: SimConfig, shape: tuple[int, int], device) -> torch.Tensor:
-    """(H, W) read-noise variance in photons^2 that the fit adds to data and model (sCMOS only)."""
-    var = torch.as_tensor(read_noise_variance(cfg), dtype=torch.float32) / cfg.qe**2
+    """(H, W) read-noise offset v = r / qe in photons (r the read variance in e-^2) that the fit adds to data
+    and model (sCMOS only; module docstring)."""
+    var = torch.as_tensor(read_noise_variance(cfg), dtype=torch.float32) / cfg.qe
+    if var.ndim == 2 and tuple(var.shape) != tuple(shape):
+        raise ValueError(f"frames of {shape[0]}x{shape[1]} px do not match the {var.shape[0]}x{var.shape[1]} px "
+                         f"read-noise window of the camera (img_size {list(cfg.img_size)}, sensor_origin "
+                         f"{cfg.sensor_origin}); set img_size to the frames' size")
     return var.to(device).expand(shape)
 
 
@@ -113,7 +123,8 @@ def snr_map(frames: torch.Tensor, cfg: SimConfig, read_var: torch.Tensor | None 
     half = kernel.shape[-1] // 2
     # Zero-padded correlation with g over the sqrt of the variance correlated with g^2: stays in noise
     # standard deviations at the frame edge, where part of g falls outside.
-    var = excess_noise(cfg) * (bg[:, None, None] + (0.0 if read_var is None else read_var)).expand_as(frames)
+    var = excess_noise(cfg) / cfg.qe * (bg[:, None, None] + (0.0 if read_var is None else read_var)
+                                         ).expand_as(frames)
     signal = F.conv2d((frames - bg[:, None, None])[:, None], kernel[None, None], padding=half)
     noise = F.conv2d(var[:, None], kernel.square()[None, None], padding=half).clamp_min(1e-12).sqrt()
     return (signal / noise)[:, 0], bg

@@ -180,6 +180,26 @@ def test_scmos_read_noise_is_modelled():
     assert np.sqrt(np.mean(res[:, :2] ** 2)) < 0.05
 
 
+def test_quantum_efficiency_only_rescales_photons(tmp_path):
+    """The fit in photons at QE 0.8 is the fit in photoelectrons: the same movie expressed as qe x photons and
+    fitted as a QE-1 camera with the same read noise (in e-) gives the same candidates and positions, and
+    photons and background x qe. A read-noise offset in the wrong units weights the pixels differently."""
+    cfg = dataclasses.replace(CFG_2D, camera="scmos", em_gain=None, read_sigma=6.0, e_per_adu=1.0, qe=0.8)
+    frame_ix, xyz = grid_emitters(cfg, 3, seed=5)
+    photons = make_movie(cfg, frame_ix, xyz, np.full(len(xyz), 1500.0), 12.0, 3, seed=5)
+    a = fit_movie(photons, cfg, threshold=4.0)
+    b = fit_movie(photons * 0.8, dataclasses.replace(cfg, qe=1.0), threshold=4.0)
+    assert a["n_candidates"] == b["n_candidates"] and len(a["frame_ix"]) == len(b["frame_ix"]) >= len(xyz)
+    np.testing.assert_array_equal(a["frame_ix"], b["frame_ix"])
+    np.testing.assert_allclose(a["xyz_px"], b["xyz_px"], atol=2e-3)
+    np.testing.assert_allclose(a["phot"] * 0.8, b["phot"], rtol=2e-3)
+    np.testing.assert_allclose(a["bg"] * 0.8, b["bg"], rtol=2e-3)
+    # Frames of another size than the read-noise map's window: one line, not a broadcasting error.
+    np.save(tmp_path / "map.npy", np.full(cfg.img_size, 2.0, dtype=np.float32))
+    with pytest.raises(ValueError, match="do not match the 48x64 px read-noise window"):
+        fit_movie(photons[:, :32, :32], dataclasses.replace(cfg, read_sigma_map=str(tmp_path / "map.npy")))
+
+
 def test_benchmark_movies_on_a_sensor_map_fit_with_their_own_window(tmp_path, capsys):
     """A read-noise map of a whole chip: the quality benchmark's movie records where on the chip it was
     simulated, hands that place to the classical fitter (which weights pixels by their read noise), and is
