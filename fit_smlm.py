@@ -442,7 +442,9 @@ def main(argv: list[str] | None = None):
     except UsageError as e:
         fail(str(e))
     except ValueError as e:
-        fail(f"--camera/--checkpoint camera: {_one_line(e)}")
+        hint = ("; give your camera's read-noise map of the whole chip (read_sigma_map, and sensor_origin: where the "
+                "stack sits on it) with --camera" if "read_sigma_map" in str(e) or "sensor_origin" in str(e) else "")
+        fail(f"--camera/--checkpoint camera: {_one_line(e)}{hint}")
     raw_th = settings.raw_th if args.raw_th is None else args.raw_th
     if raw_th is None:
         fail(f"--checkpoint {args.checkpoint}: its {args.weights} export has no val/raw_th in metrics.json "

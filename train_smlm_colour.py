@@ -44,8 +44,7 @@ from tqdm.auto import tqdm
 from data.smlm.colour import (ColourConfig, ColourMovieWindowDataset, ColourSimDataset, collate_colour,
                               colour_ground_truth, load_colour_config, simulate_colour_movie, write_colour_h5)
 from losses.smlm_colour import colour_loss_terms, distillation_terms, parse_schedule, schedule_value, weighted_sum
-from metrics.smlm import match_emitters, smlm_metrics
-from metrics.smlm_colour import assign_colour, colour_metrics, ratio_metrics
+from metrics.smlm_colour import assign_colour, colour_scores
 from models.double_munet import N_CHANNELS_2C, DoubleMUNet
 from models.double_munet_post import colour_detections
 from models.sigma_munet import check_size
@@ -242,25 +241,6 @@ def predict(model, dataloader, accelerator) -> tuple[np.ndarray, torch.Tensor]:
     return index[order].numpy(), output[order]
 
 
-def score(det: dict, gt: dict, cfg: ColourConfig, min_confidence: float) -> dict:
-    """Every metric of one set of detections ({"ch1", "ch2", "merged"} with movie frame indices) against the
-    ground truth (`colour_ground_truth`): merged detection/localisation, per channel, ratio and colour."""
-    merged = det["merged"]
-    pairs = match_emitters(merged["xyz_nm"], merged["frame_ix"], gt["xyz_nm"], gt["frame_ix"])
-    metrics = smlm_metrics(merged["xyz_nm"], merged["frame_ix"], gt["xyz_nm"], gt["frame_ix"], pairs=pairs)
-    for c in (0, 1):
-        d, keep = det[f"ch{c + 1}"], gt["channel_mask"][:, c]
-        ch = smlm_metrics(d["xyz_nm"], d["frame_ix"], gt["xyz_nm"][keep], gt["frame_ix"][keep])
-        metrics.update({f"ch{c + 1}/{k}": ch[k] for k in ("jaccard", "recall", "precision", "rmse_lat", "rmse_ax",
-                                                          "effcy_lat")})
-    pred_idx, gt_idx = pairs
-    metrics.update(ratio_metrics(merged["ratio"][pred_idx], gt["ratio"][gt_idx], merged["ratio_sigma"][pred_idx]))
-    dye, _ = assign_colour(merged["ratio"], merged["ratio_sigma"], cfg.dye_means, cfg.dye_spreads, cfg.dye_priors,
-                           min_confidence)
-    metrics.update(colour_metrics(dye[pred_idx], gt["dye"][gt_idx], len(cfg.dyes)))
-    return metrics
-
-
 def evaluate(index: np.ndarray, output: torch.Tensor, gt: dict, cfg: ColourConfig, args: Args):
     """(val/* metrics, detections) at --raw_th, or at the threshold of RAW_TH_GRID with the best
     --select_metric (NaN lowest; ties to the lower threshold)."""
@@ -271,7 +251,7 @@ def evaluate(index: np.ndarray, output: torch.Tensor, gt: dict, cfg: ColourConfi
                                 phot_max=ch1.phot_max, bg_max=(ch1.bg_max, ch2.bg_max))
         for part in det.values():
             part["frame_ix"] = index[part["frame_ix"]]
-        metrics = score(det, gt, cfg, args.min_confidence)
+        metrics = colour_scores(det, gt, cfg.dye_means, cfg.dye_spreads, cfg.dye_priors, args.min_confidence)
         metrics["raw_th"], metrics["frames"] = raw_th, float(len(index))
         value = metrics[args.select_metric]
         if best is None or (np.isfinite(value) and not value <= best[0]):

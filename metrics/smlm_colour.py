@@ -25,6 +25,8 @@ import math
 
 import numpy as np
 
+from metrics.smlm import match_emitters, smlm_metrics
+
 
 def _as_1d(values, name: str, dtype=np.float64) -> np.ndarray:
     arr = np.asarray(values, dtype=dtype)
@@ -147,3 +149,32 @@ def colour_metrics(pred_dye, true_dye, n_dyes: int) -> dict[str, float]:
         of_dye = true == i
         out[f"rejected_{i}"] = _ratio(int((of_dye & ~assigned).sum()), int(of_dye.sum()))
     return out
+
+
+CHANNEL_KEYS = ("jaccard", "recall", "precision", "rmse_lat", "rmse_ax", "effcy_lat")
+
+
+def colour_scores(det: dict, gt: dict, dye_means, dye_spreads, dye_priors=None, min_confidence: float = 0.0
+                  ) -> dict[str, float]:
+    """Every two-colour metric of one set of localisations against the ground truth.
+
+    det: {"ch1", "ch2", "merged"} detection dicts (models/double_munet_post.py) with movie frame indices; each
+    needs frame_ix and xyz_nm, and "merged" also ratio and ratio_sigma (a scalar 0 or an array). gt:
+    data.smlm.colour.colour_ground_truth (frame_ix, xyz_nm, ratio, dye, channel_mask). Returns the merged
+    localisations' `smlm_metrics` (jaccard, rmse_lat, effcy_lat, ...), per channel ch{c}/<CHANNEL_KEYS> against
+    the emitters that are targets of that channel, `ratio_metrics` and `colour_metrics` over the matched pairs
+    (the dye by `assign_colour` at min_confidence).
+    """
+    merged = det["merged"]
+    pairs = match_emitters(merged["xyz_nm"], merged["frame_ix"], gt["xyz_nm"], gt["frame_ix"])
+    metrics = smlm_metrics(merged["xyz_nm"], merged["frame_ix"], gt["xyz_nm"], gt["frame_ix"], pairs=pairs)
+    for c in (0, 1):
+        d, keep = det[f"ch{c + 1}"], gt["channel_mask"][:, c]
+        ch = smlm_metrics(d["xyz_nm"], d["frame_ix"], gt["xyz_nm"][keep], gt["frame_ix"][keep])
+        metrics.update({f"ch{c + 1}/{k}": ch[k] for k in CHANNEL_KEYS})
+    pred_idx, gt_idx = pairs
+    sigma = np.broadcast_to(np.asarray(merged["ratio_sigma"], dtype=np.float64), merged["ratio"].shape)
+    metrics.update(ratio_metrics(merged["ratio"][pred_idx], gt["ratio"][gt_idx], sigma[pred_idx]))
+    dye, _ = assign_colour(merged["ratio"], sigma, dye_means, dye_spreads, dye_priors, min_confidence)
+    metrics.update(colour_metrics(dye[pred_idx], gt["dye"][gt_idx], len(np.atleast_1d(dye_means))))
+    return metrics

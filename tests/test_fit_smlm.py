@@ -323,7 +323,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys, run_dir, stack):
         (["--checkpoint", tmp_path / "missing_run", "--frames", stack], "missing_run"),
         (["--checkpoint", run_dir, "--frames", stack, "--weights", "final", "--camera", bad_camera], "em_gain"),
         (["--checkpoint", run_dir, "--frames", stack, "--camera", foreign_camera], "img_size"),
-        (["--checkpoint", run_dir, "--frames", stack, "--camera", small_map], "small_map.npy"),
+        (["--checkpoint", run_dir, "--frames", stack, "--camera", small_map], "map of the whole chip"),
         (["--checkpoint", run_dir, "--frames", stack, "--raw_th", "1.5"], "--raw_th"),
         (["--checkpoint", no_th, "--frames", stack], "--raw_th"),
     ]

@@ -114,6 +114,9 @@ def test_distillation_from_a_teacher_run(tmp_path, preset):
     proc = run_python("train_smlm_colour.py", *TINY, "--config", str(preset), "--output_dir", str(tmp_path / "x"),
                       "--teacher", str(tmp_path / "runs" / "single"))
     assert proc.returncode == 2 and "--teacher" in proc.stderr and "DoubleMUNet" in proc.stderr
+    proc = run_python("fit_smlm_colour.py", "--checkpoint", str(tmp_path / "runs" / "single"), "--frames", "x.tif",
+                      "--out", str(tmp_path / "l.csv"))
+    assert proc.returncode == 2 and "expected a two-colour run" in proc.stderr and "fit_smlm.py" in proc.stderr
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("model.safetensors"))
 
 
@@ -144,3 +147,104 @@ def test_bad_simulation_and_a_curriculum_off_the_epoch_grid_fail(tmp_path):
     off.write_text(yaml.safe_dump({"simulation": {**SIM, "curriculum": [{"until_step": 3, "emitter_av": 1.0}]}}))
     proc = run_python("train_smlm_colour.py", *TINY, "--config", str(off), "--output_dir", str(tmp_path / "r"))
     assert proc.returncode == 2 and "until_step 3 is not a whole number of epochs of 4 updates" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory) -> Path:
+    """A tiny trained two-colour run shared by the fitter tests."""
+    root = tmp_path_factory.mktemp("colour_run")
+    preset = root / "tiny.yaml"
+    preset.write_text(yaml.safe_dump({"simulation": SIM}))
+    run_script("train_smlm_colour.py", [*TINY, "--config", str(preset), "--output_dir", str(root / "runs"),
+                                        "--run_name", "fit", "--max_steps", "4", "--eval_every_steps", "4",
+                                        "--raw_th", "0.005", "--num_figures", "0"])
+    return root / "runs" / "fit"
+
+
+def test_fit_smlm_colour_writes_csv_and_h5_from_one_or_two_stacks(tmp_path, colour_run, capsys):
+    import h5py
+    import numpy as np
+    import tifffile
+
+    from conftest import call_main
+    from data.smlm.colour import read_colour_tiff, write_colour_tiff
+    from fit_smlm_colour import (CSV_COLUMNS, adu_to_registered_photons, load_colour_fitter, localise_colour,
+                                 main)
+    model, cfg, settings = load_colour_fitter(colour_run)
+    assert settings.raw_th == 0.005 and settings.min_confidence == 0.9
+    tif, _ = write_colour_tiff(tmp_path / "stack.tif", cfg, 6, seed=3)
+    code, out, err = call_main(capsys, main, "--checkpoint", str(colour_run), "--frames", str(tif),
+                               "--out", str(tmp_path / "locs.csv"), "--device", "cpu")
+    assert code == 0, err
+    header = (tmp_path / "locs.csv").read_text().splitlines()[0]
+    assert header == ",".join(f'"{c}"' for c in CSV_COLUMNS)
+    table = np.loadtxt(tmp_path / "locs.csv", delimiter=",", skiprows=1, ndmin=2)
+    det = localise_colour(model, adu_to_registered_photons(read_colour_tiff(tif), cfg, cfg.registration), cfg,
+                          settings.window, 0.005, min_confidence=0.9)["merged"]
+    assert len(table) == len(det["frame_ix"]) > 0 and f"{len(table)} localisations from 6 frames" in out
+    np.testing.assert_allclose(table[:, 9], det["ratio"], atol=1e-4)           # ratio
+    assert set(table[:, 13].astype(int)) <= {1, 2, 3}                          # channels
+    np.testing.assert_allclose(table[:, 5], table[:, 7] + table[:, 8], rtol=1e-3, atol=0.01)
+    # Two single-channel stacks and the h5 format give the same localisations.
+    stack = tifffile.imread(tif)
+    tifffile.imwrite(tmp_path / "c1.tif", stack[:, 0], photometric="minisblack")
+    tifffile.imwrite(tmp_path / "c2.tif", stack[:, 1], photometric="minisblack")
+    code, _, err = call_main(capsys, main, "--checkpoint", str(colour_run), "--frames", str(tmp_path / "c1.tif"),
+                             "--frames2", str(tmp_path / "c2.tif"), "--out", str(tmp_path / "locs.h5"),
+                             "--device", "cpu")
+    assert code == 0, err
+    with h5py.File(tmp_path / "locs.h5") as f:
+        np.testing.assert_allclose(f["colour/ratio"][()], det["ratio"], rtol=1e-5)
+        np.testing.assert_array_equal(f["colour/dye"][()], det["dye"])
+        assert f["data/xyz"].shape == (len(table), 3) and f["meta"].attrs["xy_unit"] == "nm"
+    # Another registration calibration moves channel 2 onto other pixels: other localisations.
+    reg = tmp_path / "reg.yaml"
+    reg.write_text(yaml.safe_dump({"registration": {"shift_px": [-2.0, 1.5]}}))
+    code, _, err = call_main(capsys, main, "--checkpoint", str(colour_run), "--frames", str(tif),
+                             "--out", str(tmp_path / "shifted.csv"), "--device", "cpu", "--registration", str(reg))
+    assert code == 0, err
+    assert (tmp_path / "shifted.csv").read_text() != (tmp_path / "locs.csv").read_text()
+
+
+def test_fit_smlm_colour_bad_input_one_line(tmp_path, colour_run, capsys):
+    import numpy as np
+    import tifffile
+
+    from conftest import call_main
+    from fit_smlm_colour import main
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((4, 16, 16), np.uint16), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "odd.tif", np.zeros((4, 2, 15, 16), np.uint16), photometric="minisblack")
+    (tmp_path / "bad_reg.yaml").write_text("registration: {scale: 9}\n")
+    (tmp_path / "exists.csv").write_text("keep me")
+    tifffile.imwrite(tmp_path / "ok.tif", np.zeros((4, 2, 16, 16), np.uint16), photometric="minisblack")
+    cases = [
+        (["--frames", str(tmp_path / "missing.tif")], "not found"),
+        (["--frames", str(tmp_path / "one.tif")], "channel axis of length 2"),
+        (["--frames", str(tmp_path / "odd.tif")], "multiple of 2 px"),
+        (["--frames", str(tmp_path / "ok.tif"), "--registration", str(tmp_path / "bad_reg.yaml")], "scale"),
+        (["--frames", str(tmp_path / "ok.tif"), "--min_confidence", "2"], "--min_confidence"),
+        (["--frames", str(tmp_path / "ok.tif"), "--out", str(tmp_path / "exists.csv")], "exists"),
+    ]
+    for argv, message in cases:
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(tmp_path / "locs.csv")]
+        code, _, err = call_main(capsys, main, "--checkpoint", str(colour_run), "--device", "cpu", *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+        assert not (tmp_path / "locs.csv").exists()
+    assert (tmp_path / "exists.csv").read_text() == "keep me"
+
+
+def test_colour_benchmark_scores_runs_and_the_classical_route(tmp_path, colour_run):
+    import json
+
+    proc = run_python(str(Path("benchmarks") / "smlm_colour.py"), "--checkpoints", str(colour_run), str(colour_run),
+                      "--densities", "0.5,2", "--frames", "8", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "smlm_colour.json").read_text())["tables"][0]["rows"]
+    assert [(r["density"], r["method"]) for r in rows] == [(0.5, "fit"), (0.5, "fit"), (0.5, "classical"),
+                                                          (2.0, "fit"), (2.0, "fit"), (2.0, "classical")]
+    assert rows[0]["jaccard"] == rows[1]["jaccard"] and rows[0]["params"] > 0 and rows[2]["params"] == 0
+    classical = rows[2]
+    assert classical["jaccard"] > 0.5 and 0 <= classical["crosstalk"] <= 1   # the fitter finds emitters
+    assert sorted(p.name for p in (tmp_path / "smlm_colour_movies").iterdir()) == [
+        "smlm_colour_test_16x16_T8_d0.5_seed7.h5", "smlm_colour_test_16x16_T8_d2_seed7.h5"]
