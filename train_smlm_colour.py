@@ -30,6 +30,7 @@ The single-colour script (train_smlm.py) with two channels. What differs:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -88,6 +89,7 @@ class Args:
     w_consistency: str = "constant:0.05"  # weight schedule of ratio head vs the channels' photon estimates
     w_distill: str = "constant:1"         # weight schedule of the distillation terms (only with --teacher)
     teacher: str | None = None            # trained two-colour run (or export) whose outputs supervise this one
+    curriculum: bool = True               # follow the simulation's curriculum stages; --no-curriculum: its final one throughout
     initial_features: int = 48            # U-Net features at the top level (per channel)
     inter_features: int = 48              # features between the U-Nets and the heads
     depth_shared: int = 2                 # down steps of the per-frame U-Net
@@ -153,6 +155,8 @@ def parse_colour_args(argv: list[str] | None = None) -> tuple[Args, ColourConfig
             cfg = ColourConfig()
         else:
             cfg = load_colour_config(source)
+        if not args.curriculum:
+            cfg = dataclasses.replace(cfg, curriculum=())
         check_size(*cfg.img_size, max(args.depth_shared, args.depth_union))
     except ValueError as e:
         fail(str(e))
@@ -354,9 +358,10 @@ def main():
         if epoch_stage != stage:
             stage = epoch_stage
             train_dl.dataset.set_stage(stage)
-            run.log.info("curriculum stage %d of %d from update %d", stage, len(cfg.curriculum),
-                         state.global_step)
-            accelerator.log({"train/curriculum_stage": stage}, step=state.global_step)
+            if cfg.curriculum:
+                run.log.info("curriculum stage %d of %d from update %d", stage, len(cfg.curriculum),
+                             state.global_step)
+                accelerator.log({"train/curriculum_stage": stage}, step=state.global_step)
         for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
             weights = loss_weights(args, state.global_step)
             loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args, weights, teacher)
