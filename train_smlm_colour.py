@@ -207,20 +207,19 @@ def load_teacher(args: Args, device: torch.device):
     return export.model.to(device)
 
 
-def train_step(model, batch, optimizer, accelerator, args: Args, weights: dict[str, float], teacher=None):
-    """One micro-batch: forward, weighted loss (+ distillation), backward; on the last micro-batch of an
+def train_step(model, batch, optimizer, accelerator, args: Args):
+    """One micro-batch: forward, the loss weighted by batch["loss_weights"] (the update's schedules), plus
+    distillation towards batch["teacher_maps"] when a teacher gave them, backward; on the last micro-batch of an
     accumulation group also clip and step. -> (detached loss, loss parts, clipped-gradient norm or None)."""
     grad_norm = None
     with accelerator.accumulate(model):
         output = model(batch["frames"]).float()   # the mixture likelihoods in float32 also under autocast
         terms = colour_loss_terms(output, batch["target_emitters"], batch["target_mask"], batch["channel_mask"],
                                   batch["target_bg"], count_times_num_emitters=args.count_times_num_emitters)
-        if teacher is not None:
-            with torch.no_grad():
-                soft = teacher(batch["frames"]).float()
-            distill = distillation_terms(output, soft)
+        if "teacher_maps" in batch:
+            distill = distillation_terms(output, batch["teacher_maps"])
             terms["distill"] = distill["distill/p"] + distill["distill/gauss"]
-        loss, parts = weighted_sum(terms, {k: w for k, w in weights.items() if k in terms})
+        loss, parts = weighted_sum(terms, {k: w for k, w in batch["loss_weights"].items() if k in terms})
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -363,8 +362,11 @@ def main():
                              state.global_step)
                 accelerator.log({"train/curriculum_stage": stage}, step=state.global_step)
         for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
-            weights = loss_weights(args, state.global_step)
-            loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args, weights, teacher)
+            batch["loss_weights"] = weights = loss_weights(args, state.global_step)   # pure function of the update
+            if teacher is not None:
+                with torch.no_grad():
+                    batch["teacher_maps"] = teacher(batch["frames"]).float()
+            loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
             meter.add(loss, parts, batch["frames"].shape[0])
             if not accelerator.sync_gradients:
                 continue

@@ -248,3 +248,14 @@ def test_colour_benchmark_scores_runs_and_the_classical_route(tmp_path, colour_r
     assert classical["jaccard"] > 0.5 and 0 <= classical["crosstalk"] <= 1   # the fitter finds emitters
     assert sorted(p.name for p in (tmp_path / "smlm_colour_movies").iterdir()) == [
         "smlm_colour_test_16x16_T8_d0.5_seed7.h5", "smlm_colour_test_16x16_T8_d2_seed7.h5"]
+
+
+def test_no_curriculum_flag_trains_on_the_final_stage(tmp_path):
+    from train_smlm_colour import parse_colour_args
+    preset = tmp_path / "cur.yaml"
+    preset.write_text(yaml.safe_dump({"simulation": {**SIM, "curriculum": [{"until_step": 4, "emitter_av": 1.0}]}}))
+    _, with_stages = parse_colour_args(["--config", str(preset)])
+    args, without = parse_colour_args(["--config", str(preset), "--no-curriculum"])
+    assert len(with_stages.curriculum) == 1 and without.curriculum == () and not args.curriculum
+    assert without.stage_at(0) == 0 and without.stage_config(0) == without
+    assert without.channel1.emitter_av == with_stages.channel1.emitter_av == 4.0
