@@ -259,3 +259,10 @@ def test_no_curriculum_flag_trains_on_the_final_stage(tmp_path):
     assert len(with_stages.curriculum) == 1 and without.curriculum == () and not args.curriculum
     assert without.stage_at(0) == 0 and without.stage_config(0) == without
     assert without.channel1.emitter_av == with_stages.channel1.emitter_av == 4.0
+
+
+@pytest.mark.parametrize("name", ["smlm_colour_quick.yaml", "smlm_colour_cpu.yaml", "smlm_colour_full.yaml"])
+def test_presets_parse_both_parts(name):
+    # Both parts of the preset load; the deliberately impossible depth then fails on the preset's frame size.
+    proc = run_python("train_smlm_colour.py", "--config", f"configs/{name}", "--depth_shared", "9")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "multiple" in proc.stderr, proc.stderr

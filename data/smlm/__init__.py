@@ -8,6 +8,8 @@
     simulate.py   blinking emitters (Emitters), Movie, simulate_movie / simulate_acquisition
     dataset.py    input scaling, targets, frame windows, SMLMSimDataset, MovieWindowDataset, collate_smlm
     io.py         fixed movies in HDF5, TIFF stacks in ADU
+    colour.py     two-colour ratiometric movies (dyes, two channels, registration, curriculum); import it as
+                  data.smlm.colour (docs/smlm_colour.md)
     __main__.py   the command line
 
 Units and conventions

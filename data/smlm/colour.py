@@ -402,8 +402,9 @@ def colour_ground_truth(movie: ColourMovie, cfg: ColourConfig) -> dict:
             "dye": movie.dye[keep].numpy(), "channel_mask": (phot_ch >= ch1.label_photon_min).numpy()}
 
 
-def _colour_item(frames: torch.Tensor, bg: torch.Tensor, movie: ColourMovie, centre: int, cfg: ColourConfig,
+def _colour_item(frames: torch.Tensor, bg: torch.Tensor, movie: ColourMovie, centre: int,
                  scale_cfg: ColourConfig) -> dict:
+    """One training item; `scale_cfg` (the run's configuration, not a curriculum stage's) gives every scale."""
     rows, channel_mask = colour_targets(movie, centre, scale_cfg)
     return {"frames": scale_colour_frames(frames, scale_cfg).to(torch.float32), "target_emitters": rows,
             "channel_mask": channel_mask,
@@ -450,7 +451,7 @@ class ColourSimDataset(Dataset):
         b, k = divmod(int(i), self.block)
         movie, frames = self._block_movie(b)
         item = _colour_item(frames[:, k:k + self.window], movie.bg[:, k + self.window // 2], movie,
-                            k + self.window // 2, self.sim_cfg, self.cfg)
+                            k + self.window // 2, self.cfg)
         item["index"] = torch.tensor(i, dtype=torch.int64)
         return item
 
@@ -468,8 +469,7 @@ class ColourMovieWindowDataset(Dataset):
         return self.windows.shape[0]
 
     def __getitem__(self, t: int) -> dict:
-        item = _colour_item(self.frames[:, self.windows[t]], self.movie.bg[:, t], self.movie, int(t), self.cfg,
-                            self.cfg)
+        item = _colour_item(self.frames[:, self.windows[t]], self.movie.bg[:, t], self.movie, int(t), self.cfg)
         item["index"] = torch.tensor(t, dtype=torch.int64)
         return item
 
