@@ -14,7 +14,10 @@ Frames: the two channels in ADU, as one stack with a channel axis of length 2 ((
 photons with its own camera (``data.smlm.to_photons``), then channel 2 is resampled onto channel 1's pixel grid
 with the registration: the run's (the one it was trained with), or the calibration of ``--registration FILE``
 (a YAML mapping, or a ``registration:`` entry of a simulation: section, with shift_px [dx, dy], rotation_deg,
-scale: channel 2 px = scale R (x1 - c) + c + shift, c the frame centre). The whole stack is read into memory
+scale and optionally centre_px: channel 2 px = scale R (x1 - c) + c + shift, c = centre_px, by default the
+run's, the centre of its training frames). The network was trained on channel 2 resampled with the run's
+registration (which smooths its noise and its PSF in one particular way): a calibration far from it is a
+shift of the data the network has seen, so train with your calibrated registration in the simulation. The whole stack is read into memory
 (unlike fit_smlm.py, no chunking yet).
 
 Localisations: each channel's detections (SpatialIntegration at raw_th) merged across the channels
@@ -241,6 +244,8 @@ def main(argv: list[str] | None = None):
         device = resolve_device(args.device)
         model, cfg, settings = load_colour_fitter(args.checkpoint, device)
         registration = cfg.registration if args.registration is None else load_registration(args.registration)
+        if registration.centre_px is None:   # a calibration without its own centre turns about the run's
+            registration = dataclasses.replace(registration, centre_px=cfg.registration.centre_px)
         try:
             adu = read_colour_tiff(args.frames, args.frames2, args.channel_axis)
         except ValueError as e:

@@ -31,6 +31,7 @@ The single-colour script (train_smlm.py) with two channels. What differs:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -150,17 +151,36 @@ def loss_weights(args: Args, step: int) -> dict[str, float]:
 def parse_colour_args(argv: list[str] | None = None) -> tuple[Args, ColourConfig]:
     args = parse_args(Args, argv, sections=("simulation",))
     try:
-        source = args.sim_config or args.config
-        if source is None or "simulation" not in (yaml.safe_load(Path(source).read_text()) or {}):
-            cfg = ColourConfig()
+        if args.sim_config is not None:
+            cfg = load_colour_config(args.sim_config)
+        elif args.config is not None and "simulation" in (yaml.safe_load(Path(args.config).read_text()) or {}):
+            cfg = load_colour_config(args.config)
         else:
-            cfg = load_colour_config(source)
+            cfg = ColourConfig()
         if not args.curriculum:
             cfg = dataclasses.replace(cfg, curriculum=())
         check_size(*cfg.img_size, max(args.depth_shared, args.depth_union))
     except ValueError as e:
         fail(str(e))
+    # Batches per process and epoch as Accelerate will shard them (drop_last), checked before a run exists.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_curriculum_grid(cfg, args.samples_per_epoch // args.batch_size // world, args.grad_accum)
     return args, cfg
+
+
+def check_curriculum_grid(cfg: ColourConfig, batches_per_epoch: int, grad_accum: int) -> None:
+    """The curriculum's stage of an epoch is the stage of its first update, so every until_step must be a whole
+    number of epochs of whole updates; else one line and exit 2."""
+    if not cfg.curriculum:
+        return
+    if batches_per_epoch % grad_accum:
+        fail(f"simulation curriculum: {batches_per_epoch} batches per epoch are not a whole number of updates of "
+             f"--grad_accum {grad_accum}; the stages need whole epochs of updates")
+    updates = max(1, batches_per_epoch // grad_accum)
+    bad = [s["until_step"] for s in cfg.curriculum if s["until_step"] % updates]
+    if bad:
+        fail(f"simulation curriculum: until_step {bad[0]} is not a whole number of epochs of {updates} updates "
+             f"(the stage of an epoch is the stage of its first update)")
 
 
 def build_validation(cfg: ColourConfig, args: Args):
@@ -325,10 +345,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     updates_per_epoch = max(1, len(train_dl) // args.grad_accum)
-    bad = [s["until_step"] for s in cfg.curriculum if s["until_step"] % updates_per_epoch]
-    if bad:
-        fail(f"simulation curriculum: until_step {bad[0]} is not a whole number of epochs of {updates_per_epoch} "
-             f"updates (the stage of an epoch is the stage of its first update)")
+    check_curriculum_grid(cfg, len(train_dl), args.grad_accum)   # as predicted before the run; now for certain
     eval_every = args.eval_every_steps or updates_per_epoch
     save_every = args.save_every_steps or updates_per_epoch
     run.log.info("%d updates (%d per epoch), evaluation every %d, checkpoint every %d; curriculum: %s",

@@ -11,11 +11,12 @@ CPU from a seed derived from (--seed, density), written to <out>/smlm_colour_mov
 write_colour_h5) and reused while the file's config, seed and length match. Every run must share that
 simulation's cameras and channels (checked), so all methods see the same photons.
 
-Methods, on the photon frames (channel 2 resampled onto channel 1's grid with the registration):
+Methods, on the photon frames (for the networks, channel 2 resampled onto channel 1's grid with the registration):
 - each run: fit_smlm_colour.localise_colour at the run's detection threshold (val/raw_th of the loaded
   export) and dye assignment at --min_confidence (default: each run's own).
-- classical: benchmarks/smlm_classical.fit_movie on each channel with that channel's camera and PSF (its
-  defaults: 5-sigma matched-filter detection, Poisson MLE), the two channels' localisations merged within 1 px
+- classical: benchmarks/smlm_classical.fit_movie on each channel's frames as its camera recorded them, with
+  that channel's camera and PSF (its defaults: 5-sigma matched-filter detection, Poisson MLE), channel 2's
+  localisations mapped onto channel 1's grid with the registration, the two merged within 1 px
   (models/double_munet_post.merge_channel_detections, equal weights), ratio = ch1 / (ch1 + ch2) of the fitted
   photons (an emitter seen in one channel only gets 0 or 1), dye by the same maximum-likelihood rule with the
   measurement sigma of the ratio's shot noise, sqrt(r (1 - r) / N), at least 1 / N (N the fitted total
@@ -90,13 +91,19 @@ def timed(fn, frames: torch.Tensor):
 
 
 def classical(frames: torch.Tensor, cfg: ColourConfig) -> dict:
-    """Both channels fitted by the classical MLE fitter and merged (module docstring)."""
+    """Both channels fitted by the classical MLE fitter on their own cameras' frames (2, T, H, W) photons, as
+    recorded (resampling channel 2 would correlate its noise and widen its PSF, which the fitter's model does
+    not know), channel 2's localisations mapped onto channel 1's grid with the registration, then merged."""
+    scale = np.array([*cfg.channel1.px_size_nm, 1.0])
     dets = []
     for c, ch in enumerate(cfg.channels):
         d = fit_movie(frames[c], ch)
-        dets.append({**d, "xyz_nm": d["xyz_px"] * np.array([*cfg.channel1.px_size_nm, 1.0])})
+        if c == 1:
+            xy = cfg.registration.to_channel1(torch.from_numpy(d["xyz_px"][:, :2]).double())
+            d["xyz_px"] = np.column_stack([xy.numpy(), d["xyz_px"][:, 2]])
+        dets.append({**d, "xyz_nm": d["xyz_px"] * scale})
     merged = merge_channel_detections(dets[0], dets[1], merge_radius_px=1.0)
-    merged["xyz_nm"] = merged["xyz_px"] * np.array([*cfg.channel1.px_size_nm, 1.0])
+    merged["xyz_nm"] = merged["xyz_px"] * scale
     merged["ratio"] = ratio_from_photons(merged["phot_ch"])
     n = np.maximum(merged["phot"], 1.0)
     merged["ratio_sigma"] = np.maximum(np.sqrt(merged["ratio"] * (1 - merged["ratio"]) / n), 1.0 / n)
@@ -147,7 +154,7 @@ def main():
                          **{k: m[k] for k in COLUMNS[3:-1]}, "frames_per_s": args.frames / seconds})
         if not args.no_classical:
             conf = runs[0][3].min_confidence if args.min_confidence is None else args.min_confidence
-            det, seconds = timed(lambda f: classical(f, cfg), frames)
+            det, seconds = timed(lambda f: classical(f, cfg), movie.frames)
             m = colour_scores(det, gt, cfg.dye_means, cfg.dye_spreads, cfg.dye_priors, conf)
             rows.append({"density": density, "method": "classical", "params": 0,
                          **{k: m[k] for k in COLUMNS[3:-1]}, "frames_per_s": args.frames / seconds})

@@ -174,7 +174,9 @@ def colour_scores(det: dict, gt: dict, dye_means, dye_spreads, dye_priors=None, 
         metrics.update({f"ch{c + 1}/{k}": ch[k] for k in CHANNEL_KEYS})
     pred_idx, gt_idx = pairs
     sigma = np.broadcast_to(np.asarray(merged["ratio_sigma"], dtype=np.float64), merged["ratio"].shape)
-    metrics.update(ratio_metrics(merged["ratio"][pred_idx], gt["ratio"][gt_idx], sigma[pred_idx]))
+    # The z-score columns need a positive sigma for every matched localisation (a point estimate has none).
+    matched_sigma = sigma[pred_idx] if np.all(sigma[pred_idx] > 0) else None
+    metrics.update(ratio_metrics(merged["ratio"][pred_idx], gt["ratio"][gt_idx], matched_sigma))
     dye, _ = assign_colour(merged["ratio"], sigma, dye_means, dye_spreads, dye_priors, min_confidence)
     metrics.update(colour_metrics(dye[pred_idx], gt["dye"][gt_idx], len(np.atleast_1d(dye_means))))
     return metrics

@@ -37,6 +37,15 @@ def one_emitter_movie(cfg: ColourConfig, x: float, y: float, phot: float, ratio:
     return ColourMovie(torch.empty(0), torch.empty(0), e, torch.tensor([0]), torch.tensor([ratio]))
 
 
+def reg_at(reg: Registration, xy: torch.Tensor) -> torch.Tensor:
+    """The transform about (7.5, 7.5) written out."""
+    import math
+    a = math.radians(reg.rotation_deg)
+    d = xy - 7.5
+    return torch.stack([d[:, 0] * math.cos(a) - d[:, 1] * math.sin(a), d[:, 0] * math.sin(a) + d[:, 1] * math.cos(a)],
+                       1) * reg.scale + 7.5 + torch.tensor(reg.shift_px)
+
+
 def test_config_round_trip_channel2_inherits_and_errors(tmp_path):
     cfg = config(registration={"shift_px": [0.5, -0.25], "rotation_deg": 1.0, "scale": 1.01},
                  curriculum=[{"until_step": 10, "emitter_av": 1.0}])
@@ -54,6 +63,8 @@ def test_config_round_trip_channel2_inherits_and_errors(tmp_path):
            ({"channel1": CH1, "dyes": [{"ratio_mean": 1.5, "ratio_spread": 0.1}]}, "ratio_mean must be in [0, 1]"),
            ({"channel1": CH1, "registration": {"scale": 3.0}}, "scale must be a number within [0.5, 2]"),
            ({"channel1": CH1, "curriculum": [{"until_step": 5}, {"until_step": 5}]}, "until_step must increase"),
+           ({"channel1": CH1, "curriculum": [{"until_step": True}]}, "an integer until_step"),
+           ({"channel1": CH1, "registration": {"centre_px": [1.0]}}, "centre_px must be two finite numbers"),
            ({"channel1": CH1, "curriculum": [{"until_step": 5, "psf": "gaussian"}]}, "unknown key(s) psf"),
            ({"channel1": CH1, "curriculum": [{"until_step": 5, "intensity_mu": 20000.0}]}, "phot_max"),
            ({"channel1": CH1, "curriculum": [{"until_step": 5, "bg_uniform": [10.0, 500.0]}]}, "bg_max"),
@@ -107,6 +118,15 @@ def test_registration_round_trip_and_resampling_puts_channel2_on_channel1s_grid(
     assert torch.allclose(reg.to_channel1(reg.to_channel2(xy, (16, 16)), (16, 16)), xy, atol=1e-5)
     centre = reg.to_channel2(torch.tensor([[7.5, 7.5]]), (16, 16))
     assert torch.allclose(centre, torch.tensor([[8.8, 6.8]]), atol=1e-5)   # the centre only moves by the shift
+    # By hand: 90 degrees turns +x into +y about the centre; scale 2 doubles the distance.
+    quarter = Registration(rotation_deg=45.0, scale=1.0, centre_px=(0.0, 0.0))
+    assert torch.allclose(quarter.to_channel2(torch.tensor([[2.0, 0.0]])), torch.tensor([[2 ** 0.5, 2 ** 0.5]]))
+    twice = Registration(scale=2.0, centre_px=(1.0, 1.0))
+    assert torch.allclose(twice.to_channel2(torch.tensor([[3.0, 1.0]])), torch.tensor([[5.0, 1.0]]))
+    # A configuration fixes the centre at its frames' centre, so larger fitted frames get the same transform.
+    cfg_reg = config(registration={"rotation_deg": 2.0}).registration
+    assert cfg_reg.centre_px == (7.5, 7.5)
+    assert torch.allclose(cfg_reg.to_channel2(xy, (256, 256)), reg_at(cfg_reg, xy))
     assert Registration().is_identity and not reg.is_identity
     frames = torch.rand(2, 16, 16)
     assert register_channel2(frames, Registration()) is frames
@@ -148,6 +168,9 @@ def test_targets_items_and_ground_truth_agree():
     dim = one_emitter_movie(cfg, 8.0, 8.0, 5000.0, 0.99)
     _, mask = colour_targets(dim, 0, cfg)
     assert mask[:, 0].tolist() == [True, False]
+    # 150 photons split evenly: neither channel reaches the 100-photon floor, so the emitter is no target at all.
+    faint = one_emitter_movie(cfg, 8.0, 8.0, 150.0, 0.5)
+    assert colour_targets(faint, 0, cfg)[0].shape == (0, 6) and len(colour_ground_truth(faint, cfg)["phot"]) == 0
     batch = collate_colour([ds[0], ds[1], ds[2]])
     assert batch["frames"].shape == (3, 2, 3, 16, 16) and batch["channel_mask"].shape[:2] == (3, 2)
     assert batch["target_emitters"].shape[-1] == 6

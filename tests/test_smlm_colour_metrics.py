@@ -251,3 +251,15 @@ def test_merge_bad_inputs():
         merge_channel_detections({**det, "xyz_px": np.zeros((1, 2))}, det)
     with pytest.raises(ValueError, match="phot_ch"):
         ratio_from_photons(np.ones(3))
+
+
+def test_colour_scores_take_a_point_estimate_without_sigma():
+    from metrics.smlm_colour import colour_scores
+    det = {name: {"frame_ix": np.array([0, 0]), "xyz_nm": np.array([[100.0, 100.0, 0.0], [900.0, 900.0, 0.0]])}
+           for name in ("ch1", "ch2", "merged")}
+    det["merged"].update({"ratio": np.array([0.31, 0.69]), "ratio_sigma": 0.0})
+    gt = {"frame_ix": np.array([0, 0]), "xyz_nm": np.array([[105.0, 100.0, 0.0], [900.0, 895.0, 0.0]]),
+          "ratio": np.array([0.3, 0.7]), "dye": np.array([0, 1]), "channel_mask": np.ones((2, 2), bool)}
+    m = colour_scores(det, gt, [0.3, 0.7], [0.05, 0.05])
+    assert m["jaccard"] == 1 and m["colour_accuracy"] == 1 and m["crosstalk"] == 0
+    assert m["ratio_rmse"] == pytest.approx(0.01) and "ratio_z_std" not in m

@@ -147,6 +147,19 @@ def test_bad_simulation_and_a_curriculum_off_the_epoch_grid_fail(tmp_path):
     off.write_text(yaml.safe_dump({"simulation": {**SIM, "curriculum": [{"until_step": 3, "emitter_av": 1.0}]}}))
     proc = run_python("train_smlm_colour.py", *TINY, "--config", str(off), "--output_dir", str(tmp_path / "r"))
     assert proc.returncode == 2 and "until_step 3 is not a whole number of epochs of 4 updates" in proc.stderr
+    on_grid = tmp_path / "grid.yaml"
+    on_grid.write_text(yaml.safe_dump({"simulation": {**SIM, "curriculum": [{"until_step": 4, "emitter_av": 1.0}]}}))
+    proc = run_python("train_smlm_colour.py", *TINY, "--config", str(on_grid), "--grad_accum", "3",
+                      "--output_dir", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "whole number of updates of --grad_accum 3" in proc.stderr
+    no_section = tmp_path / "flat.yaml"
+    no_section.write_text(yaml.safe_dump({"max_steps": 3}))
+    for sim_config, message in ((no_section, "expected a top-level 'simulation:' section"),
+                                (tmp_path / "missing.yaml", "not found")):
+        proc = run_python("train_smlm_colour.py", *TINY, "--sim_config", str(sim_config),
+                          "--output_dir", str(tmp_path / "r"))
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.fixture(scope="module")

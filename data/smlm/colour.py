@@ -57,18 +57,25 @@ CURRICULUM_KEYS = ("emitter_av", "emitter_density", "intensity_mu", "intensity_s
 H5_FORMAT = "smlm-colour-movie-1"
 
 
+def _one_line_error(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
 class Registration:
-    """Channel 2's pixel grid relative to channel 1's: x2 = scale R(rotation) (x1 - c) + c + shift, with c the
-    frame centre ((W - 1) / 2, (H - 1) / 2) px and x = (x, y) px (pixel centres at integers)."""
+    """Channel 2's pixel grid relative to channel 1's: x2 = scale R(rotation) (x1 - c) + c + shift, x = (x, y)
+    px (pixel centres at integers, y down the image), c = centre_px. A ColourConfig sets centre_px to the
+    centre ((W - 1) / 2, (H - 1) / 2) of its img_size when it is not given, so the transform stays the same
+    for frames of any size (a fitted stack larger than the training frames)."""
 
     shift_px: tuple[float, float] = (0.0, 0.0)   # (dx, dy) px
-    rotation_deg: float = 0.0                     # counter-clockwise in (x, y), degrees
+    rotation_deg: float = 0.0                     # from +x towards +y (clockwise on screen, y pointing down), degrees
     scale: float = 1.0                            # channel-2 px per channel-1 px
+    centre_px: tuple[float, float] | None = None  # (x, y) px that rotation and scale keep fixed
 
     def __post_init__(self):
         s = self.shift_px
@@ -80,6 +87,11 @@ class Registration:
         if not _finite(self.scale) or not 0.5 <= self.scale <= 2:
             raise ValueError(f"registration scale must be a number within [0.5, 2], got {self.scale!r}")
         self.rotation_deg, self.scale = float(self.rotation_deg), float(self.scale)
+        c = self.centre_px
+        if c is not None:
+            if not isinstance(c, (list, tuple)) or len(c) != 2 or not all(_finite(v) for v in c):
+                raise ValueError(f"registration centre_px must be two finite numbers [x, y] px, got {c!r}")
+            self.centre_px = (float(c[0]), float(c[1]))
 
     @property
     def is_identity(self) -> bool:
@@ -90,17 +102,24 @@ class Registration:
         return self.scale * torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]],
                                          dtype=torch.float64)
 
-    def to_channel2(self, xy: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
-        """(N, 2) channel-1 (x, y) px -> channel-2 px (same dtype and device)."""
+    def _centre(self, img_size: tuple[int, int] | None) -> torch.Tensor:
+        if self.centre_px is not None:
+            return torch.tensor(self.centre_px, dtype=torch.float64)
+        if img_size is None:
+            raise ValueError("registration: centre_px is not set; pass the frame size")
         h, w = img_size
-        c = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64)
+        return torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64)
+
+    def to_channel2(self, xy: torch.Tensor, img_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(N, 2) channel-1 (x, y) px -> channel-2 px (same dtype and device); img_size gives the centre when
+        centre_px is not set."""
+        c = self._centre(img_size)
         out = (xy.double().cpu() - c) @ self._matrix().T + c + torch.tensor(self.shift_px, dtype=torch.float64)
         return out.to(xy)
 
-    def to_channel1(self, xy: torch.Tensor, img_size: tuple[int, int]) -> torch.Tensor:
+    def to_channel1(self, xy: torch.Tensor, img_size: tuple[int, int] | None = None) -> torch.Tensor:
         """(N, 2) channel-2 (x, y) px -> channel-1 px: the inverse of `to_channel2`."""
-        h, w = img_size
-        c = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64)
+        c = self._centre(img_size)
         shifted = xy.double().cpu() - c - torch.tensor(self.shift_px, dtype=torch.float64)
         return (shifted @ torch.linalg.inv(self._matrix()).T + c).to(xy)
 
@@ -152,6 +171,9 @@ class ColourConfig:
     curriculum: tuple[dict, ...] = ()
 
     def __post_init__(self):
+        if self.registration.centre_px is None:
+            h, w = self.channel1.img_size
+            self.registration = dataclasses.replace(self.registration, centre_px=((w - 1) / 2, (h - 1) / 2))
         if len(self.dyes) < 1:
             raise ValueError("dyes must list at least one dye")
         for key in EMITTER_KEYS:
@@ -163,7 +185,8 @@ class ColourConfig:
                                  "give the scalar read_sigma")
         last = 0
         for i, stage in enumerate(self.curriculum):
-            if not isinstance(stage, dict) or not isinstance(stage.get("until_step"), int):
+            if (not isinstance(stage, dict) or not isinstance(stage.get("until_step"), int)
+                or isinstance(stage.get("until_step"), bool)):
                 raise ValueError(f"curriculum stage {i}: expected a mapping with an integer until_step, got {stage!r}")
             unknown = sorted(set(stage) - {"until_step", *CURRICULUM_KEYS})
             if unknown:
@@ -282,7 +305,7 @@ class ColourConfig:
         """YAML-safe mapping that `from_dict` reads back to an equal config (channel2 written in full)."""
         ch2 = {k: v for k, v in self.channel2.to_dict().items() if k not in EMITTER_KEYS}
         reg = dataclasses.asdict(self.registration)
-        reg["shift_px"] = list(reg["shift_px"])
+        reg["shift_px"], reg["centre_px"] = list(reg["shift_px"]), list(reg["centre_px"])
         return {"channel1": self.channel1.to_dict(), "channel2": ch2,
                 "dyes": [dataclasses.asdict(d) for d in self.dyes], "registration": reg,
                 "curriculum": [dict(s) for s in self.curriculum]}
@@ -366,16 +389,23 @@ def scale_colour_frames(frames: torch.Tensor, cfg: ColourConfig) -> torch.Tensor
     return torch.stack([scale_frames(frames[c], ch) for c, ch in enumerate(cfg.channels)])
 
 
+def _is_target(movie: ColourMovie, cfg: ColourConfig) -> torch.Tensor:
+    """(rows,) bool: inside channel 1's frame with >= label_photon_min photons in at least one channel."""
+    e, (h, w), floor = movie.emitters, cfg.img_size, cfg.channel1.label_photon_min
+    x, y = e.xyz[:, 0], e.xyz[:, 1]
+    brightest = e.phot * torch.maximum(movie.ratio, 1 - movie.ratio)
+    return (brightest >= floor) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+
+
 def colour_targets(movie: ColourMovie, frame: int, cfg: ColourConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, 6) targets of one frame on channel 1's grid, (phot1 / phot_max, phot2 / phot_max, x px, y px,
-    z / z_max, ratio), and the (2, E) bool channel mask. Rows: the frame's emitters inside the frame with
-    >= label_photon_min photons in total; a row is a target of channel c when that channel got
-    >= label_photon_min of them. phot_max and z_max are channel 1's (the shared emitter keys)."""
+    z / z_max, ratio), and the (2, E) bool channel mask. A row is a target of channel c when that channel got
+    >= label_photon_min of the emitter's photons in the frame; rows: the frame's emitters inside the frame that
+    are a target of at least one channel (`_is_target`). phot_max and z_max are channel 1's (the shared
+    emitter keys)."""
     ch1 = cfg.channel1
-    e, h, w = movie.emitters, *cfg.img_size
-    x, y = e.xyz[:, 0], e.xyz[:, 1]
-    keep = ((e.frame_ix == frame) & (e.phot >= ch1.label_photon_min) & (x >= -0.5) & (x < w - 0.5)
-            & (y >= -0.5) & (y < h - 0.5))
+    e = movie.emitters
+    keep = (e.frame_ix == frame) & _is_target(movie, cfg)
     if int(keep.sum()) > ch1.max_targets:
         raise ValueError(f"frame {frame} has {int(keep.sum())} target emitters, more than max_targets="
                          f"{ch1.max_targets}; raise max_targets or lower the emitter density")
@@ -390,9 +420,7 @@ def colour_ground_truth(movie: ColourMovie, cfg: ColourConfig) -> dict:
     metrics: frame_ix (N,), xyz_px (N, 3) (x, y px on channel 1's grid, z nm), xyz_nm (N, 3), phot (N,) total
     photons, phot_ch (N, 2), ratio (N,), dye (N,) int64, channel_mask (N, 2) bool (a target of that channel)."""
     ch1, e = cfg.channel1, movie.emitters
-    h, w = cfg.img_size
-    x, y = e.xyz[:, 0], e.xyz[:, 1]
-    keep = (e.phot >= ch1.label_photon_min) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+    keep = _is_target(movie, cfg)
     phot, ratio = e.phot[keep].double(), movie.ratio[keep].double()
     phot_ch = torch.stack([phot * ratio, phot * (1 - ratio)], 1)
     xyz = e.xyz[keep].double()
@@ -538,7 +566,10 @@ def read_colour_h5(path, mode: str = "test") -> tuple[ColourMovie, ColourConfig,
                   ("frame_ix", "xyz", "phot", "id", "dye", "ratio")}
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable or incomplete two-colour movie ({e})") from None
-    cfg = ColourConfig.from_dict(meta["config"])
+    try:
+        cfg = ColourConfig.from_dict(meta["config"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: {mode}/metadata holds no valid configuration ({_one_line_error(e)})") from None
     if frames.shape[2:] != cfg.img_size or bg.shape != frames.shape:
         raise ValueError(f"{path}: images {tuple(frames.shape)} and bg {tuple(bg.shape)} must be "
                          f"(2, T, {cfg.img_size[0]}, {cfg.img_size[1]})")
