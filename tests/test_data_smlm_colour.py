@@ -225,7 +225,8 @@ def test_h5_round_trip_and_errors(tmp_path):
 
 def test_tiff_writer_and_readers(tmp_path):
     cfg = config()
-    tif, h5 = write_colour_tiff(tmp_path / "stack.tif", cfg, 4, seed=1)
+    tif, h5, clipped = write_colour_tiff(tmp_path / "stack.tif", cfg, 4, seed=1)
+    assert clipped == 0 and not list(tmp_path.glob("*.tmp"))
     stack = tifffile.imread(tif)
     assert stack.shape == (4, 2, 16, 16) and stack.dtype == np.uint16
     both = read_colour_tiff(tif)
@@ -250,3 +251,19 @@ def test_tiff_writer_and_readers(tmp_path):
         with pytest.raises(ValueError, match=message):
             call()
     assert SimConfig().img_size == (40, 40)  # the single-colour defaults are untouched
+
+
+def test_colour_tiff_command(tmp_path, capsys):
+    from data.smlm.__main__ import main
+    preset = tmp_path / "p.yaml"
+    import yaml
+    preset.write_text(yaml.safe_dump({"simulation": {"channel1": CH1, "channel2": CH2,
+                                                     "curriculum": [{"until_step": 5, "emitter_av": 1.0}]}}))
+    assert main(["colour-tiff", "--sim_config", str(preset), "--out", str(tmp_path / "s.tif"), "--frames", "3",
+                 "--emitter_density", "2.0"]) == 0
+    assert tifffile.imread(tmp_path / "s.tif").shape == (3, 2, 16, 16)
+    movie, cfg, meta = read_colour_h5(tmp_path / "s.h5")
+    assert cfg.channel1.emitter_density == 2.0 and cfg.curriculum == () and meta["seed"] == 0
+    with pytest.raises(SystemExit) as e:
+        main(["colour-tiff", "--sim_config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "x.tif")])
+    assert e.value.code == 2 and "not found" in capsys.readouterr().err

@@ -185,7 +185,7 @@ def test_fit_smlm_colour_writes_csv_and_h5_from_one_or_two_stacks(tmp_path, colo
                                  main)
     model, cfg, settings = load_colour_fitter(colour_run)
     assert settings.raw_th == 0.005 and settings.min_confidence == 0.9
-    tif, _ = write_colour_tiff(tmp_path / "stack.tif", cfg, 6, seed=3)
+    tif, _, _ = write_colour_tiff(tmp_path / "stack.tif", cfg, 6, seed=3)
     code, out, err = call_main(capsys, main, "--checkpoint", str(colour_run), "--frames", str(tif),
                                "--out", str(tmp_path / "locs.csv"), "--device", "cpu")
     assert code == 0, err

@@ -1,6 +1,7 @@
 """python -m data.smlm tiff --sim_config FILE --out stack.tif [--frames N] [--img_size H,W]
 [--emitter_density D] [--seed S]
-python -m data.smlm read-noise-map --out map.npy [--size H,W] [--median_e E] [--seed S]"""
+python -m data.smlm read-noise-map --out map.npy [--size H,W] [--median_e E] [--seed S]
+python -m data.smlm colour-tiff --sim_config FILE --out stack.tif [--frames N] [--emitter_density D] [--seed S]"""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,14 @@ def main(argv=None) -> int:
     m.add_argument("--median_e", type=float, default=1.6, help="median read noise, e- rms")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    c = commands.add_parser("colour-tiff", help="simulate a two-channel TIFF stack (T, 2, H, W) in ADU (input of "
+                                                "fit_smlm_colour.py) and its ground truth")
+    c.add_argument("--sim_config", required=True, help="YAML with a two-colour simulation: section, e.g. "
+                                                      "configs/smlm_colour_cpu.yaml or <run>/simulation.yaml")
+    c.add_argument("--frames", type=int, default=1000, help="frames to simulate")
+    c.add_argument("--emitter_density", type=float, default=None, help="emitters per um^2 per frame")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="output .tif; the ground truth goes to the same name with .h5")
     args = parser.parse_args(argv)
 
     def fail(message: str):
@@ -46,6 +55,8 @@ def main(argv=None) -> int:
 
     if args.frames < 1:
         fail(f"--frames must be >= 1, got {args.frames}")
+    if args.command == "colour-tiff":
+        return write_colour_stack(args, fail)
     try:
         cfg = load_sim_config(args.sim_config)
         changes = {}
@@ -65,6 +76,25 @@ def main(argv=None) -> int:
           f"{info['emitters']} emitter-frames, {cfg.em_avg:.1f} emitters/frame on average"
           + (f", {info['saturated_pixels']} pixels clipped at 65535" if info["saturated_pixels"] else ""))
     print(f"{h5}: ground truth (data.smlm.read_movie_h5)")
+    return 0
+
+
+def write_colour_stack(args, fail) -> int:
+    from .colour import load_colour_config, write_colour_tiff
+    try:
+        cfg = load_colour_config(args.sim_config)
+        if args.emitter_density is not None:
+            ch1, ch2 = (dataclasses.replace(ch, emitter_density=args.emitter_density, emitter_av=None)
+                        for ch in cfg.channels)
+            cfg = dataclasses.replace(cfg, channel1=ch1, channel2=ch2)
+        cfg = dataclasses.replace(cfg, curriculum=())
+        tif, h5, clipped = write_colour_tiff(args.out, cfg, args.frames, args.seed)
+    except ValueError as e:
+        fail(str(e))
+    print(f"{tif}: {args.frames} frames x 2 channels of {cfg.img_size[0]}x{cfg.img_size[1]} px in ADU "
+          f"({cfg.channel1.camera}, {cfg.channel2.camera}), {cfg.channel1.em_avg:.1f} emitters/frame on average"
+          + (f", {clipped} pixels clipped to 0..65535" if clipped else ""))
+    print(f"{h5}: ground truth (data.smlm.colour.read_colour_h5)")
     return 0
 
 

@@ -577,21 +577,27 @@ def read_colour_h5(path, mode: str = "test") -> tuple[ColourMovie, ColourConfig,
     return ColourMovie(frames, bg, Emitters(**em), dye, ratio), cfg, meta
 
 
-def write_colour_tiff(out, cfg: ColourConfig, n_frames: int, seed: int = 0) -> tuple[Path, Path]:
+def write_colour_tiff(out, cfg: ColourConfig, n_frames: int, seed: int = 0) -> tuple[Path, Path, int]:
     """Simulate n_frames and write what a two-camera microscope gives: `out` (.tif, uint16 ADU, (T, 2, H, W):
-    one stack with a channel axis) and the ground truth next to it (.h5, `write_colour_h5` mode "test")."""
+    one stack with a channel axis) and the ground truth next to it (.h5, `write_colour_h5` mode "test"), each
+    written under a temporary name and renamed, the ground truth first. Returns (tif, h5, the number of pixels
+    clipped to the uint16 range)."""
     tif = Path(out)
     if tif.suffix.lower() not in (".tif", ".tiff"):
         raise ValueError(f"--out {tif}: expected a .tif or .tiff file name")
     adu, movie = simulate_colour_acquisition(cfg, n_frames, torch.Generator().manual_seed(seed))
+    adu = adu.transpose(0, 1).numpy()
+    clipped = int(((adu < 0) | (adu > 65535)).sum())
     tif.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(tif, np.clip(adu.transpose(0, 1).numpy(), 0, 65535).astype(np.uint16),
-                     photometric="minisblack", metadata={"axes": "TCYX"})
     h5 = tif.with_suffix(".h5")
-    if h5.exists():
-        h5.unlink()
-    write_colour_h5(h5, movie, cfg, mode="test", seed=seed)
-    return tif, h5
+    tmp_h5, tmp_tif = h5.with_name(h5.name + ".tmp"), tif.with_name(tif.name + ".tmp")
+    tmp_h5.unlink(missing_ok=True)
+    write_colour_h5(tmp_h5, movie, cfg, mode="test", seed=seed)
+    tifffile.imwrite(tmp_tif, np.clip(adu, 0, 65535).astype(np.uint16), photometric="minisblack",
+                     metadata={"axes": "TCYX"})
+    tmp_h5.replace(h5)
+    tmp_tif.replace(tif)
+    return tif, h5, clipped
 
 
 def read_colour_tiff(path1, path2=None, channel_axis: int | None = None) -> np.ndarray:
