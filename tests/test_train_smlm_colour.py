@@ -267,8 +267,9 @@ def test_no_curriculum_flag_trains_on_the_final_stage(tmp_path):
     from train_smlm_colour import parse_colour_args
     preset = tmp_path / "cur.yaml"
     preset.write_text(yaml.safe_dump({"simulation": {**SIM, "curriculum": [{"until_step": 4, "emitter_av": 1.0}]}}))
-    _, with_stages = parse_colour_args(["--config", str(preset)])
-    args, without = parse_colour_args(["--config", str(preset), "--no-curriculum"])
+    epoch = ["--samples_per_epoch", "32", "--batch_size", "8"]   # 4 updates per epoch: the stage ends on an epoch
+    _, with_stages = parse_colour_args(["--config", str(preset), *epoch])
+    args, without = parse_colour_args(["--config", str(preset), *epoch, "--no-curriculum"])
     assert len(with_stages.curriculum) == 1 and without.curriculum == () and not args.curriculum
     assert without.stage_at(0) == 0 and without.stage_config(0) == without
     assert without.channel1.emitter_av == with_stages.channel1.emitter_av == 4.0
