@@ -163,8 +163,8 @@ def main():
              "crosstalk = wrong dye among the assigned matched localisations; rejected = unassigned among the "
              "matched ones; ratio_z_std = std of (predicted - true ratio) / predicted sigma (1: calibrated)"]
     report("smlm_colour", "Two-colour SMLM quality", info,
-           [table(rows, COLUMNS, formats={"density": "g", "params": ",d", "frames_per_s": ".1f",
-                                          "rmse_lat": ".1f"})], notes, args.out)
+           [table(rows, COLUMNS, fmt=".3f", formats={"density": "g", "params": ",d", "frames_per_s": ".1f",
+                                                     "rmse_lat": ".1f", "ratio_z_std": ".2f"})], notes, args.out)
 
 
 if __name__ == "__main__":
