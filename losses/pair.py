@@ -35,3 +35,10 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, g
     p_t = torch.exp(-bce)
     loss = (alpha * (1.0 - p_t) ** gamma * bce).mean()
     return loss, {"loss/focal": loss.detach(), "loss/bce": bce.detach().mean()}
+
+
+def digit_loss(digits_a: torch.Tensor, digits_b: torch.Tensor, label_a: torch.Tensor, label_b: torch.Tensor):
+    """Auxiliary cross-entropy of each half's digit class: logits (B, classes), labels int64 (B,); the mean
+    over the 2B digits of the batch."""
+    loss = F.cross_entropy(torch.cat([digits_a, digits_b]).float(), torch.cat([label_a, label_b]))
+    return loss, {"loss/digit": loss.detach()}

@@ -25,3 +25,16 @@ def pair_metrics(prob: np.ndarray, label: np.ndarray, threshold: float = 0.5) ->
         "roc_auc": float(roc_auc_score(label, prob)) if two_classes else float("nan"),
         "log_loss": float(log_loss(label, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1])),
     }
+
+
+# The corruption sets of `python -m data.pair build` (data.pair.ROBUST_SETS without the clean reference and
+# the second digit source): their mean accuracy is the one-number robustness score, as ImageNet-C's mean
+# corruption error is for ImageNet classifiers.
+CORRUPTION_SETS = ("robust_blur", "robust_occlusion", "robust_contrast", "robust_noise", "robust_harsh")
+
+
+def mean_corruption_accuracy(accuracy: dict[str, float]) -> float:
+    """Mean of accuracy[name] over CORRUPTION_SETS (%); NaN unless every one of them is present."""
+    if not all(name in accuracy for name in CORRUPTION_SETS):
+        return float("nan")
+    return float(np.mean([accuracy[name] for name in CORRUPTION_SETS]))

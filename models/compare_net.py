@@ -23,6 +23,11 @@ concat (MLP on [fa, fb]; the only one that depends on the order of a and b), pro
 [|fa - fb|, fa * fb] + 2 pre-norm residual MLP blocks). fusion=True builds all six and returns
 sum_k softmax(w)_k * logit_k with w learnable (zeros at init = equal weights); fusion=False builds only `head`.
 
+input_norm="per_image" standardises each digit by its own pixel mean and std before the encoder (robustness to
+contrast and brightness). digit_classes=10 adds an auxiliary Linear(feat_dim -> 10) on each digit's embedding,
+trained when the data know each half's digit; `forward(a, b, return_digits=True)` returns its logits too. The
+pair logit never depends on it, so a model trained with it predicts like any other.
+
 Parameter counts (feat_dim=256, layers=(2, 2, 2), attention="se"; asserted for the default in the tests):
     width  block       arch    fusion      params   encoder
     1.0    basic       resnet  yes      3,720,582  2,796,408   (default; the original's ResNetCompareNet was ~3-5 M)
@@ -57,6 +62,8 @@ HEADS = ("diff", "concat", "product", "cosine", "l2", "residual")
 ARCHS = ("resnet", "fpn")
 BLOCKS = ("basic", "bottleneck")
 ATTENTIONS = ("none", "se", "cbam")
+INPUT_NORMS = ("none", "per_image")
+PER_IMAGE_EPS = 1e-3  # on [0, 1] pixels; far below the std of any digit (about 0.3 clean, 0.05 at low contrast)
 
 MIN_ATTENTION_HIDDEN = 4  # floor for the SE/CBAM bottleneck so width_mult=0.25 (16 channels / 16) still has 4 units
 FPN_BASE_CHANNELS = 128  # pyramid width at width_mult=1
@@ -368,10 +375,14 @@ class ResNetCompareNet(nn.Module):
     """
 
     def __init__(self, arch="resnet", layers=(2, 2, 2), block="basic", width_mult=1.0, feat_dim=256, attention="se",
-                 fusion=True, head="concat", dropout=0.3, in_chans=1):
+                 fusion=True, head="concat", dropout=0.3, in_chans=1, input_norm="none", digit_classes=0):
         super().__init__()
         _check_choice("arch", arch, ARCHS)
         _check_choice("head", head, HEADS)
+        _check_choice("input_norm", input_norm, INPUT_NORMS)
+        if int(digit_classes) != digit_classes or digit_classes < 0:
+            raise ValueError(f"digit_classes={digit_classes!r} must be 0 (no digit head) or the number of classes")
+        self.input_norm = input_norm
         if int(feat_dim) != feat_dim or feat_dim < 1:
             raise ValueError(f"feat_dim={feat_dim!r} must be a positive integer")
         if not 0 <= dropout < 1:
@@ -391,25 +402,45 @@ class ResNetCompareNet(nn.Module):
         self.heads = nn.ModuleDict({name: make_head(name, feat_dim, dropout) for name in self.head_names})
         # zeros = equal weights; softmax keeps the mixture a convex combination of head logits
         self.fusion_logits = nn.Parameter(torch.zeros(len(HEADS))) if self.fusion else None
+        # Optional auxiliary head: which digit each half shows, from the same embedding the pair heads compare.
+        self.digit_head = nn.Linear(feat_dim, int(digit_classes)) if digit_classes else None
+
+    def normalize(self, x):
+        """per_image: each image to zero mean and unit std over its own pixels (a low-contrast or dim digit then
+        looks like a normal one); none: unchanged. (N, C, H, W) -> same."""
+        if self.input_norm == "none":
+            return x
+        mean = x.mean((1, 2, 3), keepdim=True)
+        std = x.std((1, 2, 3), keepdim=True)
+        return (x - mean) / (std + PER_IMAGE_EPS)   # eps: a blank image stays finite (all zeros)
 
     def embed(self, x):
         """(N, in_chans, H, W) -> (N, feat_dim)."""
-        feats = self.encoder(x)
+        feats = self.encoder(self.normalize(x))
         if self.pyramid is not None:
             pooled = torch.cat([p.mean((2, 3)) for p in self.pyramid(feats)], dim=1)
         else:
             pooled = feats[-1].mean((2, 3))
         return self.embed_mlp(pooled)
 
-    def forward(self, a, b):
-        """a, b: (B, in_chans, H, W) -> logits (B,), positive = same digit."""
+    def forward(self, a, b, return_digits=False):
+        """a, b: (B, in_chans, H, W) -> logits (B,), positive = same digit. With return_digits (needs
+        digit_classes > 0): (logits, digit logits of a (B, classes), of b (B, classes)). One forward for both,
+        so that DDP sees every parameter used in the call it wraps."""
         if a.shape != b.shape:
             raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-        fa, fb = self.embed(torch.cat([a, b])).chunk(2)  # one encoder call: shared BN statistics, one batch
+        if return_digits and self.digit_head is None:
+            raise ValueError("return_digits=True needs a model built with digit_classes > 0")
+        emb = self.embed(torch.cat([a, b]))  # one encoder call: shared BN statistics, one batch
+        fa, fb = emb.chunk(2)
         if not self.fusion:
-            return self.heads[self.head_names[0]](fa, fb)
-        logits = torch.stack([self.heads[name](fa, fb) for name in HEADS], dim=1)  # (B, 6)
-        return logits @ torch.softmax(self.fusion_logits, dim=0)
+            logits = self.heads[self.head_names[0]](fa, fb)
+        else:
+            logits = torch.stack([self.heads[name](fa, fb) for name in HEADS], dim=1) @ torch.softmax(
+                self.fusion_logits, dim=0)   # (B, 6) @ (6,)
+        if not return_digits:
+            return logits
+        return (logits, *self.digit_head(emb).chunk(2))
 
     def fusion_weights(self):
         """Softmax fusion weights by head name, for logging; {} when fusion=False."""

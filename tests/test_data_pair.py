@@ -64,7 +64,7 @@ def test_files_shapes_dtypes_ids_and_balance(built):
     assert sorted(p.name for p in out.iterdir()) == ALL_FILES
     for split, n in PAIRS.items():
         d = files[split]
-        assert set(d) == {"x", "y", "id", "src_a", "src_b"}
+        assert set(d) == {"x", "y", "id", "src_a", "src_b", "digit_a", "digit_b"}
         assert d["x"].shape == (n, 28, 56) and d["x"].dtype == np.uint8
         assert d["y"].dtype == np.int64 and d["id"].dtype == np.dtype("<U11")
         assert d["id"][0] == f"{PREFIX[split]}_0000000" and d["id"][-1] == f"{PREFIX[split]}_{n - 1:07d}"
@@ -108,6 +108,7 @@ def test_pairs_use_only_their_splits_images_and_labels_match_classes(built, mnis
         assert np.array_equal(same, d["y"] == 1)
         pos = d["y"] == 1
         assert np.all(d["src_a"][pos] != d["src_b"][pos]), "a positive pairs an image with itself"
+        assert np.array_equal(d["digit_a"], labels[d["src_a"]]) and np.array_equal(d["digit_b"], labels[d["src_b"]])
     assert not (used["train"] & used["val"]) and not (used["train"] & used["test"]) and not (used["val"] & used["test"])
     neg = files["train"]["y"] == 0
     # the second class of a negative is uniform over the other nine: all offsets 1..9 show up
@@ -295,7 +296,8 @@ def test_dataset_items_and_none_is_exactly_x_over_255(built):
     x = files["val"]["x"]
     for i in (0, 7):
         item = ds[i]
-        assert set(item) == {"a", "b", "label", "index"}
+        assert set(item) == {"a", "b", "label", "digit_a", "digit_b", "index"}
+        assert item["digit_a"].item() == files["val"]["digit_a"][i] and item["digit_b"].item() == files["val"]["digit_b"][i]
         assert item["a"].shape == (1, 28, 28) and item["a"].dtype == torch.float32
         assert item["label"].dtype == torch.float32 and item["label"].shape == ()
         assert item["label"].item() == files["val"]["y"][i]
@@ -322,7 +324,8 @@ def test_augmentation_changes_input_per_half_and_swaps(tmp_path, mnist, augment)
     # halves are the same image, or a left-right pair of different images to detect swaps
     x = np.stack([np.concatenate([d, d], axis=1) for d in digits] + [np.concatenate([digits[0], digits[3]], axis=1)])
     ids = np.array([f"AUG_{i:07d}" for i in range(len(x))])
-    path = write_npz(tmp_path / "aug.npz", x=x, y=np.array([1, 1, 1, 1, 0]), id=ids)
+    path = write_npz(tmp_path / "aug.npz", x=x, y=np.array([1, 1, 1, 1, 0]), id=ids,
+                     digit_a=np.array([0, 2, 5, 8, 0]), digit_b=np.array([0, 2, 5, 8, 8]))
     ds = PairNPZDataset(path, augment=augment, seed=3)
     changed = halves_differ = 0
     for epoch in range(20):
@@ -339,8 +342,14 @@ def test_augmentation_changes_input_per_half_and_swaps(tmp_path, mnist, augment)
     swapped = 0
     for epoch in range(40):
         ds.set_epoch(epoch)
-        a = ds[4]["a"][0]
-        swapped += bool(((a - right).abs().mean() < (a - left).abs().mean()).item())
+        item = ds[4]
+        a = item["a"][0]
+        # the digit labels travel with the halves: where a clearly looks like one of the two, it names it
+        ratio = ((a - right).abs().mean() / (a - left).abs().mean()).item()
+        digits = (item["digit_a"].item(), item["digit_b"].item())
+        if ratio < 0.7 or ratio > 1 / 0.7:
+            assert digits == ((8, 0) if ratio < 1 else (0, 8)), (epoch, ratio, digits)
+        swapped += digits == (8, 0)
     assert 8 <= swapped <= 32
 
 
@@ -430,7 +439,7 @@ def test_robust_files_format_balance_and_unique_ids(built, mnist):
     assert len(set(all_ids.tolist())) == len(all_ids), "ids repeat across files"
     for name in ROBUST_SETS:
         d = files[name]
-        assert set(d) == {"x", "y", "id", "src_a", "src_b"}
+        assert set(d) == {"x", "y", "id", "src_a", "src_b", "digit_a", "digit_b"}
         assert d["x"].shape == (ROBUST_PAIRS, 28, 56) and d["x"].dtype == np.uint8
         assert d["y"].dtype == np.int64 and d["y"].sum() == ROBUST_PAIRS // 2
         assert d["id"].dtype == np.dtype("<U11") and d["id"][0] == f"{ROBUST_ID_PREFIX[name]}_0000000"
@@ -439,6 +448,7 @@ def test_robust_files_format_balance_and_unique_ids(built, mnist):
         assert np.array_equal(la == lb, d["y"] == 1), "a negative pairs two digits of one class"
         pos = d["y"] == 1
         assert np.all(d["src_a"][pos] != d["src_b"][pos]), "a positive pairs an image with itself"
+        assert np.array_equal(d["digit_a"], la) and np.array_equal(d["digit_b"], lb)
         x, y, _ = load_pair_npz(out / f"{name}.npz")
         assert np.array_equal(x, d["x"]) and np.array_equal(y, d["y"])
         entry = meta["robust"]["sets"][name]
@@ -712,3 +722,22 @@ def test_cli_build_with_training_options(tmp_path):
         assert refused.returncode == 2 and refused.stderr.startswith("data.pair: error: ")
         assert flag in refused.stderr and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_digit_labels_are_optional_and_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    base = dict(x=rng.integers(0, 256, (3, 28, 56), dtype=np.uint8), y=np.array([1, 0, 1]),
+                id=np.array(["p0", "p1", "p2"]))
+    ds = PairNPZDataset(write_npz(tmp_path / "plain.npz", **base))
+    assert not ds.has_digits and ds[0]["digit_a"].item() == -1 and ds[0]["digit_b"].item() == -1
+    ds = PairNPZDataset(write_npz(tmp_path / "digits.npz", **base, digit_a=np.array([3, 1, 9]),
+                                  digit_b=np.array([3, 2, 9])))
+    assert ds.has_digits and (ds[1]["digit_a"].item(), ds[1]["digit_b"].item()) == (1, 2)
+    for name, extra, match in [("half", dict(digit_a=np.array([3, 1, 9])), "without its partner"),
+                               ("range", dict(digit_a=np.array([3, 1, 10]), digit_b=np.array([3, 2, 9])), "outside 0..9"),
+                               ("length", dict(digit_a=np.array([3, 1]), digit_b=np.array([3, 2])), "expected 3"),
+                               ("float", dict(digit_a=np.array([3.0, 1, 9]), digit_b=np.array([3, 2, 9])), "expected 3")]:
+        path = write_npz(tmp_path / f"{name}.npz", **base, **extra)
+        with pytest.raises(ValueError, match=match) as err:
+            PairNPZDataset(path)
+        assert str(path) in str(err.value)

@@ -90,3 +90,23 @@ def test_lr_schedules_of_train_pair():
     assert lrs(plateau, 6, [50, 60, 60, 60, 59, 60]) == pytest.approx([1e-3] * 4 + [5e-4] * 2)
     cosine = lrs(Args(lr=1e-3, lr_schedule="cosine", min_lr=1e-5), 10)
     assert cosine[-1] == pytest.approx(1e-5) and all(a > b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_digit_loss_is_the_mean_cross_entropy_over_both_halves():
+    from losses.pair import digit_loss
+
+    torch.manual_seed(0)
+    da, db = torch.randn(4, 10), torch.randn(4, 10)
+    ya, yb = torch.tensor([0, 3, 9, 3]), torch.tensor([1, 3, 2, 7])
+    loss, parts = digit_loss(da, db, ya, yb)
+    by_hand = -np.mean([torch.log_softmax(logits, 0)[label].item()
+                        for logits, label in zip([*da, *db], [*ya.tolist(), *yb.tolist()])])
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6) and parts["loss/digit"].item() == loss.item()
+
+
+def test_mean_corruption_accuracy_needs_every_corruption_set():
+    from metrics.pair import CORRUPTION_SETS, mean_corruption_accuracy
+
+    acc = {name: 60.0 + 5 * k for k, name in enumerate(CORRUPTION_SETS)}
+    assert mean_corruption_accuracy({**acc, "robust_clean": 99.0, "test": 80.0}) == pytest.approx(70.0)
+    assert np.isnan(mean_corruption_accuracy({k: v for k, v in acc.items() if k != "robust_noise"}))

@@ -154,6 +154,44 @@ def test_predict_pair_outputs_and_bad_input(tmp_path, capsys, pair_export):
     assert code == 0 and out.read_bytes() == kept, err
 
 
+def test_pair_tta_is_symmetric_in_the_halves_and_shifts_both_alike(tmp_path, capsys, pair_export):
+    from models.compare_net import ResNetCompareNet
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(predict_pair.shift_images(x, 1, 0)[0, 0, 1:], x[0, 0, :3])      # down one row
+    assert torch.equal(predict_pair.shift_images(x, 0, -1)[0, 0, :, :3], x[0, 0, :, 1:])  # left one column
+    corner = predict_pair.shift_images(x, 1, -1)[0, 0]
+    assert corner[0].abs().sum() == 0 and corner[:, 3].abs().sum() == 0 and corner[1, 0] == x[0, 0, 0, 1]
+    torch.manual_seed(0)
+    model = ResNetCompareNet(width_mult=0.25, feat_dim=16, layers=(1, 1), fusion=False, head="concat")
+    for module in model.modules():   # non-trivial BatchNorm statistics, so that the order matters visibly
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.uniform_(-1, 1)
+    model.eval()
+    a, b = torch.rand(5, 1, 28, 28), torch.rand(5, 1, 28, 28)
+    plain_ab, plain_ba = predict_pair.pair_logits(model, a, b), predict_pair.pair_logits(model, b, a)
+    assert (plain_ab - plain_ba).abs().max() > 1e-4        # the concatenation head depends on the order ...
+    tta_ab, tta_ba = predict_pair.pair_logits(model, a, b, tta=True), predict_pair.pair_logits(model, b, a, tta=True)
+    assert torch.allclose(tta_ab, tta_ba, atol=1e-6)      # ... the TTA mean does not
+    views = [model(predict_pair.shift_images(p, dy, dx), predict_pair.shift_images(q, dy, dx))
+             for dy, dx in predict_pair.TTA_SHIFTS for p, q in ((a, b), (b, a))]
+    assert torch.allclose(tta_ab, torch.stack(views).mean(0), atol=1e-5)   # the mean of the 10 single views
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=rng.integers(0, 256, (6, 28, 56), dtype=np.uint8), id=np.array([f"p{i}" for i in range(6)]))
+    swapped = tmp_path / "swapped.npz"
+    np.savez(swapped, x=np.load(data)["x"][:, :, [*range(28, 56), *range(28)]], id=np.load(data)["id"])
+    outs = []
+    for name in (data, swapped):
+        out = tmp_path / f"{name.stem}.csv"
+        code, _, err = run(capsys, predict_pair.main, "--checkpoint", pair_export, "--data", name, "--device", "cpu",
+                           "--tta", "--out", out)
+        assert code == 0, err
+        outs.append([float(r["prob"]) for r in read_csv(out)])
+    assert np.allclose(outs[0], outs[1], atol=2e-6)
+
+
 def test_predict_pair_with_a_stacker(tmp_path, capsys, pair_export):
     """load_stacker runs before any prediction: the stacker of stack_pair.py applied to its member runs."""
     from test_stack_pair import members, stack_cli, write_run

@@ -8,7 +8,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from conftest import call_main
-from metrics.pair import pair_metrics
+from metrics.pair import CORRUPTION_SETS, pair_metrics
 from stack_pair import combine, features, fit_lgbm, out_of_fold
 
 
@@ -74,6 +74,9 @@ def test_combine_without_test_split():
     assert all(t is None for _, t in rows.values())
 
 
+ROBUST = ("robust_clean", *CORRUPTION_SETS, "robust_uci_digits")
+
+
 def test_pair_quality_benchmark_aggregates_runs(tmp_path):
     """benchmarks/pair_quality.py on hand-made runs: per-variant mean +- std and every ensemble method."""
     import json
@@ -84,18 +87,20 @@ def test_pair_quality_benchmark_aggregates_runs(tmp_path):
 
     y_val, _ = members(400, 1, seed=6)
     y_test, _ = members(300, 1, seed=7)
-    accs = {}
+    accs, aucs = {}, {}
     for variant in ("fusion", "fpn"):
         for k, seed in enumerate((1, 2)):
             run = tmp_path / f"cpu_{variant}_s{seed}"
             (run / "predictions").mkdir(parents=True)
             rng = np.random.default_rng(100 * k + len(variant))
-            for split, y in (("val", y_val), ("test", y_test)):
+            for split, y in (("val", y_val), ("test", y_test), *((name, y_test) for name in ROBUST)):
                 prob = 1 / (1 + np.exp(-((2 * y - 1) * 1.2 + rng.normal(0, 1.5, len(y)))))
                 lines = ["id,prob,label"] + [f"{split}{i},{p:.6f},{t}" for i, (p, t) in enumerate(zip(prob, y))]
                 (run / "predictions" / f"{split}.csv").write_text("\n".join(lines) + "\n")
-                if split == "test":
-                    accs[(variant, seed)] = pair_metrics(prob, y)["accuracy"]
+                if split != "val":
+                    accs[(variant, seed, split)] = pair_metrics(prob, y)["accuracy"]
+                    aucs[(variant, seed, split)] = pair_metrics(prob, y)["roc_auc"]
+            accs[(variant, seed)] = accs[(variant, seed, "test")]
             result = {"seed": seed, "params": 1000, "val/accuracy": 70.0 + k, "test/accuracy": accs[(variant, seed)],
                       "test/f1": 70.0, "test/roc_auc": 0.8, "train_minutes": 1.0 + k}
             (run / "results.json").write_text(json.dumps(result))
@@ -112,6 +117,31 @@ def test_pair_quality_benchmark_aggregates_runs(tmp_path):
     assert [e["method"] for e in ensembles][1:] == ["mean of probabilities", "majority vote", "logreg stacking",
                                                     "lgbm stacking"]
     assert ensembles[-1]["val_is"] == "OOF"
+    # robustness: one row per variant (the mean over its seeds) and per ensemble, a column per set
+    robust = report["tables"][2]
+    assert robust["columns"] == ["model", "test", *sorted(ROBUST), "mCA", "min_auc"]
+    rows = {r["model"]: r for r in robust["rows"]}
+    assert list(rows)[:2] == ["fusion", "fpn"] and "lgbm stacking" in rows
+    for name in ROBUST:
+        acc = np.mean([accs[("fusion", s, name)] for s in (1, 2)])
+        auc = np.mean([aucs[("fusion", s, name)] for s in (1, 2)])
+        assert rows["fusion"][name] == f"{acc:.1f} ({auc:.3f})"
+    mca = np.mean([np.mean([accs[("fusion", s, name)] for s in (1, 2)]) for name in CORRUPTION_SETS])
+    assert abs(rows["fusion"]["mCA"] - mca) < 1e-9
+    assert rows["fusion"]["min_auc"] == min(np.mean([aucs[("fusion", s, n)] for s in (1, 2)]) for n in ROBUST)
+
+    # --runs: any runs, each its own row
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pair_quality.py"), "--runs",
+                           str(tmp_path / "cpu_fusion_s1"), str(tmp_path / "cpu_fpn_s2"), "--folds", "3",
+                           "--out", str(tmp_path / "out2")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out2" / "pair_quality.json").read_text())
+    rows = {r["model"]: r for r in report["tables"][2]["rows"]}
+    assert list(rows)[:2] == ["cpu_fusion_s1", "cpu_fpn_s2"]
+    assert rows["cpu_fpn_s2"]["robust_blur"].startswith(f"{accs[('fpn', 2, 'robust_blur')]:.1f} (")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pair_quality.py"), "--runs",
+                           str(tmp_path / "no_run")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no_run" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
 def write_run(folder, y_val, y_test, seed: int, mangle=None):

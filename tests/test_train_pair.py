@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PAIR_TINY, Payload, read_csv, run_python, run_script
+from data.pair import ROBUST_SETS
+from metrics.pair import CORRUPTION_SETS, pair_metrics
 
 TINY = PAIR_TINY
 
@@ -50,6 +52,14 @@ def test_two_seed_run_writes_runs_predictions_and_seed_summary(two_seeds, data_d
         assert sum(weights) == pytest.approx(1, abs=1e-5)
         result = json.loads((run / "results.json").read_text())
         assert result["seed"] == seed and "test/accuracy" in result and "val/roc_auc" in result
+        # the robustness sets of the data folder are predicted like the test file, with their mean score
+        assert sorted(p.stem for p in (run / "predictions").iterdir()) == sorted(["val", "test", *ROBUST_SETS])
+        for name in ROBUST_SETS:
+            rows = read_csv(run / "predictions" / f"{name}.csv")
+            prob, label = np.array([float(r["prob"]) for r in rows]), np.array([int(r["label"]) for r in rows])
+            assert len(rows) == 32 and result[f"{name}/accuracy"] == pytest.approx(pair_metrics(prob, label)["accuracy"])
+        assert result["robust/mean_corruption_accuracy"] == pytest.approx(
+            np.mean([result[f"{name}/accuracy"] for name in CORRUPTION_SETS]))
         results.append(result)
         offline = list((run / "wandb").glob("offline-run-*"))
         assert len(offline) == 1, offline
@@ -128,7 +138,9 @@ def test_two_process_single_head_run(data_dir, tmp_path):
     run_script("train_pair.py", [*TINY, "--data_dir", str(own), "--train_file", "my_train.npz", "--val_file",
                                  "my_val.npz", "--test_file", "none", "--output_dir", str(tmp_path), "--max_steps", "4",
                                  "--eval_every_steps", "4", "--no-fusion", "--head", "diff", "--run_name", "ddp",
-                                 "--augment", "randaugment", "--loss", "bce", "--mixed_precision", "bf16"], nproc=2)
+                                 "--augment", "randaugment", "--loss", "bce", "--mixed_precision", "bf16",
+                                 "--aux_digit_weight", "0.5", "--input_norm", "per_image", "--report_to",
+                                 "tensorboard"], nproc=2)
     run = tmp_path / "ddp"
     assert sorted(p.name for p in (run / "predictions").iterdir()) == ["val.csv"]  # no test predictions
     assert not any(k.startswith("test/") for k in json.loads((run / "results.json").read_text()))
@@ -140,6 +152,12 @@ def test_two_process_single_head_run(data_dir, tmp_path):
     keys = load_file(run / "final" / "model.safetensors").keys()
     assert {k.split(".")[1] for k in keys if k.startswith("heads.")} == {"diff"}
     assert not any("fusion" in k for k in keys)
+    # the digit head trains beside the pair head (its loss logged) and the export rebuilds it
+    events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"train/digit" in events and b"train/bce" in events
+    assert {"digit_head.weight", "digit_head.bias"} <= set(keys)
+    record = json.loads((run / "final" / "model.json").read_text())
+    assert record["kwargs"]["digit_classes"] == 10 and record["kwargs"]["input_norm"] == "per_image"
 
 
 def test_resume_reproduces_an_uninterrupted_run(data_dir, tmp_path):
@@ -195,6 +213,14 @@ def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
     bad.mkdir()
     (bad / "train.npz").write_bytes(b"not a zip file")
     cases.append((["--data_dir", str(bad)], "train.npz"))
+    course = tmp_path / "course"   # the course's format: no per-half digits, so no digit head
+    course.mkdir()
+    for split in ("train", "val"):
+        with np.load(data_dir / f"{split}.npz") as f:
+            np.savez(course / f"{split}.npz", x=f["x"], y=f["y"], id=f["id"])
+    cases.append((["--data_dir", str(course), "--test_file", "none", "--aux_digit_weight", "1"],
+                  "has no per-half digit labels"))
+    cases.append((["--data_dir", str(data_dir), "--aux_digit_weight", "-1"], "--aux_digit_weight"))
     for args, expected in cases:
         proc = run_python("train_pair.py", *TINY, "--output_dir", str(out), *args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
@@ -230,3 +256,27 @@ def test_init_from_an_export_starts_at_its_metrics(two_seeds, data_dir, tmp_path
     assert first["step"] == "0"
     for key in ("val/accuracy", "val/roc_auc", "val/log_loss"):
         assert float(first[key]) == pytest.approx(export[key], rel=1e-6), key
+
+
+def test_quality_benchmark_robustness_and_tta_on_real_runs(two_seeds, data_dir, tmp_path, capsys):
+    """benchmarks/pair_quality.py --runs --tta on two real runs: the TTA row is predict_pair.py --tta."""
+    import predict_pair
+
+    out, _ = two_seeds
+    runs = [str(out / "grp_s11"), str(out / "grp_s12")]
+    proc = run_python("benchmarks/pair_quality.py", "--runs", *runs, "--tta", "--data_dir", str(data_dir),
+                      "--folds", "2", "--out", str(tmp_path / "bench"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((tmp_path / "bench" / "pair_quality.json").read_text())["tables"][2]
+    rows = {r["model"]: r for r in table["rows"]}
+    assert list(rows)[:4] == ["grp_s11", "grp_s11 + TTA", "grp_s12", "grp_s12 + TTA"]
+    assert table["columns"] == ["model", "test", *sorted(ROBUST_SETS), "mCA", "min_auc"]
+    result = json.loads((out / "grp_s11" / "results.json").read_text())
+    assert rows["grp_s11"]["robust_blur"].startswith(f"{result['robust_blur/accuracy']:.1f} (")
+    code = predict_pair.main(["--checkpoint", runs[0], "--data", str(data_dir / "robust_blur.npz"), "--device", "cpu",
+                              "--tta", "--out", str(tmp_path / "tta.csv")])
+    assert code is None
+    rows_tta = read_csv(tmp_path / "tta.csv")
+    labels = np.load(data_dir / "robust_blur.npz")["y"]
+    acc = pair_metrics(np.array([float(r["prob"]) for r in rows_tta]), labels)["accuracy"]
+    assert rows["grp_s11 + TTA"]["robust_blur"].startswith(f"{acc:.1f} (")
