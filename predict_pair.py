@@ -45,9 +45,10 @@ TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 def shift_images(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """(N, C, H, W) moved by dy rows and dx columns; the pixels that come in are 0 (the background)."""
+    """(N, C, H, W) moved by dy rows and dx columns; the pixels that come in repeat the edge they come from
+    (black for a clean digit, and no black border on a grey or noisy background)."""
     h, w = x.shape[-2:]
-    padded = F.pad(x, (abs(dx), abs(dx), abs(dy), abs(dy)))
+    padded = F.pad(x, (abs(dx), abs(dx), abs(dy), abs(dy)), mode="replicate")
     return padded[..., abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w]
 
 

@@ -9,8 +9,9 @@
 Each sample is two 28x28 grey digits side by side (``x`` uint8 (N, 28, 56) in
 ``train.npz``/``val.npz``/``test.npz``); the label is 1 when both show the same digit.
 Model selection and early stopping use validation accuracy. After training, the best
-weights predict the validation and test files, written to ``predictions/{val,test}.csv``
-(``id,prob,label``) for ``stack_pair.py``, and ``results.json`` holds their metrics. Several seeds are
+weights predict the validation and test files and the robustness sets of the data folder
+(``robust_*.npz``), written to ``predictions/<split>.csv`` (``id,prob,label``) for ``stack_pair.py`` and the
+benchmarks, and ``results.json`` holds their metrics (with the mean corruption accuracy). Several seeds are
 separate launches (``python -m training.runs seeds``: runs ``<name>_s<seed>`` in one W&B group, then
 mean +- std over the seeds).
 """
@@ -104,6 +105,9 @@ class Args:
                 raise UsageError(f"--{name} must be >= 1 (or none), got {getattr(self, name)}")
         if self.lr <= 0 or self.width_mult <= 0 or self.clip_grad <= 0:
             raise UsageError("--lr, --width_mult and --clip_grad must be > 0")
+        if self.robust_files is not None and (Path(self.robust_files).is_absolute() or ".." in Path(self.robust_files).parts):
+            raise UsageError(f"--robust_files {self.robust_files}: expected a file pattern inside --data_dir "
+                             "(such as robust_*.npz), not a path")
         if not (self.aux_digit_weight >= 0 and math.isfinite(self.aux_digit_weight)):
             raise UsageError(f"--aux_digit_weight must be a finite number >= 0, got {self.aux_digit_weight}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
@@ -136,6 +140,9 @@ def build_dataloaders(args: Args):
         # the test file and the robustness sets: predicted once by the best weights, never used for selection
         extra_ds = {"test": PairNPZDataset(data_dir / args.test_file)} if args.test_file else {}
         for path in sorted(data_dir.glob(args.robust_files)) if args.robust_files else []:
+            if path.name in (args.train_file, args.val_file, args.test_file) or path.stem in ("val", "test"):
+                fail(f"--robust_files {args.robust_files}: matches {path.name}, a training, validation or test "
+                     "file; the robustness sets must be other files")
             extra_ds[path.stem] = PairNPZDataset(path)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))

@@ -20,8 +20,9 @@ accuracy and ROC AUC on the test set and on every robustness set the runs predic
 (``predictions/robust_*.csv``, written by train_pair.py for the ``robust_*.npz`` of its data folder),
 per variant (mean over seeds) and per ensemble (the same refitted meta-learners applied to each set), with
 the mean corruption accuracy (``metrics.pair.CORRUPTION_SETS``) and the lowest AUC of any set. With
-``--runs`` every given run is its own row instead of the variants; with ``--tta`` every row is repeated with
-test-time augmentation (``predict_pair.py --tta``: the runs' best weights predict each set again).
+``--runs`` every given run is its own row instead of the variants; with ``--tta`` every variant or run row is
+followed by its test-time-augmentation row (``predict_pair.py --tta``: the runs' best weights predict each set
+again; the ensembles stay without TTA, their stackers were fitted on probabilities without it).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def train_variant(variant: str, seed: int, flags) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "train_pair.py"),
            "--config", str(ROOT / "configs" / f"pair_{variant}.yaml"), "--cpu", "--seed", str(seed),
-           "--run_name", f"cpu_{variant}_s{seed}", "--resume", "auto", "--output_dir", flags.runs_dir, "--data_dir", flags.data_dir,
+           "--run_name", f"cpu_{variant}_s{seed}", "--resume", "auto", "--output_dir", flags.runs_dir, "--data_dir", flags.data_dir or "datasets/pair",
            "--epochs", str(flags.epochs), "--width_mult", str(flags.width_mult), "--feat_dim", str(flags.feat_dim),
            "--lr_schedule", "cosine", "--num_workers", "1", "--report_to", "none", "--num_figures", "0"]
     print(f"training {variant} seed {seed}: {' '.join(cmd[2:])}", flush=True)
@@ -69,14 +70,22 @@ def eval_splits(runs: list[Path]) -> list[str]:
     return ["test", *common]
 
 
-def tta_probs(run: Path, splits: list[str], data_dir: Path) -> dict[str, np.ndarray]:
-    """Probabilities of the run's best weights with test-time augmentation on every split, in the row order
-    of its predictions/<split>.csv (the npz order; the test file is the one the run was trained with)."""
-    test_file = (yaml.safe_load((run / "args.yaml").read_text()) or {}).get("test_file") or "test.npz"
+def tta_probs(run: Path, splits: dict[str, np.ndarray], data_dir: str | None) -> dict[str, np.ndarray]:
+    """Probabilities of the run's best weights with test-time augmentation on every split, in the row order of
+    its predictions/<split>.csv; splits: name -> the ids of those rows. The files are the run's own (its
+    args.yaml data_dir and test_file) unless --data_dir is given; ids that differ end with one line."""
+    args = yaml.safe_load((run / "args.yaml").read_text()) or {}
+    folder = Path(data_dir or args.get("data_dir") or "datasets/pair")
     model = load_export_or_exit(run, torch.device("cpu")).model
     out = {}
-    for split in splits:
-        dataset = PairNPZDataset(data_dir / (test_file if split == "test" else f"{split}.npz"))
+    for split, ids in splits.items():
+        path = folder / ((args.get("test_file") or "test.npz") if split == "test" else f"{split}.npz")
+        try:
+            dataset = PairNPZDataset(path)
+        except ValueError as e:
+            fail(f"--tta: {e}")
+        if not np.array_equal(dataset.ids, ids):
+            fail(f"--tta: {path} holds other pairs than {run}/predictions/{split}.csv; give the run's --data_dir")
         out[split] = predict_probs(model, DataLoader(dataset, batch_size=256), torch.device("cpu"), tta=True)
     return out
 
@@ -106,8 +115,9 @@ def main():
     p.add_argument("--runs", nargs="+", default=None,
                    help="report these train_pair.py runs, each its own row (instead of --variants x --seeds)")
     p.add_argument("--train", action="store_true", help="train the missing runs first")
-    p.add_argument("--tta", action="store_true", help="also every row with test-time augmentation")
-    p.add_argument("--data_dir", default="datasets/pair")
+    p.add_argument("--tta", action="store_true", help="also each variant or run with test-time augmentation")
+    p.add_argument("--data_dir", default=None,
+                   help="data folder: for --train (default datasets/pair) and --tta (default: each run's own)")
     p.add_argument("--epochs", type=int, default=3, help="CPU override of the presets' 30 epochs")
     p.add_argument("--width_mult", type=float, default=0.25, help="CPU override of the presets' width 1.0")
     p.add_argument("--feat_dim", type=int, default=128, help="CPU override of the presets' 256")
@@ -121,6 +131,8 @@ def main():
         for run in map(Path, flags.runs):
             if not (run / "results.json").is_file():
                 fail(f"--runs {run}: no results.json (not a finished train_pair.py run)")
+            if run.name in groups:
+                fail(f"--runs: two runs named {run.name}; rows are named by run, give runs with distinct names")
             groups[run.name] = [run]
     else:
         variants = [v for v in flags.variants.split(",") if v]
@@ -157,7 +169,8 @@ def main():
     # Every labelled split in one (N_all, M) array, so the ensembles are fitted once (on val) and applied to all.
     splits = eval_splits(all_runs)
     _, val_prob, val_y = load_members(all_runs, "val")
-    loaded = {split: load_members(all_runs, split)[1:] for split in splits}
+    members = {split: load_members(all_runs, split) for split in splits}
+    loaded = {split: (prob, y) for split, (_, prob, y) in members.items()}
     labels = {split: y for split, (_, y) in loaded.items()}
     bounds = np.cumsum([0] + [len(labels[s]) for s in splits])
     eval_prob = np.concatenate([loaded[s][0] for s in splits])
@@ -167,7 +180,7 @@ def main():
         columns = [member[r] for r in runs]
         robust_rows.append(robustness_row(variant, {s: loaded[s][0][:, columns].T for s in splits}, labels))
         if flags.tta:
-            tta = [tta_probs(r, splits, Path(flags.data_dir)) for r in runs]
+            tta = [tta_probs(r, {s: members[s][0] for s in splits}, flags.data_dir) for r in runs]
             robust_rows.append(robustness_row(f"{variant} + TTA", {s: np.stack([t[s] for t in tta]) for s in splits},
                                               labels))
     if len(all_runs) >= 2:
@@ -185,7 +198,7 @@ def main():
     columns3 = ["model", *splits, "mCA", "min_auc"]
     tables = [table(per_variant, columns1, "Variants (mean +- std over seeds)", formats={"params_M": ".3f"})]
     notes = [
-        f"Data: {flags.data_dir} (python -m data.pair build). Runs: "
+        f"Data: {flags.data_dir or 'each run its own (args.yaml)'} (python -m data.pair build). Runs: "
         + (" ".join(flags.runs) if flags.runs else
            f"{flags.runs_dir}/cpu_<variant>_s<seed>, CPU overrides of the presets: --epochs {flags.epochs} "
            f"--width_mult {flags.width_mult} --feat_dim {flags.feat_dim} --lr_schedule cosine; everything else "

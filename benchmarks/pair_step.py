@@ -62,7 +62,7 @@ def make_ours_step(args: Args, model, accelerator: Accelerator, total_steps: int
 
 def make_bare_step(args: Args, model, device: torch.device):
     """The same update in plain PyTorch: no Accelerate, scheduler or host sync."""
-    return bare_update(model, args, device, lambda model, batch: model(batch["a"], batch["b"]),
+    return bare_update(model, args, device, lambda model, batch: model(batch["a"], batch["b"], return_digits=args.aux_digit_weight > 0),
                        lambda logits, batch: compute_loss(logits, batch, args))
 
 

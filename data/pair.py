@@ -94,7 +94,7 @@ ROBUST_PARAMS = {
     "robust_clean": {},
     "robust_blur": {"blur_sigma_px": 2.0},
     "robust_occlusion": {"boxes": 2, "side_px": [8, 12], "centres_in": list(DIGIT_BOX)},   # 37 % of the ink
-    "robust_contrast": {"factor": 0.2, "grey_offset": 64},
+    "robust_contrast": {"factor": 0.25, "grey_offset": 40, "ramp": 80},
     "robust_noise": {"noise_std": 50.0},
     "robust_harsh": {"elastic_alpha_px": 34.0, "elastic_sigma_px": 4.0, "severity": 6, "noise_std": 20.0,
                      "salt_pepper_frac": 0.05},
@@ -106,7 +106,8 @@ ROBUST_SETS = {   # name -> one line on its construction (the parameters are ROB
     "robust_blur": "Gaussian blur of sigma 2 px alone (training: 1.15 px)",
     "robust_occlusion": "2 black boxes of 8-12 px sides centred in the 20x20 digit box, alone (37 % of the ink "
                         "removed; training's boxes: 27 %)",
-    "robust_contrast": "contrast x0.2 on a grey background of 64, alone (training: x0.5-1 on black)",
+    "robust_contrast": "contrast x0.25 on a grey background lit unevenly (40 to 120 across the frame, any "
+                       "direction), alone (training: x0.5-1 on black)",
     "robust_noise": "additive Gaussian noise of std 50 alone (training: 10.5)",
     "robust_harsh": "elastic distortion (alpha 34 px, sigma 4 px), the training corruption at severity 6, "
                     "Gaussian noise of std 20 more, salt-and-pepper on 5 % of the pixels",
@@ -216,10 +217,11 @@ def load_pair_digits(path, n: int) -> np.ndarray | None:
             return None
         if len(present) == 1:
             raise ValueError(f"{path}: has {present[0]} without its partner; expected both digit_a and digit_b or neither")
-        digits = np.stack([_member(archive, k, path) for k in ("digit_a", "digit_b")], axis=1)
-    if digits.dtype.kind not in "iu" or digits.shape != (n, 2):
-        raise ValueError(f"{path}: digit_a/digit_b have dtype {digits.dtype} and {len(digits)} rows, expected "
-                         f"{n} integers each")
+        halves = [_member(archive, k, path) for k in ("digit_a", "digit_b")]
+    for key, half in zip(("digit_a", "digit_b"), halves):
+        if half.dtype.kind not in "iu" or half.shape != (n,):
+            raise ValueError(f"{path}: {key} has dtype {half.dtype} and shape {half.shape}, expected {n} integers")
+    digits = np.stack(halves, axis=1)
     if digits.min() < 0 or digits.max() > 9:
         raise ValueError(f"{path}: digit_a/digit_b hold values outside 0..9 ({digits.min()}..{digits.max()})")
     return digits.astype(np.int64)
@@ -385,10 +387,19 @@ def occlude(img: np.ndarray, boxes: int, side_px, rng: np.random.Generator) -> n
     return out
 
 
-def low_contrast(img: np.ndarray, factor: float, grey_offset: float) -> np.ndarray:
-    """grey_offset + factor * img: the ink spans factor * 255 grey levels on a grey, not black, background
-    (darkening alone is undone by any per-image normalisation)."""
-    return _to_uint8(np.float32(grey_offset) + np.float32(factor) * img.astype(np.float32))
+def low_contrast(img: np.ndarray, factor: float, grey_offset: float, ramp: float = 0.0,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """grey_offset + factor * img + an illumination ramp: the ink spans factor * 255 grey levels on a grey
+    background that brightens linearly by `ramp` grey levels across the frame, along a direction drawn from
+    rng. Without the ramp the corruption is affine, and a per-image standardisation undoes it exactly; the
+    uneven light is what a standardised input still has to cope with."""
+    out = np.float32(grey_offset) + np.float32(factor) * img.astype(np.float32)
+    if ramp:
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32) - np.float32((SIDE - 1) / 2)
+        along = np.cos(angle) * xx + np.sin(angle) * yy
+        out += np.float32(ramp) * (along - along.min()) / (along.max() - along.min())
+    return _to_uint8(out)
 
 
 def gaussian_noise(img: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -429,7 +440,7 @@ def robust_digit(name: str, img: np.ndarray, rng: np.random.Generator) -> np.nda
     if name == "robust_occlusion":
         return occlude(img, p["boxes"], p["side_px"], rng)
     if name == "robust_contrast":
-        return low_contrast(img, p["factor"], p["grey_offset"])
+        return low_contrast(img, p["factor"], p["grey_offset"], p["ramp"], rng)
     if name == "robust_noise":
         return gaussian_noise(img, p["noise_std"], rng)
     if name == "robust_harsh":

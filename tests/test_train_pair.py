@@ -196,6 +196,13 @@ def test_resume_skips_a_corrupt_checkpoint_and_refuses_a_crafted_one(data_dir, t
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert "custom_checkpoint_0.pkl" in proc.stderr and not marker.exists()
 
+    # resuming with other model settings (even one without weights) is refused, and model.json stays the run's
+    kept = (run / "model.json").read_bytes()
+    for flags, named in ((["--input_norm", "per_image"], "input_norm"), (["--aux_digit_weight", "1"], "digit_classes")):
+        proc = run_python("train_pair.py", *common, *flags, "--resume", "auto")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr[-2000:]
+        assert (run / "model.json").read_bytes() == kept
+
 
 def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
     out = tmp_path / "runs"
@@ -221,6 +228,8 @@ def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
     cases.append((["--data_dir", str(course), "--test_file", "none", "--aux_digit_weight", "1"],
                   "has no per-half digit labels"))
     cases.append((["--data_dir", str(data_dir), "--aux_digit_weight", "-1"], "--aux_digit_weight"))
+    cases.append((["--data_dir", str(data_dir), "--robust_files", str(data_dir / "robust_*.npz")], "not a path"))
+    cases.append((["--data_dir", str(data_dir), "--robust_files", "*.npz"], "must be other files"))
     for args, expected in cases:
         proc = run_python("train_pair.py", *TINY, "--output_dir", str(out), *args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])

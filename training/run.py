@@ -7,6 +7,7 @@ processes), ``train.log``, ``summary.csv``, ``checkpoints/``, ``best/``, ``final
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -176,6 +177,23 @@ def _wandb_init_kwargs(run_dir: Path, run_name: str) -> dict:
                       "id": run_name.replace("/", "-"), "resume": "allow"}}
 
 
+def _check_same_model(run_dir: Path, model_json: dict) -> None:
+    """A resumed run must rebuild the model its checkpoints hold: its model.json and the flags' record agree
+    (a setting without weights, such as an input normalisation, would otherwise change silently)."""
+    path = run_dir / "model.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        raise UsageError(f"--resume: {path} is not readable JSON") from None
+    if saved != model_json:
+        old, new = saved.get("kwargs", {}), model_json.get("kwargs", {})
+        keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k)) or ["class"]
+        raise UsageError(f"--resume: {run_dir} was trained with other model settings ({', '.join(keys)}); resume "
+                         f"with the flags of its args.yaml, or start a new --run_name")
+
+
 def start_run(args, task: str, model_json: dict | None = None) -> tuple[Accelerator, Run]:
     """Create the Accelerator and the run directory; write ``args.yaml``/``env.yaml``; start trackers.
 
@@ -214,6 +232,8 @@ def start_run(args, task: str, model_json: dict | None = None) -> tuple[Accelera
     if accelerator.is_main_process:
         try:
             decision = [resolve_run(args, task, accelerator.num_processes)]
+            if decision[0][1] is not None and model_json is not None:
+                _check_same_model(decision[0][0], model_json)
             _make_run_dir(decision[0][0])
         except UsageError as e:
             decision = [str(e)]
