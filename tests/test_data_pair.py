@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data.pair import (AUGMENTS, ROBUST_ID_PREFIX, ROBUST_PARAMS, ROBUST_SETS, SOURCE_ROWS, TRAIN_NOISE,
-                       PairNPZDataset, build_pair_splits, corrupt_digit, corrupt_train_digit, corruption_plan,
+from data.pair import (AUGMENTS, ROBUST_ID_PREFIX, ROBUST_PARAMS, ROBUST_SETS, SOURCE_ROWS, TRAIN_LIGHT,
+                       TRAIN_NOISE,                        PairNPZDataset, build_pair_splits, corrupt_digit, corrupt_train_digit, corruption_plan,
                        elastic_distort, gaussian_blur, gaussian_noise, load_mnist_5k, load_pair_npz, load_uci_digits,
                        low_contrast, make_pairs_from_pools, occlude, parse_severity_range, pixel_stats, robust_digit,
                        salt_and_pepper, split_sources, to_mnist_frame)
@@ -654,7 +654,21 @@ def test_corruption_plan_draws_per_digit():
         assert on.mean() == pytest.approx(0.3, abs=0.015) and lo <= plan[key][on].min() and plan[key][on].max() <= hi
     fixed = corruption_plan(100, (5, 5), 0.0, 0.0, np.random.default_rng(0))
     assert np.all(fixed["severity"] == 5) and not fixed["clean"].any()
-    assert not fixed["noise_std"].any() and not fixed["salt_pepper_frac"].any()
+    assert not fixed["noise_std"].any() and not fixed["salt_pepper_frac"].any() and not fixed["light"].any()
+
+
+def test_corruption_plan_light_draws_and_leaves_the_other_draws_alone():
+    plan = corruption_plan(20000, (0, 9), 0.1, 0.5, np.random.default_rng(0), light_prob=0.3)
+    assert plan["light"].mean() == pytest.approx(0.3, abs=0.015)
+    for key, (lo, hi) in TRAIN_LIGHT.items():
+        values = plan[{"factor": "light_factor", "grey_offset": "light_offset", "ramp": "light_ramp"}[key]]
+        assert lo <= values.min() and values.max() <= hi and values.mean() == pytest.approx((lo + hi) / 2, rel=0.02)
+    # the light rows are drawn after the others: every other draw equals a plan without light
+    without = corruption_plan(20000, (0, 9), 0.1, 0.5, np.random.default_rng(0))
+    assert all(np.array_equal(plan[k], without[k]) for k in ("severity", "clean", "noise_std", "salt_pepper_frac"))
+    # the relighting stays short of robust_contrast's level, which therefore still measures extrapolation
+    target = ROBUST_PARAMS["robust_contrast"]
+    assert target["factor"] < TRAIN_LIGHT["factor"][0] and target["ramp"] > TRAIN_LIGHT["ramp"][1]
 
 
 def test_corrupt_train_digit_defaults_are_corrupt_digit(test_digits):
@@ -666,6 +680,21 @@ def test_corrupt_train_digit_defaults_are_corrupt_digit(test_digits):
     assert not np.array_equal(corrupt_train_digit(d, 0, np.random.default_rng(1)), d)
     noisy = corrupt_train_digit(d, 5, np.random.default_rng(1), noise_std=30.0, salt_pepper_frac=0.08)
     assert np.mean(noisy == 255) > 0.02
+
+
+def test_train_light_relights_the_corrupted_digit(test_digits):
+    d = test_digits[0]
+    plain = corrupt_train_digit(d, 0, np.random.default_rng(1))
+    # the relighting is low_contrast applied to what corrupt_digit made, with the same generator after it
+    rng = np.random.default_rng(1)
+    expected = low_contrast(corrupt_digit(d, 0, rng), 0.5, 30.0, 40.0, rng)
+    lit = corrupt_train_digit(d, 0, np.random.default_rng(1), light=(0.5, 30.0, 40.0))
+    assert np.array_equal(lit, expected)
+    background = plain == 0
+    assert background.mean() > 0.3
+    # the black background turns grey (30 to 70 across the frame), the ink is halved
+    assert 25 <= lit[background].min() and lit[background].max() <= 75 and np.ptp(lit[background]) >= 25
+    assert np.ptp(lit.astype(float)) < 0.5 * np.ptp(plain.astype(float)) + 45
 
 
 def test_train_severity_equal_to_severity_is_the_default_build(built, tmp_path):
@@ -698,7 +727,28 @@ def test_training_options_change_train_digits_only(built, mnist, tmp_path):
     tc = meta["train_corruption"]
     assert tc["severity_range"] == [0, 8] and tc["clean_frac"] == 0.25 and tc["noise_prob"] == 0.5
     assert tc["noise_std_range"] == [10.0, 50.0] and tc["salt_pepper_frac_range"] == [0.01, 0.08]
+    assert tc["light_prob"] == 0 and tc["light_ramp_range"] == [0.0, 60.0]
     assert meta["severity"] == 5 and json.loads((out / "meta.json").read_text()) == meta
+
+
+def test_train_light_changes_train_backgrounds_only(built, tmp_path):
+    _, _, files = built
+    out = tmp_path / "light"
+    meta = build_pair_splits(out, *PAIRS.values(), severity=5, seed=7, robust_pairs=2, train_light=0.5)
+    train = np.load(out / "train.npz")
+    for split in ("val", "test"):
+        assert np.load(out / f"{split}.npz")["x"].tobytes() == files[split]["x"].tobytes()
+    assert all(np.array_equal(train[k], files["train"][k]) for k in ("y", "id", "src_a", "src_b"))
+    halves = np.concatenate([train["x"][:, :, :28], train["x"][:, :, 28:]])
+    old = np.concatenate([files["train"]["x"][:, :, :28], files["train"]["x"][:, :, 28:]])
+    changed = np.any(halves != old, axis=(1, 2))
+    # the first relit digit changes the generator's stream for those after it, so compare background levels:
+    # a relit digit has almost no black pixel left (offset + ramp > 0 everywhere except where the noise dips)
+    dark = np.mean(halves.reshape(len(halves), -1) == 0, axis=1)
+    relit = dark < 0.05
+    assert changed.mean() > 0.5 and 0.35 < relit.mean() < 0.65
+    assert np.mean(old.reshape(len(old), -1) == 0, axis=1).min() > 0.05   # no digit of the plain build is relit
+    assert meta["train_corruption"]["light_prob"] == 0.5
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -708,6 +758,7 @@ def test_training_options_change_train_digits_only(built, mnist, tmp_path):
     ({"train_severity": (float("nan"), 1)}, "--train_severity"),
     ({"train_clean": 1.5}, "--train_clean"), ({"train_clean": -0.1}, "--train_clean"),
     ({"train_noise": float("nan")}, "--train_noise"), ({"train_noise": True}, "--train_noise"),
+    ({"train_light": 2}, "--train_light"), ({"train_light": -0.5}, "--train_light"),
 ])
 def test_bad_new_build_options_name_the_flag(tmp_path, kwargs, flag):
     with pytest.raises(ValueError) as err:
@@ -726,13 +777,16 @@ def test_parse_severity_range():
 def test_cli_build_with_training_options(tmp_path):
     cmd = [sys.executable, "-m", "data.pair", "build", "--out", str(tmp_path / "cli"), "--train_pairs", "20",
            "--val_pairs", "4", "--test_pairs", "4", "--robust_pairs", "4"]
-    done = subprocess.run([*cmd, "--train_severity", "0,8", "--train_clean", "0.1", "--train_noise", "0.5"],
+    done = subprocess.run([*cmd, "--train_severity", "0,8", "--train_clean", "0.1", "--train_noise", "0.5",
+                           "--train_light", "0.3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(f"{name}.npz: 4 pairs" in done.stdout for name in ROBUST_SETS)
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
     assert meta["train_corruption"]["severity_range"] == [0, 8] and meta["train_corruption"]["noise_prob"] == 0.5
-    for bad, flag in ((["--train_severity", "5"], "--train_severity"), (["--train_noise", "1.5"], "--train_noise")):
+    assert meta["train_corruption"]["light_prob"] == 0.3
+    for bad, flag in ((["--train_severity", "5"], "--train_severity"), (["--train_noise", "1.5"], "--train_noise"),
+                      (["--train_light", "x"], "--train_light")):
         refused = subprocess.run([*cmd[:5], str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,
                                  timeout=120)
         assert refused.returncode == 2 and refused.stderr.startswith("data.pair: error: ")

@@ -237,6 +237,15 @@ def test_bad_input_one_line_exit_2_nothing_written(data_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("pair_*.yaml")))
+def test_presets_parse(preset, tmp_path):
+    # every key of the preset is a known flag with a valid value: the run gets as far as looking for its data
+    proc = run_python("train_pair.py", "--config", f"configs/{preset}", "--output_dir", str(tmp_path / "runs"),
+                      "--data_dir", str(tmp_path / "no_data"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "python -m data.pair build" in proc.stderr and not (tmp_path / "runs").exists()
+
+
 def test_non_finite_loss_stops_with_status_1(data_dir, tmp_path):
     proc = run_script("train_pair.py", [*TINY, "--data_dir", str(data_dir), "--output_dir", str(tmp_path),
                                         "--max_steps", "4", "--lr", "1e30", "--clip_grad", "1e30", "--run_name", "nan"],
