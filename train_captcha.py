@@ -6,12 +6,16 @@
 
 The model finds the gap and the slider piece in a composite CAPTCHA letterboxed to
 512x256 (RGB + padding mask). Training data is generated online in the DataLoader
-workers (a fresh set every epoch); the validation set is fixed by ``--val_seed``.
-Bring your own labelled images with ``--train_dir``/``--val_dir`` (a folder with
-``labels.csv``, see ``python -m data.captcha export``).
+workers (a fresh set every epoch, rendered with the ``--render`` mix); the validation set
+is fixed by ``--val_seed`` and always rendered as the original generator did. A second,
+held-out set (``--heldout_size``, ``--heldout_seed``) is rendered with settings the training
+mix never uses and is evaluated beside it (``val_heldout/*``). ``--backgrounds DIR`` adds your
+own photos to the training backgrounds. Bring your own labelled images with
+``--train_dir``/``--val_dir`` (a folder with ``labels.csv``, see ``python -m data.captcha export``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +26,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.captcha import CATEGORIES, CaptchaFolderDataset, SyntheticCaptchaDataset
+from data.captcha import (CATEGORIES, RENDER_HELDOUT, RENDERS, CaptchaFolderDataset, SyntheticCaptchaDataset,
+                          load_backgrounds)
 from losses.captcha import captcha_loss, valid_cells
 from metrics.captcha import captcha_metrics, decode, point_errors
 from models.lite_hrnet import LiteHRNet18FPN
@@ -64,6 +69,11 @@ class Args:
     train_size: int = 50_000              # synthetic samples per epoch (new ones every epoch)
     val_size: int = 2_000                 # fixed synthetic validation samples
     val_seed: int = 1_000_003             # seed of the validation set (keep it apart from --seed)
+    heldout_size: int | None = None       # held-out rendering set (val_heldout/*); none: = val_size, 0 skips it
+    heldout_seed: int = 2_000_003         # seed of the held-out set (keep it apart from --seed and --val_seed)
+    render: Literal["default", "train"] = "default"  # training data mix: default (original) or train (docs/captcha.md)
+    backgrounds: str | None = None        # folder of your images (png/jpg/jpeg/webp/bmp) added to the backgrounds
+    backgrounds_prob: float = 0.5         # share of training samples drawn on a --backgrounds image
     train_dir: str | None = None          # folder with labels.csv + images to train on instead of synthetic data
     val_dir: str | None = None            # folder with labels.csv + images to validate on
     fpn_channels: int = 64                # LiteFPN width
@@ -101,21 +111,41 @@ class Args:
             raise UsageError("--warmup_steps, --num_workers, --keep_last and --save_top_k must be >= 0")
         if self.val_seed == self.seed and self.train_dir is None and self.val_dir is None:
             raise UsageError("--val_seed must differ from --seed, or validation samples repeat training samples")
+        if self.heldout_size is None:
+            self.heldout_size = self.val_size
+        if self.heldout_size < 0:
+            raise UsageError(f"--heldout_size must be >= 0 (0 skips the held-out set), got {self.heldout_size}")
+        if self.heldout_size and self.heldout_seed in (self.seed, self.val_seed):
+            # the same seed draws the same layouts (categories, sizes, positions) under any render mix
+            raise UsageError(f"--heldout_seed {self.heldout_seed} must differ from --seed and --val_seed")
+        if not 0 <= self.backgrounds_prob <= 1:
+            raise UsageError(f"--backgrounds_prob must be in [0, 1], got {self.backgrounds_prob}")
+        if self.backgrounds is not None and self.train_dir is not None:
+            raise UsageError("--backgrounds adds to the synthetic training data; with --train_dir it would be unused")
 
 
 def build_dataloaders(args: Args):
+    """Training, validation and held-out loaders (the last None with --heldout_size 0). The validation set
+    keeps the original rendering whatever --render says, so its numbers stay comparable across runs and
+    with benchmarks/captcha_quality.py, which regenerates it from --val_seed."""
     try:
+        backgrounds = load_backgrounds(args.backgrounds) if args.backgrounds else ()
+        render = dataclasses.replace(RENDERS[args.render], user_prob=args.backgrounds_prob)
         train_ds = (CaptchaFolderDataset(args.train_dir) if args.train_dir
-                    else SyntheticCaptchaDataset(args.train_size, seed=args.seed, fresh_each_epoch=True))
+                    else SyntheticCaptchaDataset(args.train_size, seed=args.seed, fresh_each_epoch=True,
+                                                 render=render, backgrounds=backgrounds))
         val_ds = (CaptchaFolderDataset(args.val_dir) if args.val_dir
                   else SyntheticCaptchaDataset(args.val_size, seed=args.val_seed, fresh_each_epoch=False))
+        heldout_ds = (SyntheticCaptchaDataset(args.heldout_size, seed=args.heldout_seed, fresh_each_epoch=False,
+                                              render=RENDER_HELDOUT) if args.heldout_size else None)
     except ValueError as e:
         fail(str(e))
     # Workers are not persistent: each epoch they get a fresh copy of the dataset with the new epoch.
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
     train_dl = DataLoader(train_ds, shuffle=True, drop_last=True, **common)
     val_dl = DataLoader(val_ds, shuffle=False, drop_last=False, **common)
-    return train_dl, val_dl
+    heldout_dl = DataLoader(heldout_ds, shuffle=False, drop_last=False, **common) if heldout_ds else None
+    return train_dl, val_dl, heldout_dl
 
 
 def build_scheduler(optimizer, args: Args):
@@ -233,14 +263,20 @@ def train_step(model, batch, optimizer, accelerator, args: Args):
     return loss.detach(), parts, grad_norm
 
 
-def validate(model, ema, val_dl, accelerator, run, state: TrainState, args: Args, lr: float) -> dict:
-    """Evaluate the raw and the EMA weights, log val/* and val_ema/*, append summary.csv, draw figures."""
+def validate(model, ema, val_dl, heldout_dl, accelerator, run, state: TrainState, args: Args, lr: float) -> dict:
+    """Evaluate the raw and the EMA weights on the validation set (val/*, val_ema/*) and the held-out
+    rendering set (val_heldout/*, val_heldout_ema/*), log them, append summary.csv, draw figures."""
     metrics, arrays = evaluate(model, val_dl, accelerator, args)
     metrics = {f"val/{k}": v for k, v in metrics.items()}
+    if heldout_dl is not None:  # reported only: model selection and early stopping look at val/* alone
+        metrics.update({f"val_heldout/{k}": v for k, v in evaluate(model, heldout_dl, accelerator, args)[0].items()})
     selected = model
     if ema is not None:
         ema_metrics, arrays = evaluate(ema.module, val_dl, accelerator, args)
         metrics.update({f"val_ema/{k}": v for k, v in ema_metrics.items()})
+        if heldout_dl is not None:
+            metrics.update({f"val_heldout_ema/{k}": v
+                            for k, v in evaluate(ema.module, heldout_dl, accelerator, args)[0].items()})
         selected = ema.module
     state.last_metrics = metrics
     accelerator.log(metrics, step=state.global_step)
@@ -258,9 +294,12 @@ def validate(model, ema, val_dl, accelerator, run, state: TrainState, args: Args
 
 def main():
     args = parse_args(Args)
-    train_dl, val_dl = build_dataloaders(args)  # before start_run: a bad --train_dir fails before a run exists
+    train_dl, val_dl, heldout_dl = build_dataloaders(args)  # before start_run: bad data fails before a run exists
     model_json = model_record(LiteHRNet18FPN, **model_kwargs(args))
     accelerator, run = start_run(args, task="captcha", model_json=model_json)
+    if args.backgrounds:
+        run.log.info("backgrounds: %d images from %s in %.0f %% of the training samples",
+                     len(train_dl.dataset.backgrounds), args.backgrounds, 100 * args.backgrounds_prob)
     model = build_model(model_json)
     run.load_init(model)
     if args.channels_last:
@@ -268,6 +307,7 @@ def main():
     run.log.info("model: %.3f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    heldout_dl = accelerator.prepare(heldout_dl) if heldout_dl is not None else None
     if args.compile:
         model = torch.compile(model)
     scheduler = build_scheduler(optimizer, args)  # not prepared: stepped once per real update
@@ -295,7 +335,8 @@ def main():
                     desc="updates", dynamic_ncols=True)
     set_train_mode(model, args.freeze_bn)
     if args.init_from and state.global_step == 0:  # the starting point's own score, logged at update 0
-        metrics = validate(model, ema, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"])
+        metrics = validate(model, ema, val_dl, heldout_dl, accelerator, run, state, args,
+                           optimizer.param_groups[0]["lr"])
         ckpt.update_best(state, metrics, model, ema)
     meter = TrainMeter(accelerator, run.log)
     while state.global_step < args.max_steps and not stop:
@@ -316,7 +357,8 @@ def main():
                 meter.write(state.global_step, optimizer.param_groups[0]["lr"], grad_norm)
             last_step = state.global_step >= args.max_steps
             if state.global_step % eval_every == 0 or last_step:
-                metrics = validate(model, ema, val_dl, accelerator, run, state, args, optimizer.param_groups[0]["lr"])
+                metrics = validate(model, ema, val_dl, heldout_dl, accelerator, run, state, args,
+                           optimizer.param_groups[0]["lr"])
                 ckpt.update_best(state, metrics, model, ema)
                 stop = stopper.should_stop(metrics, accelerator)
                 if stop:

@@ -1,5 +1,7 @@
 """Synthetic slider-CAPTCHA generator, letterboxing, datasets and the export CLI (data/captcha/)."""
 import csv
+import dataclasses
+import hashlib
 import math
 import subprocess
 import sys
@@ -12,8 +14,9 @@ import pytest
 import torch
 
 import data.captcha.render as render
-from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, CATEGORY_PROBS, LABEL_COLUMNS, MIN_IMAGE_SIDE,
-                          CaptchaFolderDataset, SyntheticCaptchaDataset, export, generate_captcha, letterbox,
+from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, CATEGORY_PROBS, HELDOUT_PHOTOS, LABEL_COLUMNS,
+                          MIN_IMAGE_SIDE, RENDER_HELDOUT, RENDER_TRAIN, RENDERS, SHAPES, CaptchaFolderDataset,
+                          RenderConfig, SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_backgrounds,
                           load_image, to_input_tensor)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +28,8 @@ def centroid(alpha: np.ndarray) -> tuple[float, float]:
     return m["m10"] / m["m00"] + 0.5, m["m01"] / m["m00"] + 0.5
 
 
-def with_layers(seed) -> dict:
-    """generate_captcha(seed) plus "background" (the image before any gap or slider was drawn) and
+def with_layers(seed, config: RenderConfig = RenderConfig(), backgrounds: tuple = ()) -> dict:
+    """generate_captcha(seed, config, backgrounds) plus "background" (the image before any gap or slider was drawn) and
     "gap_alpha", "fake_alpha" ((h, w) uint8 alpha of the real gap and of the fakes).
 
     Recorded by wrapping render._shade_gap, whose first call shades the real gap into a copy of the
@@ -45,7 +48,7 @@ def with_layers(seed) -> dict:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(render, "_shade_gap", recording)
-        s = generate_captcha(seed)
+        s = generate_captcha(seed, config, backgrounds)
     return {**s, **layers}
 
 
@@ -342,3 +345,262 @@ def test_folder_dataset_refuses_an_image_listed_twice_and_too_small_images(tmp_p
         load_image(tmp_path / "thin.png")
     cv2.imwrite(str(tmp_path / "small_ok.png"), np.zeros((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 3), np.uint8))
     assert load_image(tmp_path / "small_ok.png").shape == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 3)
+
+
+# ---------------------------------------------------------------------------- rendering options (RenderConfig)
+
+# fingerprint() of generate_captcha(seed) computed with the generator as it was before RenderConfig existed:
+# the default config must keep every sample of every seed bit for bit (one seed per confusion category).
+ORIGINAL_FINGERPRINTS = {
+    0: "570772bf2bb742a7", 1: "97834b812f6441af", 2: "62168fb534de1491", 4: "a6600221def3f2c2",
+    5: "bf1ec91d36203c5c", 8: "9f49c03905ec9b07", 19: "588e7ca7216d1f76", 21: "f18fba956545ca38",
+    (3, 0, 5): "913d3d36a3b38a68", (1_000_003, 0, 2): "5fc1622ec7172cad",
+}
+LABEL_KEYS = ("gap", "slider", "fake_gaps", "angle", "category", "shape", "slider_box")
+# each option alone, forced on (probability 1), plus the two named mixes
+OPTIONS = {
+    "veil": RenderConfig(gap_style_probs=(0.0, 1.0, 0.0, 0.0)),
+    "inset": RenderConfig(gap_style_probs=(0.0, 0.0, 1.0, 0.0)),
+    "outline": RenderConfig(gap_style_probs=(0.0, 0.0, 0.0, 1.0)),
+    "slider_shadow": RenderConfig(slider_shadow_prob=1.0),
+    "slider_offset": RenderConfig(slider_offset_prob=1.0),
+    "slider_x": RenderConfig(slider_x_prob=1.0, slider_x_px=(25, 40)),
+    "colour": RenderConfig(colour_prob=1.0),
+    "jpeg": RenderConfig(jpeg_prob=1.0),
+    "webp": RenderConfig(webp_prob=1.0),
+    "mosaic": RenderConfig(procedural_probs=(0.0, 0.0, 0.0, 0.0, 1.0)),
+    "train": RENDER_TRAIN,
+    "heldout": RENDER_HELDOUT,
+}
+# options that change pixels only: every label and the layout stay those of the default sample
+PIXEL_ONLY = ("veil", "inset", "outline", "slider_shadow", "colour", "jpeg", "webp")
+
+
+def fingerprint(s: dict) -> str:
+    h = hashlib.sha256(repr((s["image"].shape, *(s[k] for k in LABEL_KEYS))).encode())
+    h.update(s["image"].tobytes())
+    h.update(s["piece_alpha"].tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_default_render_is_the_original_generator_bit_for_bit():
+    for seed, expected in ORIGINAL_FINGERPRINTS.items():
+        s = generate_captcha(seed)
+        assert fingerprint(s) == expected, seed
+        assert fingerprint(generate_captcha(seed, RenderConfig())) == expected
+        assert s["render"] == {"background": s["render"]["background"], "gap_style": "darken", "slider_shadow": False,
+                               "slider_offset": 0, "colour_shift": False, "compression": "none", "quality": None}
+    assert RENDERS["default"] == RenderConfig()
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_render_option_is_deterministic_per_seed(option):
+    render = OPTIONS[option]
+    changed = 0
+    for seed in (0, 1, 2):
+        a, b = generate_captcha(seed, render), generate_captcha(seed, render)
+        assert fingerprint(a) == fingerprint(b) and a["render"] == b["render"]
+        changed += fingerprint(a) != ORIGINAL_FINGERPRINTS.get(seed, fingerprint(generate_captcha(seed)))
+    assert changed, f"{option}: no seed rendered differently from the default"
+    assert fingerprint(generate_captcha(3, render)) != fingerprint(generate_captcha(4, render))
+
+
+@pytest.mark.parametrize("option", PIXEL_ONLY)
+def test_pixel_only_options_keep_every_label(option):
+    """Gap styles, the slider's shadow, colour shifts and compression change pixels, never the labels."""
+    for seed in range(6):
+        plain, shown = generate_captcha(seed), generate_captcha(seed, OPTIONS[option])
+        for key in LABEL_KEYS:
+            assert shown[key] == plain[key], (option, seed, key)
+        assert np.array_equal(shown["piece_alpha"], plain["piece_alpha"])
+        assert shown["image"].shape == plain["image"].shape and not np.array_equal(shown["image"], plain["image"])
+    drawn = generate_captcha(0, OPTIONS[option])["render"]
+    expected = {"veil": ("gap_style", "veil"), "inset": ("gap_style", "inset"), "outline": ("gap_style", "outline"),
+                "slider_shadow": ("slider_shadow", True), "colour": ("colour_shift", True),
+                "jpeg": ("compression", "jpeg"), "webp": ("compression", "webp")}[option]
+    assert drawn[expected[0]] == expected[1]
+
+
+def test_compression_stays_close_to_the_lossless_image():
+    for option, limit in (("jpeg", 12.0), ("webp", 12.0)):
+        for seed in range(4):
+            plain, packed = generate_captcha(seed), generate_captcha(seed, OPTIONS[option])
+            assert 40 <= packed["render"]["quality"] <= 95
+            assert np.abs(packed["image"].astype(np.float64) - plain["image"]).mean() < limit, (option, seed)
+
+
+@pytest.mark.parametrize("style", ["veil", "inset", "outline"])
+def test_gap_styles_draw_inside_the_labelled_gap(style):
+    """Each gap style changes pixels only under the gap's (and the fakes') alpha, whose centroid is the label;
+    an outline changes the edge more than the interior."""
+    for seed in range(8):
+        s = with_layers(seed, OPTIONS[style])
+        assert s["render"]["gap_style"] == style
+        assert centroid(s["gap_alpha"]) == pytest.approx(s["gap"], abs=0.02)
+        x0, y0, x1, y1 = s["slider_box"]
+        shapes = ((s["gap_alpha"] > 0) | (s["fake_alpha"] > 0)).astype(np.uint8)
+        allowed = cv2.dilate(shapes, np.ones((3, 3), np.uint8)).astype(bool)  # the 3x3 blur softens the outline
+        allowed[y0:y1, x0:x1] = True
+        diff = np.abs(s["image"].astype(np.int16) - s["background"]).max(axis=2)
+        assert not diff[~allowed].any(), (style, seed)
+        solid = (s["gap_alpha"] == 255).astype(np.uint8)
+        edge = solid.astype(bool) & ~cv2.erode(solid, np.ones((3, 3), np.uint8)).astype(bool)
+        inner = cv2.erode(solid, np.ones((11, 11), np.uint8)).astype(bool)
+        assert diff[edge].mean() > 8, (style, seed)
+        if style == "outline":
+            assert diff[edge].mean() > 2 * diff[inner].mean() + 4, seed
+
+
+@pytest.mark.parametrize("option", ["default", "slider_shadow", "slider_offset", "slider_x", "train"])
+def test_slider_is_drawn_where_its_label_says(option, monkeypatch):
+    """With a plain magenta slider, its solid alpha and nothing outside it shows in magenta at slider_box, and
+    the slider label is that box's corner plus the alpha's centroid, also off the gap's row and further right."""
+    magenta = np.array([255, 0, 255], np.float32)
+    monkeypatch.setattr(render, "_slider_pixels", lambda rng, texture, alpha, noise: np.broadcast_to(
+        magenta, (*alpha.shape, 3)).copy())
+    # colour shifts and compression off: they would change the magenta
+    config = dataclasses.replace(OPTIONS.get(option, RENDERS.get(option)), colour_prob=0.0, jpeg_prob=0.0)
+    offsets = set()
+    for seed in range(10):
+        s = with_layers(seed, config)
+        x0, y0, x1, y1 = s["slider_box"]
+        alpha = s["piece_alpha"]
+        solid, covered = np.zeros(s["image"].shape[:2], bool), np.zeros(s["image"].shape[:2], bool)
+        solid[y0:y1, x0:x1], covered[y0:y1, x0:x1] = alpha == 255, alpha > 0
+        was = (s["background"] == (255, 0, 255)).all(axis=2)  # pixels that were magenta before tell nothing
+        now = (s["image"] == (255, 0, 255)).all(axis=2)
+        band = np.s_[:, :x1 + 1]  # the gap and the fakes lie right of the slider
+        # every solid pixel is magenta; an outline pixel may round to it too, nothing outside the alpha does
+        assert now[solid].all() and not (now & ~was & ~covered)[band].any(), (option, seed)
+        cx, cy = centroid(alpha)
+        assert s["slider"] == pytest.approx((x0 + cx, y0 + cy), abs=1e-6)
+        assert s["slider"][1] - s["gap"][1] == pytest.approx(s["render"]["slider_offset"], abs=1e-9)
+        offsets.add(s["render"]["slider_offset"])
+        gap_cols = np.nonzero(s["gap_alpha"].any(axis=0))[0]
+        assert gap_cols[0] >= x1 + 10 - 3  # the gap stays right of the slider (3 px: rotation padding)
+        if option == "slider_offset":
+            assert 1 <= abs(s["render"]["slider_offset"]) <= 6
+        if option == "slider_x":
+            assert 25 <= x0 <= 40
+        if option in ("default", "slider_shadow"):
+            assert 0 <= x0 <= 10 and s["render"]["slider_offset"] == 0
+    if option in ("slider_offset", "train"):
+        assert len(offsets) > 1
+
+
+def test_sub_pixel_centroids_of_anti_aliased_pieces():
+    """A piece drawn at a fractional position: its anti-aliased alpha (partial values on the outline) has the
+    centroid of its 16x supersampled coverage, so labels keep sub-pixel precision; for a circle, which cv2
+    draws without bias, that is the position itself."""
+    rng = np.random.default_rng(0)
+    for shape in SHAPES:
+        prims = render._centre_on_centroid(render._shape_primitives(rng, shape, 55.0))
+        n = int(math.ceil(2 * render._extent(prims))) + 4
+        for fx, fy in ((0.0, 0.0), (0.25, 0.5), (0.9, 0.1), (0.33, 0.67)):
+            centre = (n / 2 + fx, n / 2 + fy)
+            coverage = render._rasterise(prims, 0.0, 0.0, 1.0, centre, (n, n))
+            alpha = render._downsample(coverage)
+            assert ((alpha > 0) & (alpha < 255)).sum() > 50  # anti-aliased outline
+            m = cv2.moments(coverage)
+            exact = ((m["m10"] / m["m00"] + 0.5) / 4, (m["m01"] / m["m00"] + 0.5) / 4)
+            assert render._centroid(alpha) == pytest.approx(exact, abs=0.01), (shape, fx, fy)
+            # polygons: cv2's fixed-point fill is biased by up to ~0.25 px, the label measures what was drawn
+            tolerance = 0.01 if shape == "circle" else 0.3  # circle: centres on a 1/64 px fixed-point grid
+            assert render._centroid(alpha) == pytest.approx(centre, abs=tolerance), (shape, fx, fy)
+    fractions = [math.modf(generate_captcha(seed, RENDER_TRAIN)["slider"][0])[0] for seed in range(40)]
+    assert np.std(fractions) > 0.2
+
+
+def test_heldout_render_uses_no_training_setting():
+    train, heldout = RENDER_TRAIN.uses(), RENDER_HELDOUT.uses()
+    assert train.keys() == heldout.keys()
+    for kind in train:
+        assert not train[kind] & heldout[kind], kind
+    assert heldout == {"photos": set(HELDOUT_PHOTOS), "procedural": {"mosaic"}, "gap_styles": {"outline"},
+                       "compression": {"webp"}}
+    assert train["gap_styles"] == {"darken", "veil", "inset"} and train["compression"] == {"none", "jpeg"}
+    for seed in range(30):
+        h, t, d = (generate_captcha(seed, r) for r in (RENDER_HELDOUT, RENDER_TRAIN, RenderConfig()))
+        assert h["render"]["background"] in (*HELDOUT_PHOTOS, "mosaic")
+        assert h["render"]["gap_style"] == "outline" and h["render"]["compression"] == "webp"
+        assert t["render"]["background"] not in (*HELDOUT_PHOTOS, "mosaic")
+        assert t["render"]["gap_style"] != "outline" and t["render"]["compression"] != "webp"
+        assert h["category"] == t["category"] == d["category"]  # the confusion mix is the same in every config
+
+
+def test_render_config_rejects_bad_values():
+    for bad, match in (({"gap_style_probs": (0.5, 0.5, 0.5, 0.0)}, "gap_style_probs"),
+                       ({"procedural_probs": (1.0,)}, "procedural_probs"),
+                       ({"photos": ("astronaut", "nope")}, "photos"), ({"photos": ()}, "photos"),
+                       ({"jpeg_prob": 0.7, "webp_prob": 0.5}, "jpeg_prob \\+ webp_prob"),
+                       ({"colour_prob": 1.5}, "colour_prob"), ({"slider_offset_px": (1, 11)}, "slider_offset_px"),
+                       ({"slider_x_px": (0, 41)}, "slider_x_px"), ({"jpeg_quality": (90, 40)}, "jpeg_quality")):
+        with pytest.raises(ValueError, match=f"RenderConfig.*{match}"):
+            RenderConfig(**bad)
+
+
+def _solid_folder(root: Path, colour_rgb=(10, 200, 30)) -> Path:
+    root.mkdir()
+    cv2.imwrite(str(root / "solid.PNG"), np.full((60, 90, 3), colour_rgb[::-1], np.uint8))
+    (root / "notes.txt").write_text("not an image, ignored")
+    return root
+
+
+def test_user_backgrounds_appear_in_the_samples(tmp_path):
+    pool = load_backgrounds(_solid_folder(tmp_path / "bg"))
+    assert len(pool) == 1 and pool[0].shape == (60, 90, 3) and tuple(pool[0][0, 0]) == (10, 200, 30)
+    always = RenderConfig(user_prob=1.0)
+    for seed in range(3):
+        s = with_layers(seed, always, pool)
+        assert s["render"]["background"] == "user"
+        assert (s["background"] == (10, 200, 30)).all()  # cropped and resized to the sample's own size
+        plain = generate_captcha(seed)
+        for key in LABEL_KEYS:
+            assert s[key] == plain[key]
+    assert generate_captcha(0, RenderConfig(user_prob=0.0), pool)["render"]["background"] != "user"
+    sources = Counter(generate_captcha(seed, RenderConfig(), pool)["render"]["background"] == "user"
+                      for seed in range(60))
+    assert 15 <= sources[True] <= 45  # user_prob 0.5
+    item = SyntheticCaptchaDataset(2, seed=1, render=always, backgrounds=pool)[0]
+    assert torch.equal(item["image"], SyntheticCaptchaDataset(2, seed=1, render=always, backgrounds=pool)[0]["image"])
+    big = tmp_path / "big"
+    big.mkdir()
+    cv2.imwrite(str(big / "wide.jpg"), np.zeros((300, 2048, 3), np.uint8))
+    assert load_backgrounds(big)[0].shape == (150, 1024, 3)
+
+
+def test_backgrounds_folder_errors_name_the_flag_and_file(tmp_path):
+    with pytest.raises(ValueError, match=r"^--backgrounds \S*missing: no such folder; expected a folder of images"):
+        load_backgrounds(tmp_path / "missing")
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"^--backgrounds \S*file\.png: not a folder"):
+        load_backgrounds(tmp_path / "file.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"^--backgrounds \S*empty: no images in it; expected .*\.png, \.jpg"):
+        load_backgrounds(tmp_path / "empty")
+    bad = _solid_folder(tmp_path / "bad")
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"^--backgrounds \S*broken\.jpg: not a decodable image"):
+        load_backgrounds(bad)
+
+
+def test_export_cli_render_and_backgrounds(tmp_path):
+    bg = _solid_folder(tmp_path / "bg")
+    out = tmp_path / "held"
+    cmd = [sys.executable, "-m", "data.captcha", "export", "--out", str(out), "--n", "2", "--seed", "5",
+           "--render", "heldout", "--backgrounds", str(bg), "--backgrounds_prob", "0"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with open(out / "labels.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    for i, row in enumerate(rows):
+        s = generate_captcha((5, 0, i), RENDER_HELDOUT)
+        assert np.array_equal(load_image(out / row[0]), s["image"])
+        assert [float(v) for v in row[1:]] == pytest.approx([*s["gap"], *s["slider"]], abs=1e-3)
+    (bg / "broken.png").write_bytes(b"not a png")
+    bad = subprocess.run([*cmd[:5], str(tmp_path / "never"), *cmd[6:]], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "--backgrounds" in bad.stderr and "broken.png" in bad.stderr
+    assert not (tmp_path / "never").exists()

@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -37,11 +39,20 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
+def backgrounds_folder(root: Path) -> Path:
+    """A --backgrounds folder with one small solid-colour image."""
+    root.mkdir(parents=True)
+    cv2.imwrite(str(root / "wall.png"), np.full((48, 64, 3), (30, 90, 200), np.uint8))
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
+    backgrounds = backgrounds_folder(tmp_path_factory.mktemp("bg") / "photos")
     proc = run_script("train_captcha.py", tiny(out, "--max_steps", "4", "--eval_every_steps", "2",
-                                               "--save_every_steps", "2", "--report_to", "wandb"))
+                                               "--save_every_steps", "2", "--report_to", "wandb",
+                                               "--render", "train", "--backgrounds", str(backgrounds)))
     return out, proc
 
 
@@ -62,6 +73,10 @@ def test_one_process_run_layout_and_wandb_offline(one_process_run):
         assert sum(p.numel() for p in export.model.parameters()) > 100_000
     rows = list(csv.DictReader((run / "summary.csv").open()))
     assert [r["step"] for r in rows] == ["2", "4"] and "val_ema/hit_le_5px" in rows[0]
+    # the held-out rendering set (--heldout_size defaults to --val_size) beside the validation set
+    assert float(rows[0]["val_heldout/num_samples"]) == 5 and "val_heldout_ema/hit_le_5px" in rows[0]
+    assert "val_heldout_ema/hit_le_5px" in json.loads((run / "best" / "metrics.json").read_text())
+    assert "backgrounds: 1 images from" in (run / "train.log").read_text()
     assert len(list((run / "figures").glob("vis_overlay_step*.png"))) == 2
     assert "validation after 4 updates" in proc.stdout and str(run) in proc.stdout
     offline = list((run / "wandb").glob("offline-run-*"))
@@ -80,6 +95,7 @@ def test_two_process_run_gathers_metrics(tmp_path):
     assert "2 process(es) (MULTI_CPU)" in log, log
     metrics = json.loads((run / "final" / "metrics.json").read_text())
     assert metrics["val/num_samples"] == 5  # 5 samples over 2 ranks: padding removed by gather_for_metrics
+    assert metrics["val_heldout/num_samples"] == 5
     assert proc.stdout.count("validation after 2 updates") == 1
 
 
@@ -110,7 +126,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, nproc):
     # 0.2 px of val_ema/mae_px at update 14).
     assert a_rows[-1].keys() == b_rows[-1].keys()
     for key, value in a_rows[-1].items():
-        if not key.startswith("val_ema/"):
+        if not key.startswith(("val_ema/", "val_heldout_ema/")):
             assert float(b_rows[-1][key]) == pytest.approx(float(value), rel=1e-6, abs=1e-9), key
 
 
@@ -167,6 +183,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     (["--init_from", "/nonexistent/run"], "--init_from /nonexistent/run: no such run"),
     (["--clip_grad", "0"], "--clip_grad must be > 0"),
     (["--init_from", "RUN", "--fpn_channels", "32"], "weights do not fit the model: 42 tensors of another shape"),
+    (["--backgrounds", "/nonexistent/photos"], "--backgrounds /nonexistent/photos: no such folder; expected a folder"),
+    (["--backgrounds", "BADBG"], "broken.jpg: not a decodable image"),
+    (["--heldout_seed", "1000003"], "--heldout_seed 1000003 must differ from --seed and --val_seed"),
+    (["--render", "heldout"], "--render: expected one of default, train"),
 ])
 def test_bad_input_one_line_exit_2_and_runs_untouched(one_process_run, tmp_path, extra, message):
     out, _ = one_process_run
@@ -175,6 +195,10 @@ def test_bad_input_one_line_exit_2_and_runs_untouched(one_process_run, tmp_path,
         bad = tmp_path / "bad.yaml"
         bad.write_text("learning_rate: 0.1\n")
         extra = ["--config", str(bad)]
+    if "BADBG" in extra:
+        folder = backgrounds_folder(tmp_path / "bg")
+        (folder / "broken.jpg").write_bytes(b"not a jpeg")
+        extra = ["--backgrounds", str(folder)]
     extra = [str(only_run(out)) if e == "RUN" else e for e in extra]
     # Plain python: `accelerate launch` adds its own traceback and exit status 1 around the script's.
     proc = subprocess.run([os.sys.executable, str(ROOT / "train_captcha.py"), *tiny(out, *extra)], cwd=ROOT,
@@ -240,7 +264,8 @@ def test_train_and_validate_on_exported_folders(tmp_path):
     export(tmp_path / "val", n=3, seed=2)
     run_script("train_captcha.py", tiny(tmp_path / "runs", "--max_steps", "3", "--eval_every_steps", "3",
                                         "--run_name", "own", "--train_dir", str(tmp_path / "train"),
-                                        "--val_dir", str(tmp_path / "val")))
+                                        "--val_dir", str(tmp_path / "val"), "--heldout_size", "0"))
     rows = read_csv(tmp_path / "runs" / "own" / "summary.csv")
     assert [r["step"] for r in rows] == ["3"] and float(rows[0]["val/num_samples"]) == 3
+    assert not any(key.startswith("val_heldout") for key in rows[0])  # --heldout_size 0 skips the set
     assert (tmp_path / "runs" / "own" / "final" / "model.safetensors").is_file()

@@ -1,11 +1,13 @@
 """Slider-CAPTCHA data: a deterministic synthetic generator, letterboxing to the model canvas, a
 synthetic and a folder dataset, and a PNG + labels.csv exporter.
 
-    python -m data.captcha export --out DIR --n N [--seed S]
+    python -m data.captcha export --out DIR --n N [--seed S] [--render default|train|heldout] [--backgrounds DIR]
 
-    render.py       generate_captcha(seed): backgrounds, piece shapes, gap and slider lighting, layout
+    render.py       generate_captcha(seed, render): backgrounds, piece shapes, gap and slider lighting, layout;
+                    RenderConfig (gap styles, slider shadow/offset/position, colour shift, JPEG/WebP) and
+                    the named mixes RENDERS: default (the original generator), train, heldout
     image.py        letterbox to the CANVAS_W x CANVAS_H canvas, the (4, H, W) input tensor
-    io.py           load_image, labels.csv reading, export (the labelled-folder format)
+    io.py           load_image, labels.csv reading, export (the labelled-folder format), load_backgrounds
     dataset.py      SyntheticCaptchaDataset, CaptchaFolderDataset
     __main__.py     the command line
 
@@ -20,9 +22,11 @@ generated online in DataLoader workers and the validation set is fixed by its se
 """
 from .dataset import CaptchaFolderDataset, SyntheticCaptchaDataset
 from .image import CANVAS_H, CANVAS_W, letterbox, to_input_tensor
-from .io import LABEL_COLUMNS, MIN_IMAGE_SIDE, export, load_image
-from .render import CATEGORIES, CATEGORY_PROBS, COMBINABLE, MAX_FAKE_GAPS, SHAPE_PROBS, SHAPES, generate_captcha
+from .io import BACKGROUND_SUFFIXES, LABEL_COLUMNS, MIN_IMAGE_SIDE, export, load_backgrounds, load_image
+from .render import (CATEGORIES, CATEGORY_PROBS, COMBINABLE, GAP_STYLES, HELDOUT_PHOTOS, MAX_FAKE_GAPS, RENDER_HELDOUT,
+                     RENDER_TRAIN, RENDERS, SHAPE_PROBS, SHAPES, RenderConfig, generate_captcha)
 
-__all__ = ["CANVAS_H", "CANVAS_W", "CATEGORIES", "CATEGORY_PROBS", "COMBINABLE", "LABEL_COLUMNS", "MAX_FAKE_GAPS",
-           "MIN_IMAGE_SIDE", "SHAPES", "SHAPE_PROBS", "CaptchaFolderDataset", "SyntheticCaptchaDataset", "export",
-           "generate_captcha", "letterbox", "load_image", "to_input_tensor"]
+__all__ = ["BACKGROUND_SUFFIXES", "CANVAS_H", "CANVAS_W", "CATEGORIES", "CATEGORY_PROBS", "COMBINABLE", "GAP_STYLES",
+           "HELDOUT_PHOTOS", "LABEL_COLUMNS", "MAX_FAKE_GAPS", "MIN_IMAGE_SIDE", "RENDERS", "RENDER_HELDOUT",
+           "RENDER_TRAIN", "SHAPES", "SHAPE_PROBS", "CaptchaFolderDataset", "RenderConfig", "SyntheticCaptchaDataset",
+           "export", "generate_captcha", "letterbox", "load_backgrounds", "load_image", "to_input_tensor"]

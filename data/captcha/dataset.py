@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from .image import letterbox, to_input_tensor
 from .io import _read_labels, load_image
-from .render import CATEGORIES, MAX_FAKE_GAPS, generate_captcha
+from .render import CATEGORIES, MAX_FAKE_GAPS, RenderConfig, generate_captcha
 
 
 def _pack(image: np.ndarray, gap, slider, fake_gaps, angle: float, category: int, index: int) -> dict:
@@ -33,17 +33,19 @@ def _pack(image: np.ndarray, gap, slider, fake_gaps, angle: float, category: int
 class SyntheticCaptchaDataset(Dataset):
     """Online synthetic CAPTCHAs letterboxed to the canvas; labels in canvas px.
 
-    Item i of epoch e is generate_captcha((seed, e, i)) when fresh_each_epoch (training: new
-    samples every epoch, reproducible from the seed), else always (seed, 0, i) (a fixed
-    validation set, the same samples `export(dir, n, seed)` writes). Call set_epoch before the
+    Item i of epoch e is generate_captcha((seed, e, i), render, backgrounds) when fresh_each_epoch
+    (training: new samples every epoch, reproducible from the seed), else always (seed, 0, i) (a fixed
+    validation set, the same samples `export(dir, n, seed, render)` writes). Call set_epoch before the
     epoch's DataLoader iterator is created: workers copy the dataset when the iterator starts,
     so persistent_workers=True would keep them on the old epoch.
     """
 
-    def __init__(self, size: int, seed: int, fresh_each_epoch: bool = True):
+    def __init__(self, size: int, seed: int, fresh_each_epoch: bool = True, render: RenderConfig = RenderConfig(),
+                 backgrounds: tuple = ()):
         if size < 1 or seed < 0:
             raise ValueError(f"SyntheticCaptchaDataset needs size >= 1 and seed >= 0, got size={size}, seed={seed}")
         self.size, self.seed, self.fresh_each_epoch, self.epoch = int(size), int(seed), fresh_each_epoch, 0
+        self.render, self.backgrounds = render, tuple(backgrounds)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -54,7 +56,8 @@ class SyntheticCaptchaDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self.size} samples")
-        s = generate_captcha((self.seed, self.epoch if self.fresh_each_epoch else 0, int(i)))
+        s = generate_captcha((self.seed, self.epoch if self.fresh_each_epoch else 0, int(i)), self.render,
+                             self.backgrounds)
         return _pack(s["image"], s["gap"], s["slider"], s["fake_gaps"], s["angle"],
                      CATEGORIES.index(s["category"]), i)
 

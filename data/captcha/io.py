@@ -1,5 +1,6 @@
-"""Files on disk: reading an image, the labelled-folder format (DIR/labels.csv plus images) and the
-exporter that writes synthetic samples in that format (python -m data.captcha export).
+"""Files on disk: reading an image, the labelled-folder format (DIR/labels.csv plus images), the exporter
+that writes synthetic samples in that format (python -m data.captcha export) and the user's folder of
+background images (--backgrounds).
 
 labels.csv holds one row per image (an image listed twice is an error), header LABEL_COLUMNS, coordinates
 as float pixels of the original image (not the canvas), centres at +0.5 as everywhere in data/captcha.
@@ -14,12 +15,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .render import generate_captcha
+from .render import RenderConfig, generate_captcha
 
 LABEL_COLUMNS = ("filename", "gap_x", "gap_y", "slider_x", "slider_y")
 # px; the smallest piece generate_captcha draws is about 26 px across: a smaller image cannot hold a gap
 # and a slider (letterboxing would only blow it up)
 MIN_IMAGE_SIDE = 24
+BACKGROUND_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_USER_MAX_SIDE = 1024  # px, long side of a user background: as the skimage photos, crops of it still have detail
 
 
 def load_image(path) -> np.ndarray:
@@ -86,9 +89,38 @@ def _read_labels(csv_path: Path) -> list[tuple[str, float, float, float, float]]
     return rows
 
 
-def export(out_dir, n: int, seed: int = 0) -> Path:
+def load_backgrounds(folder) -> tuple[np.ndarray, ...]:
+    """The images directly inside folder (BACKGROUND_SUFFIXES, any case; other files and subfolders are
+    ignored), as (h, w, 3) uint8 RGB shrunk to at most _USER_MAX_SIDE px on the long side, in name order.
+    A missing folder, a file, a folder without images or an image that cannot be read is one ValueError
+    naming --backgrounds and the file."""
+    path = Path(folder)
+    expected = f"expected a folder of images ({', '.join(BACKGROUND_SUFFIXES)})"
+    if not path.exists():
+        raise ValueError(f"--backgrounds {path}: no such folder; {expected}")
+    if not path.is_dir():
+        raise ValueError(f"--backgrounds {path}: not a folder; {expected}")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in BACKGROUND_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"--backgrounds {path}: no images in it; {expected}")
+    images = []
+    for file in files:
+        try:
+            image = load_image(file)
+        except ValueError as e:
+            raise ValueError(f"--backgrounds {e}") from None
+        # kept for the whole run in every worker: the largest crops need no more than this
+        shrink = _USER_MAX_SIDE / max(image.shape[:2])
+        if shrink < 1:
+            image = cv2.resize(image, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        images.append(image)
+    return tuple(images)
+
+
+def export(out_dir, n: int, seed: int = 0, render: RenderConfig = RenderConfig(), backgrounds: tuple = ()) -> Path:
     """Write n CAPTCHAs as PNGs plus labels.csv (original px, 3 decimals) into an empty or new
-    directory; sample i is generate_captcha((seed, 0, i)), i.e. the validation set of that seed."""
+    directory; sample i is generate_captcha((seed, 0, i), render, backgrounds), i.e. with the default
+    render the validation set of that seed."""
     out = Path(out_dir)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -97,7 +129,7 @@ def export(out_dir, n: int, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = [LABEL_COLUMNS]
     for i in range(n):
-        s = generate_captcha((seed, 0, i))
+        s = generate_captcha((seed, 0, i), render, backgrounds)
         name = f"captcha_{i:06d}.png"
         if not cv2.imwrite(str(out / name), cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR)):
             raise OSError(f"{out / name}: could not write PNG")

@@ -1,17 +1,22 @@
-"""The slider-CAPTCHA renderer: generate_captcha(seed) draws a background (a skimage photograph or a
-procedural image), a piece outline, cuts a shaded gap (plus fake gaps) into the background and pastes
-the slider piece at the left edge.
+"""The slider-CAPTCHA renderer: generate_captcha(seed, render) draws a background (a skimage photograph,
+a procedural image or one of the user's images), a piece outline, cuts a shaded gap (plus fake gaps) into
+the background, pastes the slider piece at the left edge, then optionally shifts the colours and
+compresses the whole image as a web page would deliver it.
 
 Coordinates are continuous pixels: pixel (col, row) covers [col, col+1) x [row, row+1), so its centre
 is (col + 0.5, row + 0.5). Labels are alpha-weighted centroids (image moments) of the anti-aliased
 piece masks, kept as floats (the original truncated them to ints: bug #15). A sample is a pure
-function of its seed (np.random.SeedSequence): every random draw comes from one Generator in a fixed
-order, so reordering or adding draws anywhere here changes every sample of every seed.
+function of its seed and its RenderConfig (np.random.SeedSequence): every draw of the original generator
+comes from one Generator in a fixed order, so reordering or adding draws there changes every sample of
+every seed. The rendering options of RenderConfig draw from child streams of the same SeedSequence, one
+per option (_STREAMS), so RenderConfig() reproduces the original samples bit for bit, and switching one
+option on or off leaves the draws of every other option as they were.
 Fields are float32 (h, w) in [0, 1] unless stated; images are (h, w, 3) uint8 RGB.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -36,8 +41,101 @@ _COMMON_SIZES = ((320, 160), (360, 180), (400, 200), (384, 192))
 # skimage.data photographs stored inside the wheel; the others need a network download
 _PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
            "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket")
-_PROCEDURAL = ("gradient", "noise", "stripes", "clutter")
-_PROCEDURAL_PROBS = (0.2, 0.3, 0.15, 0.35)
+_PROCEDURAL = ("gradient", "noise", "stripes", "clutter", "mosaic")
+_PROCEDURAL_PROBS = (0.2, 0.3, 0.15, 0.35, 0.0)  # mosaic: a family only the held-out set uses
+
+
+GAP_STYLES = ("darken", "veil", "inset", "outline")
+PHOTOS = _PHOTOS
+HELDOUT_PHOTOS = ("brick", "chelsea", "coffee", "rocket")   # never in RENDER_TRAIN's background pool
+PROCEDURAL = _PROCEDURAL
+# one child stream of the sample's SeedSequence per rendering option, in this (fixed) order
+_STREAMS = ("background", "gap_style", "slider", "colour", "compression")
+_SLIDER_X_WIDE_MAX = 40   # px: a 280 px wide image still fits the gap and a fake right of a 70 px slider there
+
+
+def _check_probs(name: str, probs: tuple, n: int) -> None:
+    if len(probs) != n or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-9):
+        raise ValueError(f"RenderConfig.{name}: expected {n} probabilities >= 0 summing to 1, got {probs}")
+
+
+def _check_range(name: str, pair: tuple, lo: float, hi: float) -> None:
+    if len(pair) != 2 or not lo <= pair[0] <= pair[1] <= hi:
+        raise ValueError(f"RenderConfig.{name}: expected (low, high) with {lo} <= low <= high <= {hi}, got {pair}")
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """How a sample is rendered beyond the confusion categories (which keep CATEGORY_PROBS in every config).
+
+    Each option is a probability per sample plus the range its strength is drawn from. The defaults are
+    the original generator: darkened gaps, every photo and the four procedural kinds, no slider shadow,
+    the slider on the gap's row at x 0-10 px, no colour shift, lossless output."""
+    photos: tuple[str, ...] = PHOTOS                  # skimage photographs in the background pool
+    procedural_probs: tuple[float, ...] = _PROCEDURAL_PROBS  # over PROCEDURAL: gradient ... clutter, mosaic
+    user_prob: float = 0.5                            # share of backgrounds from the user's images, when given any
+    gap_style_probs: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)  # over GAP_STYLES, for the real gap and its fakes
+    slider_shadow_prob: float = 0.0                   # a soft drop shadow under the slider
+    slider_offset_prob: float = 0.0                   # the slider off the gap's row ...
+    slider_offset_px: tuple[int, int] = (1, 6)        # ... by this many px (either sign); the label follows
+    slider_x_prob: float = 0.0                        # the slider's left edge drawn from slider_x_px instead of 0-10 px
+    slider_x_px: tuple[int, int] = (0, _SLIDER_X_WIDE_MAX)
+    colour_prob: float = 0.0                          # brightness/contrast/gamma/white balance of the whole image
+    brightness: float = 25.0                          # +- grey levels
+    contrast: tuple[float, float] = (0.8, 1.25)       # gain about mid-grey
+    gamma: tuple[float, float] = (0.8, 1.25)
+    channel_gain: tuple[float, float] = (0.9, 1.1)    # per RGB channel
+    jpeg_prob: float = 0.0                            # JPEG round trip of the final image ...
+    jpeg_quality: tuple[int, int] = (40, 95)
+    webp_prob: float = 0.0                            # ... or WebP (never both)
+    webp_quality: tuple[int, int] = (40, 95)
+
+    def __post_init__(self):
+        unknown = [p for p in self.photos if p not in PHOTOS]
+        if not self.photos or unknown or len(set(self.photos)) != len(self.photos):
+            raise ValueError(f"RenderConfig.photos: expected distinct names out of {PHOTOS}, got {self.photos}")
+        _check_probs("procedural_probs", self.procedural_probs, len(PROCEDURAL))
+        _check_probs("gap_style_probs", self.gap_style_probs, len(GAP_STYLES))
+        for name in ("user_prob", "slider_shadow_prob", "slider_offset_prob", "slider_x_prob", "colour_prob",
+                     "jpeg_prob", "webp_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"RenderConfig.{name}: expected a probability in [0, 1], got {getattr(self, name)}")
+        if self.jpeg_prob + self.webp_prob > 1:
+            raise ValueError(f"RenderConfig: jpeg_prob + webp_prob must be <= 1, got {self.jpeg_prob + self.webp_prob}")
+        # the gap keeps _GAP_MARGIN px from the image's top and bottom, so any offset up to that fits
+        _check_range("slider_offset_px", self.slider_offset_px, 1, _GAP_MARGIN)
+        _check_range("slider_x_px", self.slider_x_px, 0, _SLIDER_X_WIDE_MAX)
+        _check_range("contrast", self.contrast, 0.1, 10)
+        _check_range("gamma", self.gamma, 0.1, 10)
+        _check_range("channel_gain", self.channel_gain, 0.1, 10)
+        _check_range("jpeg_quality", self.jpeg_quality, 1, 100)
+        _check_range("webp_quality", self.webp_quality, 1, 100)
+        if not 0 <= self.brightness <= 255:
+            raise ValueError(f"RenderConfig.brightness: expected 0-255 grey levels, got {self.brightness}")
+
+    def uses(self) -> dict[str, set]:
+        """The settings this config can draw, by kind; the held-out set's are disjoint from the training mix's."""
+        return {"photos": set(self.photos),
+                "procedural": {k for k, p in zip(PROCEDURAL, self.procedural_probs) if p > 0},
+                "gap_styles": {k for k, p in zip(GAP_STYLES, self.gap_style_probs) if p > 0},
+                "compression": {k for k, p in (("none", 1 - self.jpeg_prob - self.webp_prob), ("jpeg", self.jpeg_prob),
+                                               ("webp", self.webp_prob)) if p > 1e-12}}
+
+
+# The realistic training mix: every option on part of the time, none of the held-out settings.
+RENDER_TRAIN = RenderConfig(
+    photos=tuple(p for p in PHOTOS if p not in HELDOUT_PHOTOS),
+    gap_style_probs=(0.5, 0.3, 0.2, 0.0),
+    slider_shadow_prob=0.4, slider_offset_prob=0.3, slider_x_prob=0.3,
+    colour_prob=0.5, jpeg_prob=0.7, jpeg_quality=(40, 95))
+# Rendering the training mix never uses: other backgrounds (4 held-out photos, Voronoi mosaics), outline-only
+# gaps, WebP instead of JPEG. Slider shadow, offsets, positions and colour shifts are shared with RENDER_TRAIN.
+RENDER_HELDOUT = RenderConfig(
+    photos=HELDOUT_PHOTOS, procedural_probs=(0.0, 0.0, 0.0, 0.0, 1.0),
+    gap_style_probs=(0.0, 0.0, 0.0, 1.0),
+    slider_shadow_prob=0.4, slider_offset_prob=0.3, slider_x_prob=0.3,
+    colour_prob=0.5, webp_prob=1.0, webp_quality=(40, 95))
+RENDERS = {"default": RenderConfig(), "train": RENDER_TRAIN, "heldout": RENDER_HELDOUT}
 
 
 # ---------------------------------------------------------------------------- backgrounds
@@ -227,27 +325,61 @@ def _colour_jitter(rng, img: np.ndarray, grey: bool) -> np.ndarray:
     return img
 
 
-def _background_photo(rng, h: int, w: int) -> np.ndarray:
-    src, grey = _photo(_PHOTOS[int(rng.integers(len(_PHOTOS)))])
+def _random_crop(rng, src: np.ndarray, h: int, w: int, min_share: float = 0.35) -> np.ndarray:
+    """A random crop of src with the aspect w/h, at least min_share of its largest such crop, resized to (w, h)."""
     sh, sw = src.shape[:2]
-    cw = min(sw, sh * w / h) * rng.uniform(0.35, 1.0)
+    cw = min(sw, sh * w / h) * rng.uniform(min_share, 1.0)
     ch = cw * h / w
     x0, y0 = int(rng.uniform(0, sw - cw)), int(rng.uniform(0, sh - ch))
     crop = src[y0:y0 + max(1, int(ch)), x0:x0 + max(1, int(cw))]
     img = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA if crop.shape[1] > w else cv2.INTER_LINEAR)
     if rng.random() < 0.5:
         img = cv2.flip(img, 1)
+    return img
+
+
+def _background_photo(rng, h: int, w: int, photos: tuple[str, ...]) -> tuple[np.ndarray, str]:
+    name = photos[int(rng.integers(len(photos)))]
+    src, grey = _photo(name)
+    img = _random_crop(rng, src, h, w)
     if rng.random() < 0.2:
         img = cv2.flip(img, 0)
-    return _colour_jitter(rng, img, grey)
+    return _colour_jitter(rng, img, grey), name
 
 
-def _background(rng, h: int, w: int) -> np.ndarray:
-    """(h, w, 3) uint8 RGB: a skimage photograph or a procedural image, about half each."""
+def _background_mosaic(rng, h: int, w: int) -> np.ndarray:
+    """Voronoi cells of random colours with anti-aliased seams and a soft light gradient (held-out family)."""
+    n = int(rng.integers(12, 60))
+    points = rng.uniform(0, 1, (n, 2)) * (w, h)
+    colours = _random_colours(rng, n).astype(np.float32)
+    xs, ys = _axes(h, w)
+    # nearest and second-nearest squared distances, one seed point at a time: (h, w) memory instead of (h, w, n)
+    best = np.full((h, w), np.inf, np.float32)
+    second = best.copy()
+    label = np.zeros((h, w), np.int32)
+    for k, (px, py) in enumerate(points.astype(np.float32)):
+        d = (xs - px) ** 2 + (ys - py) ** 2
+        closer = d < best
+        second = np.where(closer, best, np.minimum(second, d))
+        best = np.where(closer, d, best)
+        label[closer] = k
+    img = colours[label]
+    # half the distance difference to the two nearest seeds is the distance to the seam, in px
+    seam = np.clip(np.float32(rng.uniform(0.5, 2.5)) + 0.5 - (np.sqrt(second) - np.sqrt(best)) / 2, 0, 1)
+    seam_level = np.float32(rng.choice([20.0, 235.0]))
+    img += (seam_level - img) * seam[..., None]
+    light = np.float32(0.8) + np.float32(0.4) * _normalise(_along(rng, h, w))
+    return np.clip(img * light[..., None], 0, 255).astype(np.uint8)
+
+
+def _background(rng, h: int, w: int, photos: tuple[str, ...] = _PHOTOS,
+                procedural_probs: tuple[float, ...] = _PROCEDURAL_PROBS) -> tuple[np.ndarray, str]:
+    """(h, w, 3) uint8 RGB and its source (a photo's or a procedural kind's name): a skimage photograph or a
+    procedural image, about half each."""
     if rng.random() < 0.5:
-        img = _background_photo(rng, h, w)
+        img, kind = _background_photo(rng, h, w, photos)
     else:
-        kind = _PROCEDURAL[rng.choice(len(_PROCEDURAL), p=_PROCEDURAL_PROBS)]
+        kind = _PROCEDURAL[rng.choice(len(_PROCEDURAL), p=procedural_probs)]
         if kind == "gradient":
             field = _normalise(_along(rng, h, w)) if rng.random() < 0.6 else _field_radial(rng, h, w)
             if rng.random() < 0.5:
@@ -260,14 +392,16 @@ def _background(rng, h: int, w: int) -> np.ndarray:
             if rng.random() < 0.3:
                 field = 0.5 * (field + _field_stripes(rng, h, w))
             img = _colourise(field, _palette(rng, int(rng.integers(2, 6))))
-        else:
+        elif kind == "clutter":
             img = _background_clutter(rng, h, w)
+        else:
+            img = _background_mosaic(rng, h, w)
     if rng.random() < 0.3:
         noise = rng.standard_normal((h, w), dtype=np.float32) * np.float32(rng.uniform(2, 10))
         img = cv2.add(img, cv2.merge([noise, noise, noise]), dtype=cv2.CV_8U)
     if rng.random() < 0.15:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.2))
-    return img
+    return img, kind
 
 
 # ---------------------------------------------------------------------------- piece shapes
@@ -459,8 +593,54 @@ def _sample_light(rng, effects: set) -> dict:
     return light
 
 
+def _sample_gap_style(stream, render: RenderConfig) -> dict:
+    """Gap style and its strengths (light levels in grey levels), merged into the light dict; {} for the
+    original darkened gap, so that style's light dict and pixels stay exactly as before."""
+    style = GAP_STYLES[stream.choice(len(GAP_STYLES), p=render.gap_style_probs)]
+    if style == "darken":
+        return {}
+    return {"style": style, "level": stream.uniform(0, 60),       # colour of a dark veil or outline
+            "opacity": stream.uniform(0.35, 0.75),                # veil opacity
+            "inset_base": stream.uniform(10, 30), "inset_depth": stream.uniform(60, 110),
+            "inset_offset": stream.uniform(2, 5), "inset_blur": stream.uniform(1.5, 3.0),
+            "outline_width": stream.uniform(1.0, 2.5), "outline_opacity": stream.uniform(0.6, 0.95),
+            "outline_tint": stream.uniform(0, 10)}
+
+
+def _gap_pixels(region: np.ndarray, a: np.ndarray, dist: np.ndarray, a8: np.ndarray, light: dict) -> None:
+    """Shade region (h, w, 3) float32 in place under alpha a (h, w) in [0, 1] in the light's gap style.
+    Every style keeps to the piece's alpha, so the gap's pixels change where its label says it is; light["sign"]
+    (the highlight confusion) turns darkening into brightening and dark veils and outlines into white ones."""
+    style, sign = light.get("style", "darken"), np.float32(light["sign"])
+    if style == "darken":
+        edge = 1 - dist / max(float(dist.max()), 1.0)
+        # strongest along the light axis, both towards and away from the light (top-left and bottom-right)
+        along = np.abs(_direction_cosine(a8, light["angle"]))
+        shade = light["base"] + light["edge"] * edge + light["directional"] * (0.5 + 0.5 * along)
+        region += (sign * shade * a)[..., None]
+    elif style == "veil":
+        target = np.float32(255 if sign > 0 else light["level"])
+        region += (target - region) * (np.float32(light["opacity"]) * a)[..., None]
+    elif style == "inset":
+        # the hole's rim towards the light casts a shadow into it: the outside, moved along the light and
+        # blurred, seen through the alpha
+        dx = light["inset_offset"] * math.cos(light["angle"])
+        dy = light["inset_offset"] * math.sin(light["angle"])
+        outside = cv2.warpAffine(1 - a, np.float32([[1, 0, dx], [0, 1, dy]]), (a.shape[1], a.shape[0]),
+                                 flags=cv2.INTER_LINEAR, borderValue=1.0)
+        shadow = cv2.GaussianBlur(outside, (0, 0), light["inset_blur"]) * a
+        region += (sign * (np.float32(light["inset_base"]) * a + np.float32(light["inset_depth"]) * shadow))[..., None]
+    else:
+        # outline only: a line of outline_width px inside the edge, the interior barely tinted
+        line = np.clip(np.float32(light["outline_width"] + 1) - dist, 0, 1) * a
+        target = np.float32(255 if sign > 0 else light["level"])
+        region += (sign * np.float32(light["outline_tint"]) * a)[..., None]
+        region += (target - region) * (np.float32(light["outline_opacity"]) * line)[..., None]
+
+
 def _shade_gap(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, light: dict) -> None:
-    """Darken (or brighten) img in place under alpha placed at (x0, y0), then blur it slightly."""
+    """Darken (or brighten, veil, outline: light["style"]) img in place under alpha placed at (x0, y0), then
+    blur it slightly."""
     ph, pw = alpha.shape
     # one px of context around the piece so the blur also softens the outline
     y_lo, x_lo = y0 - 1, x0 - 1
@@ -470,12 +650,8 @@ def _shade_gap(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, light: dict
     a8 = cv2.copyMakeBorder(alpha, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     a = a8.astype(np.float32) * np.float32(1 / 255)
     dist = _inner_distance(a8)
-    edge = 1 - dist / max(float(dist.max()), 1.0)
-    # strongest along the light axis, both towards and away from the light (top-left and bottom-right)
-    along = np.abs(_direction_cosine(a8, light["angle"]))
-    shade = light["base"] + light["edge"] * edge + light["directional"] * (0.5 + 0.5 * along)
     region = img[y_lo:y0 + ph + 1, x_lo:x0 + pw + 1].astype(np.float32)
-    region += (np.float32(light["sign"]) * shade * a)[..., None]
+    _gap_pixels(region, a, dist, a8, light)
     if light["rim_opacity"] > 0:
         opacity = _rim(dist, light["rim_width"], light["rim_decay"]) * np.float32(light["rim_opacity"]) * a
         region += (255 - region) * opacity[..., None]
@@ -501,6 +677,64 @@ def _slider_pixels(rng, texture: np.ndarray, alpha: np.ndarray, noise: bool) -> 
     opacity = np.minimum(curve * (1 + 0.5 * rng.uniform(0.2, 0.4) * boost), 1.0) * np.float32(max_opacity)
     pixels += (255 - pixels) * opacity[..., None]
     return np.clip(pixels, 0, 255, out=pixels)
+
+
+def _drop_shadow(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, stream) -> None:
+    """Darken img in place under a soft copy of alpha moved 1-4 px down-right of (x0, y0), as if the
+    slider floated above the picture; the slider is pasted over it afterwards."""
+    dx, dy = (int(v) for v in stream.integers(1, 5, 2))
+    sigma, opacity = stream.uniform(1.0, 3.0), stream.uniform(0.25, 0.6)
+    pad = int(math.ceil(3 * sigma)) + 4
+    soft = cv2.copyMakeBorder(alpha, pad + dy, pad - dy, pad + dx, pad - dx, cv2.BORDER_CONSTANT, value=0)
+    soft = cv2.GaussianBlur(soft.astype(np.float32) * np.float32(opacity / 255), (0, 0), sigma)
+    # the part of the (ph + 2 pad, pw + 2 pad) shadow that lies inside the image
+    h, w = img.shape[:2]
+    top, left = y0 - pad, x0 - pad
+    iy0, ix0, iy1, ix1 = max(top, 0), max(left, 0), min(top + soft.shape[0], h), min(left + soft.shape[1], w)
+    keep = 1 - soft[iy0 - top:iy1 - top, ix0 - left:ix1 - left]
+    img[iy0:iy1, ix0:ix1] = (img[iy0:iy1, ix0:ix1].astype(np.float32) * keep[..., None] + 0.5).astype(np.uint8)
+
+
+def _slider_place(stream, render: RenderConfig, slider_x: int) -> tuple[int, int, bool]:
+    """x of the slider's box, its row offset from the gap's (px) and whether it casts a shadow. Every value
+    is drawn whatever the probabilities, so one option on or off leaves the others' draws alone."""
+    shadow = stream.random() < render.slider_shadow_prob
+    off = stream.random() < render.slider_offset_prob
+    dy = int(stream.integers(render.slider_offset_px[0], render.slider_offset_px[1] + 1)) * int(stream.choice([-1, 1]))
+    wide = stream.random() < render.slider_x_prob
+    x = int(stream.integers(render.slider_x_px[0], render.slider_x_px[1] + 1))
+    return (x if wide else slider_x), (dy if off else 0), shadow
+
+
+def _colour_shift(img: np.ndarray, stream, render: RenderConfig) -> bool:
+    """Brightness, contrast, gamma and per-channel gain of the whole image in place (one LUT); True if applied."""
+    apply = stream.random() < render.colour_prob
+    b = stream.uniform(-render.brightness, render.brightness)
+    k, gamma = stream.uniform(*render.contrast), stream.uniform(*render.gamma)
+    gain = stream.uniform(*render.channel_gain, 3)
+    if apply:
+        v = 255 * (np.arange(256) / 255.0) ** gamma
+        v = (v - 128) * k + 128 + b
+        lut = np.clip(v[:, None] * gain[None, :] + 0.5, 0, 255).astype(np.uint8)
+        img[...] = cv2.LUT(img, lut[:, None, :])
+    return apply
+
+
+def _compress(img: np.ndarray, stream, render: RenderConfig) -> tuple[np.ndarray, str, int | None]:
+    """JPEG or WebP round trip of the RGB image -> (image, "none" | "jpeg" | "webp", quality)."""
+    u = stream.random()
+    jpeg_q = int(stream.integers(render.jpeg_quality[0], render.jpeg_quality[1] + 1))
+    webp_q = int(stream.integers(render.webp_quality[0], render.webp_quality[1] + 1))
+    if u < render.jpeg_prob:
+        kind, ext, quality, flag = "jpeg", ".jpg", jpeg_q, cv2.IMWRITE_JPEG_QUALITY
+    elif u < render.jpeg_prob + render.webp_prob:
+        kind, ext, quality, flag = "webp", ".webp", webp_q, cv2.IMWRITE_WEBP_QUALITY
+    else:
+        return img, "none", None
+    ok, data = cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [flag, quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode {kind}: its build lacks the codec")
+    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), kind, quality
 
 
 # ---------------------------------------------------------------------------- generator
@@ -538,14 +772,16 @@ def _place_fakes(rng, fakes: list, gap_box: tuple, gap_row: int, piece_h: int, x
     return boxes
 
 
-def _layout(rng, prims, hole, angle, piece_hw, gap_hw, rot_offset, n_fakes: int, w: int, h: int):
-    """Top-left corner (gx, gy) of the unrotated gap and up to n_fakes fake gaps with their corners.
+def _layout(rng, prims, hole, angle, piece_hw, gap_hw, rot_offset, n_fakes: int, w: int, h: int,
+            slider_x_max: int = _SLIDER_X_MAX):
+    """Top-left corner (gx, gy) of the unrotated gap and up to n_fakes fake gaps with their corners, all
+    right of a slider whose box starts at or before slider_x_max.
 
     The real gap's position is drawn again while the fakes do not fit (and their rotations and
     scales every 10 tries), so small images still get fakes; the real gap stays uniform otherwise.
     Returns gx, gy, fakes [(alpha, centroid, coverage)], boxes [(x0, y0, x1, y1)]."""
     (ph, pw), (rh, rw), (rot_dx, rot_dy) = piece_hw, gap_hw, rot_offset
-    x_lo = _SLIDER_X_MAX + pw + _GAP_MARGIN
+    x_lo = max(_SLIDER_X_MAX, slider_x_max) + pw + _GAP_MARGIN
     gx_hi, gy_hi = w - pw - _GAP_MARGIN, h - ph - _GAP_MARGIN
     fakes, best = [], None
     for attempt in range(40 if n_fakes else 1):
@@ -562,7 +798,8 @@ def _layout(rng, prims, hole, angle, piece_hw, gap_hw, rot_offset, n_fakes: int,
     if boxes:
         return gx, gy, fakes[:len(boxes)], boxes
     # small image and large piece: the gap at its leftmost and the smallest, least rotated fake at
-    # the far right always fit (>= 49 px apart for 280 px wide images and 70 px pieces)
+    # the far right always fit (>= 49 px apart for 280 px wide images and 70 px pieces, >= 19 px with the
+    # slider at _SLIDER_X_WIDE_MAX)
     fake = _render_piece(rng, prims, hole, angle + math.radians(10) * rng.choice([-1.0, 1.0]), 0.7)
     fh, fw = fake[0].shape
     fx, fy = w - fw - _FAKE_MARGIN, int(np.clip(gy + (ph - fh) // 2, _FAKE_MARGIN, h - fh - _FAKE_MARGIN))
@@ -572,7 +809,29 @@ def _layout(rng, prims, hole, angle, piece_hw, gap_hw, rot_offset, n_fakes: int,
     return x_lo, gy, [fake], [(fx, fy, fx + fw, fy + fh)]
 
 
-def generate_captcha(seed) -> dict:
+def _user_background(stream, backgrounds: tuple, render: RenderConfig, h: int, w: int) -> np.ndarray | None:
+    """A random crop of one of the user's images, render.user_prob of the time (None otherwise)."""
+    if not backgrounds or stream.random() >= render.user_prob:
+        return None
+    return _random_crop(stream, backgrounds[int(stream.integers(len(backgrounds)))], h, w, min_share=0.5)
+
+
+def generate_captcha(seed, render: RenderConfig = RenderConfig(), backgrounds: tuple = ()) -> dict:
+    """One composite slider CAPTCHA, a pure function of seed (int or tuple of non-negative ints), render and
+    backgrounds (the user's (h, w, 3) uint8 RGB images, see io.load_backgrounds; render.user_prob of the
+    samples are drawn on one of them).
+
+    Returns "image" (h, w, 3) uint8 RGB at its source size (280-480 x 140-240); "gap", "slider":
+    (x, y) float centroids in source px; "fake_gaps": list of (x, y); "angle": the gap's rotation
+    in radians (counter-clockwise on screen, 0 unless rotated); "category"; "shape";
+    "piece_alpha": (ph, pw) uint8 alpha of the unrotated piece, whose centroid plus the corner of
+    "slider_box" (x0, y0, x1, y1) is the slider label; "render": what the options drew (background,
+    gap_style, slider_shadow, slider_offset in px, colour_shift, compression, quality). The gap's centroid is
+    the slider's moved by a whole number of px (the gap is rotated about it), so gap_y == slider_y exactly
+    unless the slider is drawn off the gap's row (then slider_y - gap_y = render["slider_offset"]).
+    Colour shifts and compression change pixels only: the labels are those of the masks as drawn.
+    """
+
     """One composite slider CAPTCHA, a pure function of seed (int or tuple of non-negative ints).
 
     Returns "image" (h, w, 3) uint8 RGB at its source size (280-480 x 140-240); "gap", "slider":
@@ -582,14 +841,20 @@ def generate_captcha(seed) -> dict:
     "slider_box" (x0, y0, x1, y1) is the slider label. The gap's centroid is the slider's moved
     by a whole number of px (the gap is rotated about it), so gap_y == slider_y exactly.
     """
-    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    sequence = np.random.SeedSequence(seed)
+    rng = np.random.default_rng(sequence)
+    streams = dict(zip(_STREAMS, (np.random.default_rng(s) for s in sequence.spawn(len(_STREAMS)))))
     category = CATEGORIES[rng.choice(len(CATEGORIES), p=CATEGORY_PROBS)]
     if category == "combined":
         effects = set(rng.choice(COMBINABLE, size=int(rng.integers(2, 4)), replace=False).tolist())
     else:
         effects = set() if category == "none" else {category}
     w, h = _sample_size(rng)
-    background = _background(rng, h, w)
+    # drawn even when a user image replaces it, so that the rest of the sample stays the same
+    background, source = _background(rng, h, w, render.photos, render.procedural_probs)
+    user = _user_background(streams["background"], backgrounds, render, h, w)
+    if user is not None:
+        background, source = user, "user"
 
     shape = SHAPES[rng.choice(len(SHAPES), p=SHAPE_PROBS)]
     prims = _centre_on_centroid(_shape_primitives(rng, shape, rng.uniform(40, 70)))   # size in px
@@ -603,11 +868,14 @@ def generate_captcha(seed) -> dict:
     else:
         gap_alpha, rot_dx, rot_dy = piece, 0, 0
     light = _sample_light(rng, effects)
+    light.update(_sample_gap_style(streams["gap_style"], render))
 
     slider_x = int(rng.integers(0, _SLIDER_X_MAX + 1))
     n_fakes = int(rng.integers(1, MAX_FAKE_GAPS + 1)) if "confusing_gap" in effects else 0
+    slider_x, slider_dy, shadow = _slider_place(streams["slider"], render, slider_x)
     gx, gy, fakes, boxes = _layout(rng, prims, hole, angle, piece.shape, gap_alpha.shape, (rot_dx, rot_dy),
-                                   n_fakes, w, h)
+                                   n_fakes, w, h, slider_x_max=slider_x)
+    slider_y = gy + slider_dy
 
     img = background.copy()
     # the slider shows the gap's patch as it was before shading, hence cut from the untouched background
@@ -618,11 +886,17 @@ def generate_captcha(seed) -> dict:
         _shade_gap(img, fake_alpha, box[0], box[1], light)
         fake_gaps.append((box[0] + fcx, box[1] + fcy))
     slider = _slider_pixels(rng, texture, piece, "perlin_noise" in effects)
+    if shadow:
+        _drop_shadow(img, piece, slider_x, slider_y, streams["slider"])
     # alpha-blend the slider over the image; + 0.5 rounds instead of truncating towards black
     a = (piece.astype(np.float32) * np.float32(1 / 255))[..., None]
-    region = img[gy:gy + ph, slider_x:slider_x + pw].astype(np.float32)
-    img[gy:gy + ph, slider_x:slider_x + pw] = (region + (slider - region) * a + 0.5).astype(np.uint8)
+    region = img[slider_y:slider_y + ph, slider_x:slider_x + pw].astype(np.float32)
+    img[slider_y:slider_y + ph, slider_x:slider_x + pw] = (region + (slider - region) * a + 0.5).astype(np.uint8)
 
-    return {"image": img, "gap": (gx + cx, gy + cy), "slider": (slider_x + cx, gy + cy), "fake_gaps": fake_gaps,
-            "angle": angle, "category": category, "shape": shape, "piece_alpha": piece,
-            "slider_box": (slider_x, gy, slider_x + pw, gy + ph)}
+    shifted = _colour_shift(img, streams["colour"], render)
+    img, compression, quality = _compress(img, streams["compression"], render)
+    drawn = {"background": source, "gap_style": light.get("style", "darken"), "slider_shadow": bool(shadow),
+             "slider_offset": slider_dy, "colour_shift": bool(shifted), "compression": compression, "quality": quality}
+    return {"image": img, "gap": (gx + cx, gy + cy), "slider": (slider_x + cx, slider_y + cy),
+            "fake_gaps": fake_gaps, "angle": angle, "category": category, "shape": shape, "piece_alpha": piece,
+            "slider_box": (slider_x, slider_y, slider_x + pw, slider_y + ph), "render": drawn}
