@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.captcha import (CATEGORIES, RENDER_HELDOUT, RENDERS, CaptchaFolderDataset, SyntheticCaptchaDataset,
-                          load_backgrounds)
+                          CANVAS_H, CANVAS_W, halve_canvas, load_backgrounds)
 from losses.captcha import captcha_loss, valid_cells
 from metrics.captcha import captcha_metrics, decode, point_errors
 from models.lite_hrnet import LiteHRNet18FPN
@@ -82,6 +82,7 @@ class Args:
     freeze_bn: bool = False               # BatchNorm in eval mode (running stats frozen), e.g. tiny per-device batches
     channels_last: bool = False           # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False                 # torch.compile the model
+    small_canvas_steps: int = 0           # progressive resizing: the first N updates train on the canvas halved
     focal_alpha: float = 2.0              # CenterNet focal loss exponents
     focal_beta: float = 4.0               # down-weights negatives near a peak: (1 - target)^beta
     pos_threshold: float = 1.0            # heatmap cells >= this are positives (1.0 = peak cell only)
@@ -107,6 +108,9 @@ class Args:
                 raise UsageError(f"--{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.small_canvas_steps < 0:
+            raise UsageError(f"--small_canvas_steps must be >= 0 (0 trains on the full canvas), got "
+                             f"{self.small_canvas_steps}")
         if self.warmup_steps < 0 or self.num_workers < 0 or self.keep_last < 0 or self.save_top_k < 0:
             raise UsageError("--warmup_steps, --num_workers, --keep_last and --save_top_k must be >= 0")
         if self.val_seed == self.seed and self.train_dir is None and self.val_dir is None:
@@ -305,6 +309,10 @@ def main():
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     run.log.info("model: %.3f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    if args.small_canvas_steps:
+        run.log.info("progressive resizing: updates 1-%d on the canvas halved (%dx%d), then %dx%d; evaluation on "
+                     "the full canvas", min(args.small_canvas_steps, args.max_steps), CANVAS_W // 2, CANVAS_H // 2,
+                     CANVAS_W, CANVAS_H)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     heldout_dl = accelerator.prepare(heldout_dl) if heldout_dl is not None else None
@@ -341,6 +349,8 @@ def main():
     meter = TrainMeter(accelerator, run.log)
     while state.global_step < args.max_steps and not stop:
         for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
+            if state.global_step < args.small_canvas_steps:   # 3.5x cheaper per update (docs/captcha.md)
+                batch = halve_canvas(batch)
             loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
             meter.add(loss, parts, batch["image"].shape[0])
             if not accelerator.sync_gradients:

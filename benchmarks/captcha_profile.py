@@ -14,7 +14,8 @@ Table 2 (levers): samples per second of the whole update (forward, loss, backwar
 variant, timed in alternating rounds (the order reversed every round) on the same batches, so drifts of the
 machine hit all alike: the preset; NCHW instead of NHWC; FPN/heads at 16 and 64 channels; one thread instead
 of two; the canvas halved to 256x128 (the first phase of progressive resizing: the image area-downsampled,
-every label halved, the heatmaps at stride 4 of the smaller canvas); with ``--compile`` also
+every label halved, the heatmaps at stride 4 of the smaller canvas: ``data.captcha.halve_canvas``, what
+``train_captcha.py --small_canvas_steps`` does); with ``--compile`` also
 ``torch.compile`` of the preset's model (its compile time is reported apart).
 """
 from __future__ import annotations
@@ -26,16 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo's modules live one level up
 
 import argparse
-import copy
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from benchmarks.common import positive, preset_args, print_header, report, stats_ms, table
-from data.captcha import SyntheticCaptchaDataset
+from data.captcha import SyntheticCaptchaDataset, halve_canvas
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
 from train_captcha import Args, loss_kwargs, model_kwargs
@@ -46,18 +45,6 @@ HEADS = ("gap_head", "slider_head", "offset_head", "angle_head")
 def make_batches(n: int, batch_size: int, seed: int = 7) -> list[dict]:
     data = SyntheticCaptchaDataset(n * batch_size, seed=seed, fresh_each_epoch=False)
     return [default_collate([data[k * batch_size + i] for i in range(batch_size)]) for k in range(n)]
-
-
-def halve(batch: dict) -> dict:
-    """The batch on a 256x128 canvas: colour channels area-averaged, the padding mask kept where all four
-    of its pixels were real, every coordinate halved."""
-    image = batch["image"]
-    colour = F.avg_pool2d(image[:, :3], 2)
-    mask = -F.max_pool2d(-image[:, 3:], 2)
-    small = dict(batch, image=torch.cat([colour, mask], 1))
-    for key in ("gap", "slider", "fake_gaps"):
-        small[key] = batch[key] / 2
-    return small
 
 
 def to_memory_format(batch: dict, channels_last: bool) -> dict:
@@ -258,7 +245,7 @@ def main(argv=None) -> int:
     steps, inputs = {}, {}
     for name, (f, h, cl, small, th) in variants.items():
         steps[name] = update_fn(make_model(args, f, h, cl), args, th)
-        inputs[name] = [to_memory_format(halve(b) if small else b, cl) for b in batches]
+        inputs[name] = [to_memory_format(halve_canvas(b) if small else b, cl) for b in batches]
     if flags.compile:
         name = "torch.compile (preset)"
         compiled = torch.compile(make_model(args, fpn, head, nhwc))

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from data.captcha import halve_canvas
 from losses.captcha import captcha_loss, encode_points, focal_loss, sample_heatmap, valid_cells
 from metrics.captcha import captcha_metrics, decode, point_errors
 
@@ -33,6 +34,29 @@ def test_encode_decode_round_trip_subpixel():
     points, scores = decode(outputs, torch.ones(16, 64, 128, dtype=torch.bool))
     assert torch.allclose(points[:, 0], gap, atol=1e-4) and torch.allclose(points[:, 1], slider, atol=1e-4)
     assert torch.all(scores > 0.99)
+
+
+def test_targets_and_decoding_on_the_half_canvas():
+    """Progressive resizing: on the halved canvas (halve_canvas) the targets sit at stride 8 of the full canvas,
+    and points decoded there, doubled, are the full canvas's points."""
+    g = torch.Generator().manual_seed(1)
+    gap = torch.rand(16, 2, generator=g) * torch.tensor([511.9, 255.9])
+    slider = torch.rand(16, 2, generator=g) * torch.tensor([511.9, 255.9])
+    image = torch.ones(16, 4, 256, 512)
+    batch = {"image": image, "gap": gap, "slider": slider, "fake_gaps": torch.zeros(16, 2, 2),
+             "fake_mask": torch.zeros(16, 2, dtype=torch.bool), "angle": torch.zeros(16)}
+    small = halve_canvas(batch)
+    _, cell, off = encode_points(small["gap"], 32, 64)
+    assert torch.equal(cell, torch.stack([(gap[:, 1] / 8).floor(), (gap[:, 0] / 8).floor()], 1).long())
+    assert torch.allclose(off, torch.stack([gap[:, 0] / 8 - cell[:, 1] - 0.5, gap[:, 1] / 8 - cell[:, 0] - 0.5], 1),
+                          atol=1e-5)
+    outputs = _outputs_from_points(small["gap"], small["slider"], h=32, w=64)
+    points, _ = decode(outputs, valid_cells(small["image"]))
+    assert torch.allclose(2 * points[:, 0], gap, atol=1e-3) and torch.allclose(2 * points[:, 1], slider, atol=1e-3)
+    # the loss of a perfect prediction is as small on the half canvas as on the full one
+    full_loss, _ = captcha_loss(_outputs_from_points(gap, slider), batch)
+    small_loss, _ = captcha_loss(outputs, small)
+    assert small_loss < 0.05 and full_loss < 0.05
 
 
 def test_encode_targets_peak_offset_and_radius():

@@ -1,16 +1,12 @@
-"""benchmarks/captcha_profile.py: the half-size batch of progressive resizing, and the benchmark end to end
-on a tiny setting (every part and lever measured, every parameter counted in exactly one part)."""
+"""data.captcha.halve_canvas (the half-size batch of progressive resizing) and benchmarks/captcha_profile.py
+end to end on a tiny setting (every part and lever measured, every parameter counted in exactly one part)."""
 import json
-import sys
 
 import torch
 
-from conftest import ROOT, run_python
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from captcha_profile import halve  # noqa: E402
-
-from models.lite_hrnet import LiteHRNet18FPN  # noqa: E402
+from conftest import run_python
+from data.captcha import halve_canvas as halve
+from models.lite_hrnet import LiteHRNet18FPN
 
 
 def test_halve_downsamples_the_image_and_halves_every_label():

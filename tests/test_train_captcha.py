@@ -103,8 +103,12 @@ def test_two_process_run_gathers_metrics(tmp_path):
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, nproc):
     # 24 samples / batch 2 = 12 batches per epoch on 1 process, 6 per rank on 2: the kill lands
     # mid-epoch and the run crosses an epoch boundary after resuming.
-    common = ["--max_steps", "14", "--eval_every_steps", "5", "--save_every_steps", "4", "--keep_last", "1"]
+    # progressive resizing until update 6: the kill lands in the half-canvas phase, the resumed run leaves it
+    common = ["--max_steps", "14", "--eval_every_steps", "5", "--save_every_steps", "4", "--keep_last", "1",
+              "--small_canvas_steps", "6"]
     run_script("train_captcha.py", tiny(tmp_path / "a", *common, "--run_name", "a"), nproc=nproc)
+    assert "progressive resizing: updates 1-6 on the canvas halved (256x128)" in (
+        tmp_path / "a" / "a" / "train.log").read_text()
     b = tmp_path / "b" / "b"
     kill_after_checkpoint("train_captcha.py", tiny(tmp_path / "b", *common, "--run_name", "b"), nproc,
                            b / "checkpoints" / "step_00000004" / "COMPLETE")
@@ -182,6 +186,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     (["--train_dir", "/nonexistent/data"], "/nonexistent/data"),
     (["--init_from", "/nonexistent/run"], "--init_from /nonexistent/run: no such run"),
     (["--clip_grad", "0"], "--clip_grad must be > 0"),
+    (["--small_canvas_steps", "-1"], "--small_canvas_steps must be >= 0"),
     (["--init_from", "RUN", "--fpn_channels", "32"], "weights do not fit the model: 42 tensors of another shape"),
     (["--backgrounds", "/nonexistent/photos"], "--backgrounds /nonexistent/photos: no such folder; expected a folder"),
     (["--backgrounds", "BADBG"], "broken.jpg: not a decodable image"),

@@ -6,7 +6,8 @@ synthetic and a folder dataset, and a PNG + labels.csv exporter.
     render.py       generate_captcha(seed, render): backgrounds, piece shapes, gap and slider lighting, layout;
                     RenderConfig (gap styles, slider shadow/offset/position, colour shift, JPEG/WebP) and
                     the named mixes RENDERS: default (the original generator), train, heldout
-    image.py        letterbox to the CANVAS_W x CANVAS_H canvas, the (4, H, W) input tensor
+    image.py        letterbox to the CANVAS_W x CANVAS_H canvas, the (4, H, W) input tensor, halve_canvas
+                    (a batch on the half canvas: progressive resizing)
     io.py           load_image, labels.csv reading, export (the labelled-folder format), load_backgrounds
     dataset.py      SyntheticCaptchaDataset, CaptchaFolderDataset
     __main__.py     the command line
@@ -21,7 +22,7 @@ A sample is a pure function of its seed (np.random.SeedSequence), so training da
 generated online in DataLoader workers and the validation set is fixed by its seed alone.
 """
 from .dataset import CaptchaFolderDataset, SyntheticCaptchaDataset
-from .image import CANVAS_H, CANVAS_W, letterbox, to_input_tensor
+from .image import CANVAS_H, CANVAS_W, halve_canvas, letterbox, to_input_tensor
 from .io import BACKGROUND_SUFFIXES, LABEL_COLUMNS, MIN_IMAGE_SIDE, export, load_backgrounds, load_image
 from .render import (CATEGORIES, CATEGORY_PROBS, COMBINABLE, GAP_STYLES, HELDOUT_PHOTOS, MAX_FAKE_GAPS, RENDER_HELDOUT,
                      RENDER_TRAIN, RENDERS, SHAPE_PROBS, SHAPES, RenderConfig, generate_captcha)
@@ -29,4 +30,4 @@ from .render import (CATEGORIES, CATEGORY_PROBS, COMBINABLE, GAP_STYLES, HELDOUT
 __all__ = ["BACKGROUND_SUFFIXES", "CANVAS_H", "CANVAS_W", "CATEGORIES", "CATEGORY_PROBS", "COMBINABLE", "GAP_STYLES",
            "HELDOUT_PHOTOS", "LABEL_COLUMNS", "MAX_FAKE_GAPS", "MIN_IMAGE_SIDE", "RENDERS", "RENDER_HELDOUT",
            "RENDER_TRAIN", "SHAPES", "SHAPE_PROBS", "CaptchaFolderDataset", "RenderConfig", "SyntheticCaptchaDataset",
-           "export", "generate_captcha", "letterbox", "load_backgrounds", "load_image", "to_input_tensor"]
+           "export", "generate_captcha", "halve_canvas", "letterbox", "load_backgrounds", "load_image", "to_input_tensor"]

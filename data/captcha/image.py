@@ -11,6 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # px; 2:1 is the middle of the sources' aspect range (1.8-2.4), so the letterbox padding stays thin
 CANVAS_W, CANVAS_H = 512, 256
@@ -57,3 +58,19 @@ def to_input_tensor(canvas: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     x[:3].div_(255)
     x[3] = torch.from_numpy(mask)
     return x
+
+
+def halve_canvas(batch: dict) -> dict:
+    """A collated batch on the canvas halved (CANVAS_W/2 x CANVAS_H/2): progressive resizing's first phase.
+
+    RGB is averaged over 2x2 pixels, the padding mask stays 1 only where all four pixels were real, and every
+    coordinate (gap, slider, fake_gaps) is halved: under the continuous-pixel convention a 2x2 average is the
+    exact map x -> x / 2, so targets encoded at stride 4 of the small canvas, and points decoded there times 2,
+    are in the full canvas's px. The other keys and the input batch are left as they are."""
+    image = batch["image"]
+    colour = F.avg_pool2d(image[:, :3], 2)
+    mask = -F.max_pool2d(-image[:, 3:], 2)   # a min-pool
+    small = dict(batch, image=torch.cat([colour, mask], 1))
+    for key in ("gap", "slider", "fake_gaps"):
+        small[key] = batch[key] / 2
+    return small
