@@ -26,8 +26,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.captcha import (CATEGORIES, RENDER_HELDOUT, RENDERS, CaptchaFolderDataset, SyntheticCaptchaDataset,
-                          CANVAS_H, CANVAS_W, halve_canvas, load_backgrounds)
+from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, RENDER_HELDOUT, RENDERS, CaptchaFolderDataset,
+                          SyntheticCaptchaDataset, halve_canvas, load_backgrounds)
 from losses.captcha import captcha_loss, valid_cells
 from metrics.captcha import captcha_metrics, decode, point_errors
 from models.lite_hrnet import LiteHRNet18FPN
@@ -69,7 +69,7 @@ class Args:
     train_size: int = 50_000              # synthetic samples per epoch (new ones every epoch)
     val_size: int = 2_000                 # fixed synthetic validation samples
     val_seed: int = 1_000_003             # seed of the validation set (keep it apart from --seed)
-    heldout_size: int | None = None       # held-out rendering set (val_heldout/*); none: = val_size, 0 skips it
+    heldout_size: int | None = None       # held-out rendering set (val_heldout/*); none: = val_size (0 with --val_dir)
     heldout_seed: int = 2_000_003         # seed of the held-out set (keep it apart from --seed and --val_seed)
     render: Literal["default", "train"] = "default"  # training data mix: default (original) or train (docs/captcha.md)
     backgrounds: str | None = None        # folder of your images (png/jpg/jpeg/webp/bmp) added to the backgrounds
@@ -115,8 +115,8 @@ class Args:
             raise UsageError("--warmup_steps, --num_workers, --keep_last and --save_top_k must be >= 0")
         if self.val_seed == self.seed and self.train_dir is None and self.val_dir is None:
             raise UsageError("--val_seed must differ from --seed, or validation samples repeat training samples")
-        if self.heldout_size is None:
-            self.heldout_size = self.val_size
+        if self.heldout_size is None:   # your own validation folder: no synthetic held-out set unless asked
+            self.heldout_size = 0 if self.val_dir is not None else self.val_size
         if self.heldout_size < 0:
             raise UsageError(f"--heldout_size must be >= 0 (0 skips the held-out set), got {self.heldout_size}")
         if self.heldout_size and self.heldout_seed in (self.seed, self.val_seed):
@@ -126,6 +126,9 @@ class Args:
             raise UsageError(f"--backgrounds_prob must be in [0, 1], got {self.backgrounds_prob}")
         if self.backgrounds is not None and self.train_dir is not None:
             raise UsageError("--backgrounds adds to the synthetic training data; with --train_dir it would be unused")
+        if self.render != "default" and self.train_dir is not None:
+            raise UsageError(f"--render {self.render} renders the synthetic training data; with --train_dir it "
+                             "would be unused")
 
 
 def build_dataloaders(args: Args):
@@ -349,7 +352,7 @@ def main():
     meter = TrainMeter(accelerator, run.log)
     while state.global_step < args.max_steps and not stop:
         for batch in meter.timed(ckpt.remaining_batches(train_dl, state)):
-            if state.global_step < args.small_canvas_steps:   # 3.5x cheaper per update (docs/captcha.md)
+            if state.global_step < args.small_canvas_steps:   # 3.4x cheaper per update (docs/captcha.md)
                 batch = halve_canvas(batch)
             loss, parts, grad_norm = train_step(model, batch, optimizer, accelerator, args)
             meter.add(loss, parts, batch["image"].shape[0])
@@ -368,7 +371,7 @@ def main():
             last_step = state.global_step >= args.max_steps
             if state.global_step % eval_every == 0 or last_step:
                 metrics = validate(model, ema, val_dl, heldout_dl, accelerator, run, state, args,
-                           optimizer.param_groups[0]["lr"])
+                                   optimizer.param_groups[0]["lr"])
                 ckpt.update_best(state, metrics, model, ema)
                 stop = stopper.should_stop(metrics, accelerator)
                 if stop:

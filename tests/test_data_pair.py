@@ -11,10 +11,10 @@ import torch
 
 from conftest import ROOT
 from data.pair import (AUGMENTS, ROBUST_ID_PREFIX, ROBUST_PARAMS, ROBUST_SETS, SOURCE_ROWS, TRAIN_LIGHT,
-                       TRAIN_NOISE,                        PairNPZDataset, build_pair_splits, corrupt_digit, corrupt_train_digit, corruption_plan,
-                       elastic_distort, gaussian_blur, gaussian_noise, load_mnist_5k, load_pair_npz, load_uci_digits,
-                       low_contrast, make_pairs_from_pools, occlude, parse_severity_range, pixel_stats, robust_digit,
-                       salt_and_pepper, split_sources, to_mnist_frame)
+                       TRAIN_NOISE, PairNPZDataset, build_pair_splits, corrupt_digit, corrupt_train_digit,
+                       corruption_plan, elastic_distort, gaussian_blur, gaussian_noise, load_mnist_5k, load_pair_npz,
+                       load_uci_digits, low_contrast, make_pairs_from_pools, occlude, parse_severity_range,
+                       pixel_stats, robust_digit, salt_and_pepper, split_sources, to_mnist_frame)
 
 PAIRS = {"train": 200, "val": 60, "test": 60}
 PREFIX = {"train": "TRN", "val": "VAL", "test": "TST"}

@@ -192,6 +192,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     (["--backgrounds", "BADBG"], "broken.jpg: not a decodable image"),
     (["--heldout_seed", "1000003"], "--heldout_seed 1000003 must differ from --seed and --val_seed"),
     (["--render", "heldout"], "--render: expected one of default, train"),
+    (["--render", "train", "--train_dir", "/any/folder"], "--render train renders the synthetic training data"),
 ])
 def test_bad_input_one_line_exit_2_and_runs_untouched(one_process_run, tmp_path, extra, message):
     out, _ = one_process_run
@@ -269,8 +270,9 @@ def test_train_and_validate_on_exported_folders(tmp_path):
     export(tmp_path / "val", n=3, seed=2)
     run_script("train_captcha.py", tiny(tmp_path / "runs", "--max_steps", "3", "--eval_every_steps", "3",
                                         "--run_name", "own", "--train_dir", str(tmp_path / "train"),
-                                        "--val_dir", str(tmp_path / "val"), "--heldout_size", "0"))
+                                        "--val_dir", str(tmp_path / "val")))
     rows = read_csv(tmp_path / "runs" / "own" / "summary.csv")
     assert [r["step"] for r in rows] == ["3"] and float(rows[0]["val/num_samples"]) == 3
-    assert not any(key.startswith("val_heldout") for key in rows[0])  # --heldout_size 0 skips the set
+    # with your own validation folder the synthetic held-out set is off unless --heldout_size asks for it
+    assert not any(key.startswith("val_heldout") for key in rows[0])
     assert (tmp_path / "runs" / "own" / "final" / "model.safetensors").is_file()

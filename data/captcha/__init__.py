@@ -2,6 +2,7 @@
 synthetic and a folder dataset, and a PNG + labels.csv exporter.
 
     python -m data.captcha export --out DIR --n N [--seed S] [--render default|train|heldout] [--backgrounds DIR]
+                                  [--backgrounds_prob P]
 
     render.py       generate_captcha(seed, render): backgrounds, piece shapes, gap and slider lighting, layout;
                     RenderConfig (gap styles, slider shadow/offset/position, colour shift, JPEG/WebP) and

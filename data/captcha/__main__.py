@@ -1,4 +1,5 @@
-"""python -m data.captcha export --out DIR --n N [--seed S] [--render default|train|heldout] [--backgrounds DIR]"""
+"""python -m data.captcha export --out DIR --n N [--seed S] [--render default|train|heldout] [--backgrounds DIR]
+                                [--backgrounds_prob P]"""
 from __future__ import annotations
 
 import argparse

@@ -831,16 +831,6 @@ def generate_captcha(seed, render: RenderConfig = RenderConfig(), backgrounds: t
     unless the slider is drawn off the gap's row (then slider_y - gap_y = render["slider_offset"]).
     Colour shifts and compression change pixels only: the labels are those of the masks as drawn.
     """
-
-    """One composite slider CAPTCHA, a pure function of seed (int or tuple of non-negative ints).
-
-    Returns "image" (h, w, 3) uint8 RGB at its source size (280-480 x 140-240); "gap", "slider":
-    (x, y) float centroids in source px; "fake_gaps": list of (x, y); "angle": the gap's rotation
-    in radians (counter-clockwise on screen, 0 unless rotated); "category"; "shape";
-    "piece_alpha": (ph, pw) uint8 alpha of the unrotated piece, whose centroid plus the corner of
-    "slider_box" (x0, y0, x1, y1) is the slider label. The gap's centroid is the slider's moved
-    by a whole number of px (the gap is rotated about it), so gap_y == slider_y exactly.
-    """
     sequence = np.random.SeedSequence(seed)
     rng = np.random.default_rng(sequence)
     streams = dict(zip(_STREAMS, (np.random.default_rng(s) for s in sequence.spawn(len(_STREAMS)))))
