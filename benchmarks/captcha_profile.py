@@ -37,7 +37,8 @@ from benchmarks.common import positive, preset_args, print_header, report, stats
 from data.captcha import SyntheticCaptchaDataset, halve_canvas
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
-from train_captcha import Args, loss_kwargs, model_kwargs
+# train_captcha's Args and settings, through the step benchmark that measures train_step against this bare update
+from benchmarks.captcha_step import Args, loss_kwargs, model_kwargs
 
 HEADS = ("gap_head", "slider_head", "offset_head", "angle_head")
 
