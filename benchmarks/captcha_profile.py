@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from benchmarks.common import positive, preset_args, print_header, report, stats_ms, table
+from benchmarks.common import bare_update, positive, preset_args, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset, halve_canvas
 from losses.captcha import captcha_loss
 from models.lite_hrnet import LiteHRNet18FPN
@@ -61,24 +61,21 @@ def make_model(args: Args, fpn: int, head: int, channels_last: bool, seed: int =
 
 
 def update_fn(model, args: Args, threads: int | None = None):
-    """One full update as train_captcha.py's step does it (without Accelerate, whose overhead
-    benchmarks/captcha_step.py measures): forward, loss, backward, clipping, AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    kwargs = loss_kwargs(args)
+    """One full update as train_captcha.py's step does it, without Accelerate (whose overhead
+    benchmarks/captcha_step.py measures): common.bare_update, optionally on `threads` threads."""
+    step = bare_update(model, args, torch.device("cpu"), lambda m, b: m(b["image"]),
+                       lambda out, b: captcha_loss(out, b, **loss_kwargs(args)))
+    if not threads:
+        return step
 
-    def step(batch):
+    def on_threads(batch):
         previous = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         try:
-            loss, _ = captcha_loss(model(batch["image"]), batch, **kwargs)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(batch)
         finally:
             torch.set_num_threads(previous)
-    return step
+    return on_threads
 
 
 # ---------------------------------------------------------------------------- table 1: the parts
