@@ -7,10 +7,12 @@ The graph is the network with the export's weights (the EMA ones when it has the
 Input ``image``: (B, 4, 256, 512), the letterboxed canvas of ``data.captcha.letterbox`` (the image scaled by
 min(512 / w, 256 / h), centred, padding 0) as R, G, B / 255 and the padding mask (1 = image pixel).
 Outputs: ``gap`` and ``slider`` (B, 1, 64, 128) heatmap logits, ``offset`` (B, 4, 64, 128) sub-cell offsets
-in cells (gap x, y, slider x, y; within +-0.5). Decoding is ``metrics.captcha.decode``, which
-``predict_captcha.py --backend onnx`` runs on these outputs: cells whose 4 x 4 pixels are mostly padding are
-masked, each heatmap's peak is the centre of its flat top, the offset there is added, times the stride 4
-gives canvas px, and (canvas px - pad) / scale gives image px. The file's metadata_props record this.
+in cells (gap x, y, slider x, y; within +-0.5); a model trained with ``--input_scale s`` shrinks the canvas
+inside the graph and its outputs are s times smaller (stride 4s). Decoding is ``metrics.captcha.decode``,
+which ``predict_captcha.py --backend onnx`` runs on these outputs: cells whose stride x stride pixels are
+mostly padding are masked, each heatmap's peak is the centre of its flat top, the offset there is added,
+times the stride gives canvas px, and (canvas px - pad) / scale gives image px. The file's metadata_props
+record this (``stride`` among them).
 
 Check: onnxruntime runs the file on ``--check_samples`` samples of the run's validation set (the synthetic
 generator with the run's ``--val_seed``) next to PyTorch; the largest differences of the raw outputs and of
@@ -57,8 +59,10 @@ def compare(model, onnx_model: OnnxModel, images: torch.Tensor, batch_size: int 
         got = onnx_model(x)
         for name in OUTPUTS:
             worst[name] = max(worst[name], largest(ref[name], got[name]))
-        valid = valid_cells(x)
-        worst["points_px"] = max(worst["points_px"], largest(decode(ref, valid)[0], decode(got, valid)[0]))
+        stride = getattr(model, "stride", STRIDE)
+        valid = valid_cells(x, stride)
+        worst["points_px"] = max(worst["points_px"], largest(decode(ref, valid, stride)[0],
+                                                             decode(got, valid, stride)[0]))
     return worst
 
 
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None):
     metadata = {
         "producer": "export_captcha.py", "weights": str(export.weights), "input": "image",
         "input_layout": f"float32 (B, 4, {CANVAS_H}, {CANVAS_W}): letterboxed RGB / 255 and padding mask",
-        "outputs": json.dumps(OUTPUTS), "canvas_w": str(CANVAS_W), "canvas_h": str(CANVAS_H), "stride": str(STRIDE),
+        "outputs": json.dumps(OUTPUTS), "canvas_w": str(CANVAS_W), "canvas_h": str(CANVAS_H),
+        "stride": str(getattr(model, "stride", STRIDE)),
         "decoding": "metrics.captcha.decode: flat-top centre of each masked heatmap + offset, x stride; "
                     "image px = (canvas px - pad) / scale",
     }

@@ -54,13 +54,13 @@ def shift_images(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 @torch.no_grad()
 def pair_logits(model, a: torch.Tensor, b: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Logits (B,) of pairs (a, b), each (B, 1, 28, 28); with tta the mean over TTA_SHIFTS x both orders,
-    evaluated as one batch."""
+    """Logits (B,) of pairs (a, b), each (B, 1, 28, 28); with tta the mean over TTA_SHIFTS x both orders.
+    One forward per view at the loader's batch size: one batch of all ten views multiplies the activations'
+    memory by ten, and on CPU those large short-lived buffers are mapped and unmapped at every batch."""
     if not tta:
         return model(a, b)
-    views_a = torch.cat([shift_images(x, dy, dx) for dy, dx in TTA_SHIFTS for x in (a, b)])
-    views_b = torch.cat([shift_images(x, dy, dx) for dy, dx in TTA_SHIFTS for x in (b, a)])
-    return model(views_a, views_b).float().view(2 * len(TTA_SHIFTS), len(a)).mean(0)
+    views = [(shift_images(x, dy, dx), shift_images(y, dy, dx)) for dy, dx in TTA_SHIFTS for x, y in ((a, b), (b, a))]
+    return torch.stack([model(x, y).float() for x, y in views]).mean(0)
 
 
 @torch.no_grad()

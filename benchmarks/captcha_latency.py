@@ -41,7 +41,7 @@ from benchmarks.captcha_quality import SEARCH_MARGIN, centroid
 from benchmarks.common import int_list, positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor
 from losses.captcha import valid_cells
-from metrics.captcha import decode, point_errors
+from metrics.captcha import STRIDE, decode, point_errors, predict_points
 from models.lite_hrnet import LiteHRNet18FPN
 from models.onnx_io import OnnxModel, export_onnx
 from training.export import load_export_or_exit
@@ -92,7 +92,8 @@ def time_model(model, image: torch.Tensor, bf16: bool, iters: int, warmup: int) 
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(image)
-        decode(outputs, valid_cells(image))
+        stride = getattr(model, "stride", STRIDE)
+        decode(outputs, valid_cells(image, stride), stride)
         sync(device)
         if k >= warmup:
             seconds.append(time.perf_counter() - start)
@@ -112,7 +113,7 @@ def time_predict(model, paths: list[Path], device: torch.device, iters: int, war
             tensors.append(to_input_tensor(canvas, mask))
             geometry.append((scale, pad))
         image = torch.stack(tensors).to(device)
-        points, scores = decode(model(image), valid_cells(image))
+        points, scores = predict_points(model, image)
         points, scores = points.cpu(), scores.cpu()
         for (scale, (pad_x, pad_y)), pts in zip(geometry, points):
             ((pts - torch.tensor([pad_x, pad_y])) / scale).tolist()
@@ -163,10 +164,9 @@ def time_ddddocr(slide, inputs: list[SlideInputs], iters: int, warmup: int) -> l
 
 
 @torch.no_grad()
-def predict_points(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def all_points(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """(N, 2, 2) decoded (gap, slider) canvas px."""
-    return torch.cat([decode(model(images[i:i + batch_size]), valid_cells(images[i:i + batch_size]))[0]
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat([predict_points(model, images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)])
 
 
 def accuracy_rows(model, onnx_model, slide, n: int, seed: int) -> tuple[list[dict], float]:
@@ -178,8 +178,8 @@ def accuracy_rows(model, onnx_model, slide, n: int, seed: int) -> tuple[list[dic
     to_canvas = lambda p, box: (p[0] * box[2] + box[3][0], p[1] * box[2] + box[3][1])  # noqa: E731
     to_source = lambda p, box: ((p[0] - box[3][0]) / box[2], (p[1] - box[3][1]) / box[2])  # noqa: E731
     true = np.array([[to_canvas(s["gap"], b), to_canvas(s["slider"], b)] for s, b in zip(samples, boxes)])
-    ours = predict_points(model, images)
-    ours_onnx = predict_points(onnx_model, images)
+    ours = all_points(model, images)
+    ours_onnx = all_points(onnx_model, images)
     preds = {"ours (PyTorch)": ours.numpy(), "ours (ONNX)": ours_onnx.numpy()}
     for name, slider in (("ddddocr, true piece (oracle)", None), ("ddddocr, piece at our slider", ours[:, 1])):
         gaps = []
@@ -241,6 +241,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, images[:1], Path(tmp) / "model.onnx", ["gap", "slider", "offset"], input_name="image")
         onnx_model = OnnxModel(Path(tmp) / "model.onnx", threads=torch.get_num_threads())
+        onnx_model.stride = getattr(model, "stride", STRIDE)
     for b in args.batch_sizes:
         seconds = time_model(onnx_model, images[:b], False, args.iters, args.warmup)
         rows.append(row("onnx", cpu, "fp32 onnxruntime", b, seconds))

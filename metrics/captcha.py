@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from losses.captcha import valid_cells
+
 STRIDE = 4
 
 
@@ -54,6 +56,14 @@ def decode(outputs: dict, valid: torch.Tensor, stride: int = STRIDE):
         points.append(torch.stack([(cj + 0.5 + off[:, 0]) * stride, (ci + 0.5 + off[:, 1]) * stride], dim=1))
         scores.append(torch.sigmoid(peak))
     return torch.stack(points, dim=1), torch.stack(scores, dim=1)
+
+
+@torch.no_grad()
+def predict_points(model, image: torch.Tensor):
+    """decode of model(image) on a (B, 4, H, W) canvas batch, at the model's own stride (``model.stride``,
+    4 unless it shrinks its input) -> points (B, 2, 2) in canvas px, scores (B, 2)."""
+    stride = getattr(model, "stride", STRIDE)
+    return decode(model(image), valid_cells(image, stride), stride)
 
 
 def point_errors(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:

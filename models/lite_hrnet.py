@@ -15,7 +15,9 @@ FLOPs); at 4x256x512: backbone 0.50 G, LiteFPN 0.09 G, the four heads 1.21 G (ea
 
 Input: (B, in_chans, H, W) with H, W divisible by 32; in_chans=4 = RGB/255 + letterbox padding mask.
 Output heads at stride 4, cell (i, j) covers input pixels [4j, 4j+4) x [4i, 4i+4); decode as
-x = (j + 0.5 + du) * 4, y = (i + 0.5 + dv) * 4.
+x = (j + 0.5 + du) * 4, y = (i + 0.5 + dv) * 4. With input_scale=s the network first shrinks the canvas s
+times (pool_canvas) and runs on that: the heads are then at stride 4s of the input (``model.stride``), the
+compute about s^2 times smaller, and every formula above holds with 4s for 4.
 """
 
 import math
@@ -33,6 +35,18 @@ REDUCE_RATIO = 8  # cross-resolution weighting bottleneck
 SE_RATIO = 4  # spatial weighting bottleneck
 
 HEATMAP_PRIOR = 0.1  # initial sigmoid output of the heatmap heads (CenterNet / focal-loss prior)
+INPUT_SCALES = (1, 2, 4)
+
+
+def pool_canvas(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, 4, H, W) RGB + padding mask -> (B, 4, H/factor, W/factor): RGB averaged over factor x factor
+    pixels, the mask left 1 only where all of them were real (a min-pool). Under the continuous-pixel
+    convention the average is the exact map x -> x / factor of every coordinate."""
+    if factor == 1:
+        return x
+    colour = F.avg_pool2d(x[:, :3], factor)
+    mask = -F.max_pool2d(-x[:, 3:], factor)
+    return torch.cat([colour, mask], 1)
 
 
 def conv_bn(in_ch, out_ch, kernel_size=1, stride=1, groups=1, relu=False):
@@ -285,9 +299,15 @@ class LiteHRNet18FPN(nn.Module):
         "angle":  (B, 2, H/4, W/4) (sin, cos) unit vectors, only when with_angle
     """
 
-    def __init__(self, in_chans: int = 4, fpn_channels: int = 64, head_channels: int = 64, with_angle: bool = True):
+    def __init__(self, in_chans: int = 4, fpn_channels: int = 64, head_channels: int = 64, with_angle: bool = True,
+                 input_scale: int = 1):
         super().__init__()
-        self.with_angle = with_angle
+        if input_scale not in INPUT_SCALES:
+            raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+        if input_scale > 1 and in_chans != 4:
+            raise ValueError("input_scale > 1 pools an RGB + padding-mask canvas: it needs in_chans=4")
+        self.with_angle, self.input_scale = with_angle, input_scale
+        self.stride = 4 * input_scale   # input px per output cell
         self.backbone = LiteHRNet18(in_chans)
         self.fpn = LiteFPN(self.backbone.out_channels, fpn_channels)
         self.gap_head = _head(fpn_channels, head_channels, 1)
@@ -315,9 +335,10 @@ class LiteHRNet18FPN(nn.Module):
         nn.init.zeros_(self.offset_head[-1].bias)
 
     def forward(self, x):
-        if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f"input H, W must be divisible by 32, got {tuple(x.shape[-2:])}")
-        feat = self.fpn(self.backbone(x))
+        multiple = 32 * self.input_scale
+        if x.shape[-2] % multiple or x.shape[-1] % multiple:
+            raise ValueError(f"input H, W must be divisible by {multiple}, got {tuple(x.shape[-2:])}")
+        feat = self.fpn(self.backbone(pool_canvas(x, self.input_scale)))
         out = {
             "gap": self.gap_head(feat),
             "slider": self.slider_head(feat),

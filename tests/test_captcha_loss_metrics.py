@@ -8,7 +8,7 @@ import torch
 
 from data.captcha import halve_canvas
 from losses.captcha import captcha_loss, encode_points, focal_loss, sample_heatmap, valid_cells
-from metrics.captcha import captcha_metrics, decode, point_errors
+from metrics.captcha import captcha_metrics, decode, point_errors, predict_points
 
 
 def _outputs_from_points(gap, slider, h=64, w=128, with_angle=True):
@@ -57,6 +57,19 @@ def test_targets_and_decoding_on_the_half_canvas():
     full_loss, _ = captcha_loss(_outputs_from_points(gap, slider), batch)
     small_loss, _ = captcha_loss(outputs, small)
     assert small_loss < 0.05 and full_loss < 0.05
+    # a model that shrinks its input itself (input_scale 2, stride 8): the loss at stride 8 on the full-canvas
+    # batch is the loss of the halved batch, and predict_points decodes at the model's stride, in full px
+    stride8, _ = captcha_loss(outputs, batch, stride=8)
+    torch.testing.assert_close(stride8, small_loss)
+
+    class Stride8:
+        stride = 8
+
+        def __call__(self, image):
+            return outputs
+
+    points, _ = predict_points(Stride8(), image)
+    assert torch.allclose(points[:, 0], gap, atol=1e-3) and torch.allclose(points[:, 1], slider, atol=1e-3)
 
 
 def test_encode_targets_peak_offset_and_radius():

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data.pair import (AUGMENTS, ROBUST_ID_PREFIX, ROBUST_PARAMS, ROBUST_SETS, SOURCE_ROWS, TRAIN_LIGHT,
-                       TRAIN_NOISE, PairNPZDataset, build_pair_splits, corrupt_digit, corrupt_train_digit,
+from data.pair import (AUGMENTS, ROBUST_ID_PREFIX, ROBUST_PARAMS, ROBUST_SETS, SOURCE_ROWS, TRAIN_ELASTIC,
+                       TRAIN_LIGHT, TRAIN_NOISE, PairNPZDataset, build_pair_splits, corrupt_digit, corrupt_train_digit,
                        corruption_plan, elastic_distort, gaussian_blur, gaussian_noise, load_mnist_5k, load_pair_npz,
                        load_uci_digits, low_contrast, make_pairs_from_pools, occlude, parse_severity_range,
                        pixel_stats, robust_digit, salt_and_pepper, split_sources, to_mnist_frame)
@@ -671,6 +671,35 @@ def test_corruption_plan_light_draws_and_leaves_the_other_draws_alone():
     assert target["factor"] < TRAIN_LIGHT["factor"][0] and target["ramp"] > TRAIN_LIGHT["ramp"][1]
 
 
+def test_corruption_plan_elastic_draws_and_leaves_the_other_draws_alone():
+    plan = corruption_plan(20000, (0, 9), 0.1, 0.5, np.random.default_rng(0), light_prob=0.3, elastic_prob=0.4)
+    on = plan["elastic_alpha_px"] > 0
+    lo, hi = TRAIN_ELASTIC["alpha_px"]
+    assert on.mean() == pytest.approx(0.4, abs=0.015)
+    assert lo <= plan["elastic_alpha_px"][on].min() and plan["elastic_alpha_px"].max() <= hi
+    assert plan["elastic_alpha_px"][on].mean() == pytest.approx((lo + hi) / 2, rel=0.03)
+    without = corruption_plan(20000, (0, 9), 0.1, 0.5, np.random.default_rng(0), light_prob=0.3)
+    assert not without["elastic_alpha_px"].any()
+    assert all(np.array_equal(plan[k], without[k]) for k in without if k != "elastic_alpha_px")
+    # the distortion stays short of robust_harsh's, which therefore still measures extrapolation
+    assert ROBUST_PARAMS["robust_harsh"]["elastic_alpha_px"] > hi
+
+
+def test_train_elastic_bends_the_strokes_before_the_corruption(test_digits):
+    d = test_digits[0]
+    # the field comes from its own generator: the corruption's draws are those of the undistorted digit
+    expected = corrupt_digit(elastic_distort(d, 15.0, TRAIN_ELASTIC["sigma_px"], np.random.default_rng(9)), 2,
+                             np.random.default_rng(1))
+    bent = corrupt_train_digit(d, 2, np.random.default_rng(1), elastic_alpha_px=15.0,
+                               elastic_rng=np.random.default_rng(9))
+    assert np.array_equal(bent, expected)
+    # a clean digit is distorted too (a writer's variation), and nothing else: the ink moves but is kept
+    clean = corrupt_train_digit(d, 2, np.random.default_rng(1), clean=True, elastic_alpha_px=15.0,
+                                elastic_rng=np.random.default_rng(9))
+    assert not np.array_equal(clean, d)
+    assert abs(int(clean.sum()) - int(d.sum())) < 0.25 * d.sum() and np.mean(np.abs(clean.astype(int) - d)) > 3
+
+
 def test_corrupt_train_digit_defaults_are_corrupt_digit(test_digits):
     d = test_digits[0]
     assert np.array_equal(corrupt_train_digit(d, 5.0, np.random.default_rng(1)),
@@ -751,6 +780,25 @@ def test_train_light_changes_train_backgrounds_only(built, tmp_path):
     assert meta["train_corruption"]["light_prob"] == 0.5
 
 
+def test_train_elastic_changes_train_strokes_only(built, mnist, tmp_path):
+    _, _, files = built
+    images, _ = mnist
+    out = tmp_path / "elastic"
+    meta = build_pair_splits(out, *PAIRS.values(), severity=5, seed=7, robust_pairs=2, train_clean=1.0,
+                             train_elastic=0.5)
+    train = np.load(out / "train.npz")
+    for split in ("val", "test"):
+        assert np.load(out / f"{split}.npz")["x"].tobytes() == files[split]["x"].tobytes()
+    assert all(np.array_equal(train[k], files["train"][k]) for k in ("y", "id", "src_a", "src_b"))
+    # every digit is 'clean', so a changed one was bent and nothing else: about half of them
+    halves = np.concatenate([train["x"][:, :, :28], train["x"][:, :, 28:]])
+    sources = np.concatenate([train["src_a"], train["src_b"]])
+    bent = np.any(halves != images[sources], axis=(1, 2))
+    assert 0.35 < bent.mean() < 0.65
+    tc = meta["train_corruption"]
+    assert tc["elastic_prob"] == 0.5 and tc["elastic_alpha_px_range"] == list(TRAIN_ELASTIC["alpha_px"])
+
+
 @pytest.mark.parametrize("kwargs, flag", [
     ({"robust_pairs": 3}, "--robust_pairs"), ({"robust_pairs": 0}, "--robust_pairs"),
     ({"train_severity": (5, 2)}, "--train_severity"), ({"train_severity": (-1, 2)}, "--train_severity"),
@@ -759,6 +807,7 @@ def test_train_light_changes_train_backgrounds_only(built, tmp_path):
     ({"train_clean": 1.5}, "--train_clean"), ({"train_clean": -0.1}, "--train_clean"),
     ({"train_noise": float("nan")}, "--train_noise"), ({"train_noise": True}, "--train_noise"),
     ({"train_light": 2}, "--train_light"), ({"train_light": -0.5}, "--train_light"),
+    ({"train_elastic": 1.01}, "--train_elastic"),
 ])
 def test_bad_new_build_options_name_the_flag(tmp_path, kwargs, flag):
     with pytest.raises(ValueError) as err:
@@ -778,13 +827,13 @@ def test_cli_build_with_training_options(tmp_path):
     cmd = [sys.executable, "-m", "data.pair", "build", "--out", str(tmp_path / "cli"), "--train_pairs", "20",
            "--val_pairs", "4", "--test_pairs", "4", "--robust_pairs", "4"]
     done = subprocess.run([*cmd, "--train_severity", "0,8", "--train_clean", "0.1", "--train_noise", "0.5",
-                           "--train_light", "0.3"],
+                           "--train_light", "0.3", "--train_elastic", "0.2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(f"{name}.npz: 4 pairs" in done.stdout for name in ROBUST_SETS)
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
     assert meta["train_corruption"]["severity_range"] == [0, 8] and meta["train_corruption"]["noise_prob"] == 0.5
-    assert meta["train_corruption"]["light_prob"] == 0.3
+    assert meta["train_corruption"]["light_prob"] == 0.3 and meta["train_corruption"]["elastic_prob"] == 0.2
     for bad, flag in ((["--train_severity", "5"], "--train_severity"), (["--train_noise", "1.5"], "--train_noise"),
                       (["--train_light", "x"], "--train_light")):
         refused = subprocess.run([*cmd[:5], str(tmp_path / "bad"), *bad], cwd=ROOT, capture_output=True, text=True,

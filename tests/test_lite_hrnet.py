@@ -14,6 +14,7 @@ from models.lite_hrnet import (
     LiteHRNet18FPN,
     channel_shuffle,
     concat_shuffle,
+    pool_canvas,
 )
 
 # tiny but still divisible by 32: branch grids 16x32, 8x16, 4x8, 2x4
@@ -48,6 +49,30 @@ def test_output_keys_shapes_and_ranges(with_angle):
 def test_input_not_divisible_by_32_is_rejected():
     with pytest.raises(ValueError):
         LiteHRNet18FPN()(torch.randn(1, 4, 48, 128))
+
+
+def test_input_scale_runs_the_same_network_on_the_pooled_canvas():
+    full = LiteHRNet18FPN(in_chans=4, fpn_channels=16, head_channels=16)
+    half = LiteHRNet18FPN(in_chans=4, fpn_channels=16, head_channels=16, input_scale=2)
+    half.load_state_dict(full.state_dict())   # the same parameters: only the input differs
+    full.eval(), half.eval()
+    x = torch.rand(B, 4, 2 * H, 2 * W)
+    x[:, 3] = 1.0
+    x[0, 3, :, :7] = 0.0   # padding on the left; a 2x2 block with one padded pixel is padding after pooling
+    with torch.no_grad():
+        got, ref = half(x), full(pool_canvas(x, 2))
+    assert half.stride == 8 and full.stride == 4 and got["gap"].shape == (B, 1, H // 4, W // 4)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key])
+    pooled = pool_canvas(x, 2)
+    torch.testing.assert_close(pooled[:, :3], torch.nn.functional.avg_pool2d(x[:, :3], 2))
+    assert pooled[0, 3, :, :3].eq(0).all() and pooled[0, 3, :, 4:].eq(1).all()   # pixel 6 padded: column 3 too
+    assert pooled[0, 3, :, 3].eq(0).all() and pooled[1, 3].eq(1).all()
+    with pytest.raises(ValueError, match="divisible by 64"):
+        half(torch.rand(1, 4, 96, 128))
+    for bad in ({"input_scale": 3}, {"input_scale": 2, "in_chans": 3}):
+        with pytest.raises(ValueError, match="input_scale"):
+            LiteHRNet18FPN(**bad)
 
 
 def test_backward_reaches_every_parameter():

@@ -269,6 +269,40 @@ def peaked_copy(export, folder):
     return folder
 
 
+def test_export_and_predict_of_a_model_on_the_half_canvas(tmp_path, capsys, images):
+    """--input_scale 2: the ONNX graph takes the full canvas, shrinks it inside, records stride 8; both backends
+    decode at that stride and give the points of the same weights run at input_scale 1 on the pooled canvas."""
+    import export_captcha
+    from metrics.captcha import predict_points
+    from models.lite_hrnet import LiteHRNet18FPN, pool_canvas
+    from models.onnx_io import OnnxModel
+    from training.export import load_export
+
+    half = peaked_copy(make_export(tmp_path / "half", LiteHRNet18FPN, in_chans=4, fpn_channels=16,
+                                   head_channels=16, input_scale=2), tmp_path / "peaked")
+    onnx_file = tmp_path / "half.onnx"
+    code, stdout, err = run(capsys, export_captcha.main, "--checkpoint", half, "--out", onnx_file,
+                            "--check_samples", "2")
+    assert code == 0, err
+    onnx_model = OnnxModel(onnx_file)
+    assert onnx_model.metadata["stride"] == "8" and onnx_model.metadata["canvas_w"] == "512"
+    x = torch.rand(2, 4, 256, 512)
+    x[:, 3] = 1.0
+    assert onnx_model(x)["gap"].shape == (2, 1, 32, 64)
+    model = load_export(half).model
+    full = LiteHRNet18FPN(in_chans=4, fpn_channels=16, head_channels=16).eval()
+    full.load_state_dict(model.state_dict())
+    got, ref = predict_points(model, x)[0], predict_points(full, pool_canvas(x, 2))[0] * 2
+    torch.testing.assert_close(got, ref)
+    for backend, checkpoint, out in (("torch", half, tmp_path / "torch.csv"), ("onnx", onnx_file, tmp_path / "onnx.csv")):
+        code, _, err = run(capsys, predict_captcha.main, "--checkpoint", checkpoint, "--images", images,
+                           "--device", "cpu", "--backend", backend, "--out", out)
+        assert code == 0, err
+    for a, b in zip(read_csv(tmp_path / "torch.csv"), read_csv(tmp_path / "onnx.csv"), strict=True):
+        for column in CAPTCHA_COLUMNS[1:]:
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=0.011)
+
+
 def test_export_captcha_onnx_matches_pytorch_and_predicts_the_same(tmp_path, capsys, captcha_export, images):
     import export_captcha
     from models.onnx_io import OnnxModel

@@ -134,6 +134,33 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, nproc):
             assert float(b_rows[-1][key]) == pytest.approx(float(value), rel=1e-6, abs=1e-9), key
 
 
+def test_input_scale_trains_and_evaluates_at_stride_8(tmp_path):
+    """--input_scale 2: the model records it in model.json, runs on the half canvas (heads at stride 8 of the
+    full canvas) and is evaluated in full-canvas px."""
+    run_script("train_captcha.py", tiny(tmp_path, "--max_steps", "2", "--eval_every_steps", "2", "--run_name", "h",
+                                        "--input_scale", "2", "--num_figures", "1", "--heldout_size", "0"))
+    from data.captcha import SyntheticCaptchaDataset
+    from metrics.captcha import captcha_metrics, predict_points
+    from training.export import build_model
+
+    final = tmp_path / "h" / "final"
+    record = json.loads((final / "model.json").read_text())
+    assert record["kwargs"]["input_scale"] == 2
+    model = build_model(record).eval()
+    model.load_state_dict(load_file(final / "model.safetensors"))   # the raw weights that val/* scored
+    val = [SyntheticCaptchaDataset(5, seed=1_000_003, fresh_each_epoch=False)[i] for i in range(5)]
+    image = torch.stack([v["image"] for v in val])
+    with torch.no_grad():
+        assert model(image)["gap"].shape == (5, 1, 32, 64)
+        points, _ = predict_points(model, image)
+    true = torch.stack([torch.stack([v["gap"], v["slider"]]) for v in val])
+    expected = captcha_metrics(points.numpy(), true.numpy())
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["val/num_samples"] == 5
+    for key in ("mae_px", "hit_le_5px", "gap_mae"):
+        assert metrics[f"val/{key}"] == pytest.approx(expected[key], rel=1e-4, abs=1e-3), key
+
+
 def _first_moment(checkpoint: Path) -> list[torch.Tensor]:
     state = torch.load(checkpoint / "optimizer.bin", weights_only=True, map_location="cpu")
     return [s["exp_avg"] for _, s in sorted(state["state"].items())]
@@ -187,6 +214,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     (["--init_from", "/nonexistent/run"], "--init_from /nonexistent/run: no such run"),
     (["--clip_grad", "0"], "--clip_grad must be > 0"),
     (["--small_canvas_steps", "-1"], "--small_canvas_steps must be >= 0"),
+    (["--small_canvas_steps", "3", "--input_scale", "2"], "--small_canvas_steps halves the canvas of a full-size"),
+    (["--input_scale", "3"], "--input_scale: expected one of 1, 2, 4"),
     (["--init_from", "RUN", "--fpn_channels", "32"], "weights do not fit the model: 42 tensors of another shape"),
     (["--backgrounds", "/nonexistent/photos"], "--backgrounds /nonexistent/photos: no such folder; expected a folder"),
     (["--backgrounds", "BADBG"], "broken.jpg: not a decodable image"),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from models.lite_hrnet import pool_canvas
 
 # px; 2:1 is the middle of the sources' aspect range (1.8-2.4), so the letterbox padding stays thin
 CANVAS_W, CANVAS_H = 512, 256
@@ -67,10 +68,7 @@ def halve_canvas(batch: dict) -> dict:
     coordinate (gap, slider, fake_gaps) is halved: under the continuous-pixel convention a 2x2 average is the
     exact map x -> x / 2, so targets encoded at stride 4 of the small canvas, and points decoded there times 2,
     are in the full canvas's px. The other keys and the input batch are left as they are."""
-    image = batch["image"]
-    colour = F.avg_pool2d(image[:, :3], 2)
-    mask = -F.max_pool2d(-image[:, 3:], 2)   # a min-pool
-    small = dict(batch, image=torch.cat([colour, mask], 1))
+    small = dict(batch, image=pool_canvas(batch["image"], 2))
     for key in ("gap", "slider", "fake_gaps"):
         small[key] = batch[key] / 2
     return small
