@@ -15,7 +15,9 @@ variant, timed in alternating rounds (the order reversed every round) on the sam
 machine hit all alike: the preset; NCHW instead of NHWC; FPN/heads at 16 and 64 channels; one thread instead
 of two; the canvas halved to 256x128 (the first phase of progressive resizing: the image area-downsampled,
 every label halved, the heatmaps at stride 4 of the smaller canvas: ``data.captcha.halve_canvas``, what
-``train_captcha.py --small_canvas_steps`` does); with ``--compile`` also
+``train_captcha.py --small_canvas_steps`` does); the model that shrinks the full canvas itself
+(``--input_scale 2``: the same work plus the pooling inside the model and the loss at stride 8); with
+``--compile`` also
 ``torch.compile`` of the preset's model (its compile time is reported apart).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo's modules live one level up
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -232,17 +235,19 @@ def main(argv=None) -> int:
                             formats={"params": ",d", "share %": ".1f", "forward ms": ".1f", "backward ms": ".1f",
                                      "step ms": ".1f", "total ms": ".1f"}))
 
-    variants = {
-        f"preset (NHWC={nhwc}, FPN/heads {fpn}, 512x256, {threads} thread(s))": (fpn, head, nhwc, False, None),
-        f"NHWC={not nhwc}": (fpn, head, not nhwc, False, None),
-        "FPN/heads 16": (16, 16, nhwc, False, None),
-        "FPN/heads 64 (full preset)": (64, 64, nhwc, False, None),
-        "1 thread": (fpn, head, nhwc, False, 1),
-        "canvas 256x128 (progressive resizing, phase 1)": (fpn, head, nhwc, True, None),
+    variants = {   # name: FPN width, head width, NHWC, halve the batch, threads, input_scale
+        f"preset (NHWC={nhwc}, FPN/heads {fpn}, 512x256, {threads} thread(s))": (fpn, head, nhwc, False, None, 1),
+        f"NHWC={not nhwc}": (fpn, head, not nhwc, False, None, 1),
+        "FPN/heads 16": (16, 16, nhwc, False, None, 1),
+        "FPN/heads 64 (full preset)": (64, 64, nhwc, False, None, 1),
+        "1 thread": (fpn, head, nhwc, False, 1, 1),
+        "canvas 256x128 (progressive resizing, phase 1)": (fpn, head, nhwc, True, None, 1),
+        "--input_scale 2 (the model pools the 512x256 canvas)": (fpn, head, nhwc, False, None, 2),
     }
     steps, inputs = {}, {}
-    for name, (f, h, cl, small, th) in variants.items():
-        steps[name] = update_fn(make_model(args, f, h, cl), args, th)
+    for name, (f, h, cl, small, th, scale) in variants.items():
+        variant_args = dataclasses.replace(args, input_scale=scale)
+        steps[name] = update_fn(make_model(variant_args, f, h, cl), variant_args, th)
         inputs[name] = [to_memory_format(halve_canvas(b) if small else b, cl) for b in batches]
     if flags.compile:
         name = "torch.compile (preset)"

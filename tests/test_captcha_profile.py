@@ -40,9 +40,10 @@ def test_profile_benchmark_measures_every_part_and_lever(tmp_path):
     assert sum(r["params"] for r in network) == sum(p.numel() for p in model.parameters())
     assert parts["sum of the parts"]["share %"] == 100.0 and parts["full update (measured)"]["total ms"] > 0
     variants = [r["variant"] for r in levers["rows"]]
-    assert len(variants) == 6 and variants[0].startswith("preset") and levers["rows"][0]["speed-up"] == 1.0
+    assert len(variants) == 7 and variants[0].startswith("preset") and levers["rows"][0]["speed-up"] == 1.0
     assert all(r["samples/s"] > 0 for r in levers["rows"])
     assert "canvas 256x128 (progressive resizing, phase 1)" in variants
+    assert "--input_scale 2 (the model pools the 512x256 canvas)" in variants
 
 
 def test_profile_benchmark_rejects_bad_flags():
