@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 from data.captcha import CANVAS_H, CANVAS_W, SyntheticCaptchaDataset
-from losses.captcha import valid_cells
-from metrics.captcha import STRIDE, decode
+from metrics.captcha import decode_on
 from models.onnx_io import OPSET, OnnxModel, export_onnx
 from training.config import UsageError, fail
 from training.export import load_export_or_exit
@@ -59,10 +58,7 @@ def compare(model, onnx_model: OnnxModel, images: torch.Tensor, batch_size: int 
         got = onnx_model(x)
         for name in OUTPUTS:
             worst[name] = max(worst[name], largest(ref[name], got[name]))
-        stride = getattr(model, "stride", STRIDE)
-        valid = valid_cells(x, stride)
-        worst["points_px"] = max(worst["points_px"], largest(decode(ref, valid, stride)[0],
-                                                             decode(got, valid, stride)[0]))
+        worst["points_px"] = max(worst["points_px"], largest(decode_on(ref, x)[0], decode_on(got, x)[0]))
     return worst
 
 
@@ -97,7 +93,7 @@ def main(argv: list[str] | None = None):
         "producer": "export_captcha.py", "weights": str(export.weights), "input": "image",
         "input_layout": f"float32 (B, 4, {CANVAS_H}, {CANVAS_W}): letterboxed RGB / 255 and padding mask",
         "outputs": json.dumps(OUTPUTS), "canvas_w": str(CANVAS_W), "canvas_h": str(CANVAS_H),
-        "stride": str(getattr(model, "stride", STRIDE)),
+        "stride": str(model.stride),
         "decoding": "metrics.captcha.decode: flat-top centre of each masked heatmap + offset, x stride; "
                     "image px = (canvas px - pad) / scale",
     }

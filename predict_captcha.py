@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.captcha import CANVAS_H, CANVAS_W, letterbox, load_image, to_input_tensor
-from metrics.captcha import STRIDE, predict_points
+from metrics.captcha import predict_points
 from models.onnx_io import OnnxModel, cuda_provider_available
 from training.config import UsageError, fail
 from training.export import load_export_or_exit, resolve_device
@@ -63,7 +63,6 @@ def load_onnx_or_exit(path, device: torch.device) -> OnnxModel:
     if model.input_name != "image" or shape != (str(CANVAS_W), str(CANVAS_H)):
         fail(f"--checkpoint {path}: not an export_captcha.py file (expected input 'image' on a "
              f"{CANVAS_W}x{CANVAS_H} canvas)")
-    model.stride = int(model.metadata.get("stride", STRIDE))   # what metrics.captcha.predict_points decodes at
     return model
 
 

@@ -59,8 +59,11 @@ def pair_logits(model, a: torch.Tensor, b: torch.Tensor, tta: bool = False) -> t
     memory by ten, and on CPU those large short-lived buffers are mapped and unmapped at every batch."""
     if not tta:
         return model(a, b)
-    views = [(shift_images(x, dy, dx), shift_images(y, dy, dx)) for dy, dx in TTA_SHIFTS for x, y in ((a, b), (b, a))]
-    return torch.stack([model(x, y).float() for x, y in views]).mean(0)
+    total = torch.zeros(len(a), device=a.device)
+    for dy, dx in TTA_SHIFTS:
+        sa, sb = shift_images(a, dy, dx), shift_images(b, dy, dx)
+        total = total + model(sa, sb).float() + model(sb, sa).float()
+    return total / (2 * len(TTA_SHIFTS))
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, RENDER_HELDOUT, RENDERS, CaptchaFolderDataset,
                           SyntheticCaptchaDataset, halve_canvas, load_backgrounds)
-from losses.captcha import STRIDE, captcha_loss, valid_cells
-from metrics.captcha import captcha_metrics, decode, point_errors
+from losses.captcha import STRIDE, captcha_loss
+from metrics.captcha import captcha_metrics, decode_on, point_errors
 from models.lite_hrnet import LiteHRNet18FPN
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
 from training.config import fail
@@ -83,11 +83,11 @@ class Args:
     channels_last: bool = False           # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False                 # torch.compile the model
     small_canvas_steps: int = 0           # progressive resizing: the first N updates train on the canvas halved
-    input_scale: Literal[1, 2, 4] = 1     # the model shrinks the canvas this many times first (2: 256x128, ~3.4x faster)
+    input_scale: Literal[1, 2, 4] = 1     # the model shrinks the canvas this many times first (2: runs on 256x128)
     focal_alpha: float = 2.0              # CenterNet focal loss exponents
     focal_beta: float = 4.0               # down-weights negatives near a peak: (1 - target)^beta
     pos_threshold: float = 1.0            # heatmap cells >= this are positives (1.0 = peak cell only)
-    heatmap_sigma: float = 1.5            # Gaussian target sigma, in output cells (4 px)
+    heatmap_sigma: float = 1.5            # Gaussian target sigma, in output cells (4 px x input_scale)
     offset_weight: float = 1.0            # weight of the sub-cell offset L1 loss
     hard_negative_weight: float = 0.5     # margin loss of the true gap against fake gaps
     hard_negative_margin: float = 0.2     # required logit gap between the true gap and a fake gap
@@ -172,9 +172,12 @@ def build_scheduler(optimizer, args: Args):
 
 
 def model_kwargs(args: Args) -> dict:
-    """LiteHRNet18FPN's constructor arguments (recorded in model.json, so exports rebuild the model)."""
+    """LiteHRNet18FPN's constructor arguments (recorded in model.json, so exports rebuild the model).
+    input_scale only when it is not 1: the model.json of runs made before it existed stays the same, so
+    they still resume."""
+    scale = {"input_scale": args.input_scale} if args.input_scale != 1 else {}
     return dict(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels, with_angle=args.with_angle,
-                input_scale=args.input_scale)
+                **scale)
 
 
 def loss_kwargs(args: Args) -> dict:
@@ -206,8 +209,7 @@ def evaluate(model, val_dl, accelerator, args: Args):
         image = to_input(batch["image"], args)
         with accelerator.autocast():
             outputs = model(image)
-        stride = STRIDE * args.input_scale
-        points, scores = decode(outputs, valid_cells(batch["image"], stride), stride)
+        points, scores = decode_on(outputs, batch["image"])
         true = torch.stack([batch["gap"], batch["slider"]], dim=1)
         gathered = accelerator.gather_for_metrics((points, true, scores, batch["index"], batch["category"]))
         for key, value in zip(collected, gathered):

@@ -40,8 +40,7 @@ from PIL import Image
 from benchmarks.captcha_quality import SEARCH_MARGIN, centroid
 from benchmarks.common import int_list, positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor
-from losses.captcha import valid_cells
-from metrics.captcha import STRIDE, decode, point_errors, predict_points
+from metrics.captcha import decode_on, point_errors, predict_points
 from models.lite_hrnet import LiteHRNet18FPN
 from models.onnx_io import OnnxModel, export_onnx
 from training.export import load_export_or_exit
@@ -92,8 +91,7 @@ def time_model(model, image: torch.Tensor, bf16: bool, iters: int, warmup: int) 
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(image)
-        stride = getattr(model, "stride", STRIDE)
-        decode(outputs, valid_cells(image, stride), stride)
+        decode_on(outputs, image)
         sync(device)
         if k >= warmup:
             seconds.append(time.perf_counter() - start)
@@ -241,7 +239,6 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, images[:1], Path(tmp) / "model.onnx", ["gap", "slider", "offset"], input_name="image")
         onnx_model = OnnxModel(Path(tmp) / "model.onnx", threads=torch.get_num_threads())
-        onnx_model.stride = getattr(model, "stride", STRIDE)
     for b in args.batch_sizes:
         seconds = time_model(onnx_model, images[:b], False, args.iters, args.warmup)
         rows.append(row("onnx", cpu, "fp32 onnxruntime", b, seconds))

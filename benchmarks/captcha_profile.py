@@ -3,7 +3,7 @@
     python benchmarks/captcha_profile.py [--batch_size 8 --steps 4 --rounds 3] [--compile] [--out bench_out]
 
 Table 1 (profile): one update of the preset's model (``configs/captcha_quick.yaml``: train mode, NHWC,
-FPN/heads 32 channels, 512x256 canvas) split into its parts. Each part of the network (the stem, each of the
+FPN/heads 32 channels, 512x256 canvas; a preset's input_scale and small_canvas_steps are set aside) split into its parts. Each part of the network (the stem, each of the
 three stages with the transition in front of it, the FPN, the four heads) is run on its own real input (saved
 from a full forward pass, detached) and timed forward, then backward with a random output gradient; the loss
 (``captcha_loss`` on detached outputs) and the optimizer (gradient clipping plus AdamW over all parameters)
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     for flag in ("batch_size", "steps", "rounds", "batches"):
         positive(f"--{flag}", getattr(flags, flag))
     flags.cpu = True   # a CPU profile: the levers compared here are the CPU's
-    args = preset_args(flags, Args, ())
+    # the full-canvas model: table 1 feeds the stem the 512x256 canvas, and the smaller canvases are levers
+    args = dataclasses.replace(preset_args(flags, Args, ()), input_scale=1, small_canvas_steps=0)
     info = print_header("train_captcha.py update: profile by part and speed levers")
     threads = torch.get_num_threads()
     batches = make_batches(flags.batches, flags.batch_size)

@@ -535,6 +535,8 @@ def corrupt_train_digit(img: np.ndarray, severity: float, rng: np.random.Generat
     noises of --train_noise (0 = off); `clean` returns the digit untouched, distorted or not. With the
     defaults this is corrupt_digit."""
     if elastic_alpha_px > 0:   # a writer's variation of the strokes, before any camera-like damage
+        if elastic_rng is None:
+            raise ValueError("elastic_alpha_px > 0 needs elastic_rng, the generator of the distortion fields")
         img = elastic_distort(img, elastic_alpha_px, TRAIN_ELASTIC["sigma_px"], elastic_rng)
     if clean:
         return img.copy()
@@ -560,7 +562,7 @@ def corruption_plan(n_digits: int, severity_range, clean_frac: float, noise_prob
     values; the light rows and then the elastic rows come after the others, which therefore equal those of
     a plan without them."""
     lo, hi = map(float, severity_range)
-    u = rng.random((12, n_digits))   # row-major: rows 0-5 are the draws of the six-row plan this one extends
+    u = rng.random((12, n_digits))   # row-major: rows 0-9 are the draws of the ten-row plan this one extends
     (std_lo, std_hi), (sp_lo, sp_hi) = TRAIN_NOISE["noise_std"], TRAIN_NOISE["salt_pepper_frac"]
     (f_lo, f_hi), (o_lo, o_hi), (r_lo, r_hi) = (TRAIN_LIGHT[k] for k in ("factor", "grey_offset", "ramp"))
     a_lo, a_hi = TRAIN_ELASTIC["alpha_px"]

@@ -1,8 +1,9 @@
-"""CenterNet-style losses for gap/slider localisation on stride-4 heatmaps.
+"""CenterNet-style losses for gap/slider localisation on stride-s heatmaps (s = 4, or 4 x input_scale for a
+model that shrinks its input; every function takes it as ``stride``).
 
 Coordinates are canvas pixels (the 512x256 letterboxed input). A point (x, y) falls in
-output cell (j, i) = (floor(x/4), floor(y/4)) and has sub-cell offset
-(x/4 - j - 0.5, y/4 - i - 0.5) in [-0.5, 0.5); decoding is x = (j + 0.5 + du) * 4.
+output cell (j, i) = (floor(x/s), floor(y/s)) and has sub-cell offset
+(x/s - j - 0.5, y/s - i - 0.5) in [-0.5, 0.5); decoding is x = (j + 0.5 + du) * s.
 Every term is a per-sample quantity averaged over the batch, so ``--grad_accum k`` with
 batch b gives the same gradient as batch k*b.
 """

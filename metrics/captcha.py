@@ -59,11 +59,18 @@ def decode(outputs: dict, valid: torch.Tensor, stride: int = STRIDE):
 
 
 @torch.no_grad()
+def decode_on(outputs: dict, image: torch.Tensor):
+    """decode of a model's outputs on the (B, 4, H, W) canvas batch they came from, at the stride their
+    shapes give (4, or 4 x input_scale for a model that shrinks its input), padding cells masked
+    -> points (B, 2, 2) in canvas px, scores (B, 2). Works alike for PyTorch, ONNX and wrapped models."""
+    stride = image.shape[-1] // outputs["gap"].shape[-1]
+    return decode(outputs, valid_cells(image, stride), stride)
+
+
+@torch.no_grad()
 def predict_points(model, image: torch.Tensor):
-    """decode of model(image) on a (B, 4, H, W) canvas batch, at the model's own stride (``model.stride``,
-    4 unless it shrinks its input) -> points (B, 2, 2) in canvas px, scores (B, 2)."""
-    stride = getattr(model, "stride", STRIDE)
-    return decode(model(image), valid_cells(image, stride), stride)
+    """decode_on(model(image), image): points (B, 2, 2) in canvas px, scores (B, 2)."""
+    return decode_on(model(image), image)
 
 
 def point_errors(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:

@@ -290,19 +290,20 @@ def _head(in_ch, mid_ch, out_ch):
 
 
 class LiteHRNet18FPN(nn.Module):
-    """Lite-HRNet-18 + LiteFPN + CenterNet heads at stride 4.
+    """Lite-HRNet-18 + LiteFPN + CenterNet heads at stride s = 4 x input_scale (``self.stride``).
 
-    forward: x (B, in_chans, H, W), H and W divisible by 32 ->
-        "gap":    (B, 1, H/4, W/4) heatmap logits (sigmoid for probabilities)
-        "slider": (B, 1, H/4, W/4) heatmap logits
-        "offset": (B, 4, H/4, W/4) (du_gap, dv_gap, du_slider, dv_slider) in (-0.5, 0.5) cells
-        "angle":  (B, 2, H/4, W/4) (sin, cos) unit vectors, only when with_angle
+    forward: x (B, in_chans, H, W), H and W divisible by 32 x input_scale ->
+        "gap":    (B, 1, H/s, W/s) heatmap logits (sigmoid for probabilities)
+        "slider": (B, 1, H/s, W/s) heatmap logits
+        "offset": (B, 4, H/s, W/s) (du_gap, dv_gap, du_slider, dv_slider) in (-0.5, 0.5) cells
+        "angle":  (B, 2, H/s, W/s) (sin, cos) unit vectors, only when with_angle
+    input_scale > 1 first shrinks the RGB + mask canvas that many times (pool_canvas).
     """
 
     def __init__(self, in_chans: int = 4, fpn_channels: int = 64, head_channels: int = 64, with_angle: bool = True,
                  input_scale: int = 1):
         super().__init__()
-        if input_scale not in INPUT_SCALES:
+        if type(input_scale) is not int or input_scale not in INPUT_SCALES:   # not 2.0, not True
             raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
         if input_scale > 1 and in_chans != 4:
             raise ValueError("input_scale > 1 pools an RGB + padding-mask canvas: it needs in_chans=4")

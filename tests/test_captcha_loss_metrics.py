@@ -62,13 +62,7 @@ def test_targets_and_decoding_on_the_half_canvas():
     stride8, _ = captcha_loss(outputs, batch, stride=8)
     torch.testing.assert_close(stride8, small_loss)
 
-    class Stride8:
-        stride = 8
-
-        def __call__(self, image):
-            return outputs
-
-    points, _ = predict_points(Stride8(), image)
+    points, _ = predict_points(lambda image: outputs, image)   # the stride comes from the output's shape
     assert torch.allclose(points[:, 0], gap, atol=1e-3) and torch.allclose(points[:, 1], slider, atol=1e-3)
 
 

@@ -70,7 +70,7 @@ def test_input_scale_runs_the_same_network_on_the_pooled_canvas():
     assert pooled[0, 3, :, 3].eq(0).all() and pooled[1, 3].eq(1).all()
     with pytest.raises(ValueError, match="divisible by 64"):
         half(torch.rand(1, 4, 96, 128))
-    for bad in ({"input_scale": 3}, {"input_scale": 2, "in_chans": 3}):
+    for bad in ({"input_scale": 3}, {"input_scale": 2.0}, {"input_scale": True}, {"input_scale": 2, "in_chans": 3}):
         with pytest.raises(ValueError, match="input_scale"):
             LiteHRNet18FPN(**bad)
 

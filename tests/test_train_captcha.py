@@ -134,6 +134,15 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, nproc):
             assert float(b_rows[-1][key]) == pytest.approx(float(value), rel=1e-6, abs=1e-9), key
 
 
+def test_model_json_names_input_scale_only_when_it_is_not_1():
+    """Runs made before --input_scale existed have no such key in model.json; resuming compares model.json
+    exactly, so the default must not add it."""
+    import train_captcha
+
+    assert "input_scale" not in train_captcha.model_kwargs(train_captcha.Args())
+    assert train_captcha.model_kwargs(train_captcha.Args(input_scale=2))["input_scale"] == 2
+
+
 def test_input_scale_trains_and_evaluates_at_stride_8(tmp_path):
     """--input_scale 2: the model records it in model.json, runs on the half canvas (heads at stride 8 of the
     full canvas) and is evaluated in full-canvas px."""

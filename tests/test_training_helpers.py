@@ -28,6 +28,7 @@ class Demo:
     name: str = "a"
     flag: bool = False            # a switch
     mode: Literal["x", "y"] = "x"
+    scale: Literal[1, 2, 4] = 1
     maybe: int | None = None
     output_dir: str = "runs"
     seed: int = 0
@@ -88,6 +89,14 @@ def test_parse_args_yaml_type_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(Demo, ["--config", str(cfg)])
     assert "key lr: expected a finite number, got an integer of 400 digits" in capsys.readouterr().err
+    # an integer choice is that integer: neither 2.0 nor true (== 1) passes for it
+    for text, shown in (("2.0", "2.0"), ("true", "True")):
+        cfg.write_text(f"scale: {text}\n")
+        with pytest.raises(SystemExit):
+            parse_args(Demo, ["--config", str(cfg)])
+        assert f"key scale: expected one of 1, 2, 4, got {shown}" in capsys.readouterr().err
+    cfg.write_text("scale: 2\n")
+    assert parse_args(Demo, ["--config", str(cfg)]).scale == 2
     with pytest.raises(SystemExit):
         parse_args(Demo, ["--config", str(tmp_path / "missing.yaml")])
     assert "file not found" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def _coerce_yaml(value, tp, optional: bool):
         raise ValueError(f"expected true or false, got {value!r}")
     choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
     if choices is not None:
-        if value in choices:
+        if any(type(value) is type(c) and value == c for c in choices):   # 2.0 or true is not the choice 2 or 1
             return value
         raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
