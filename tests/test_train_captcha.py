@@ -134,6 +134,16 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, nproc):
             assert float(b_rows[-1][key]) == pytest.approx(float(value), rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("captcha_*.yaml")))
+def test_presets_parse(preset):
+    """Every key of each CAPTCHA preset is a known flag with a valid value, and the settings pass Args' checks."""
+    from train_captcha import Args
+    from training import parse_args
+
+    args = parse_args(Args, ["--config", str(ROOT / "configs" / preset)])
+    assert args.max_steps >= 1 and args.config.endswith(preset)
+
+
 def test_model_json_names_input_scale_only_when_it_is_not_1():
     """Runs made before --input_scale existed have no such key in model.json; resuming compares model.json
     exactly, so the default must not add it."""
