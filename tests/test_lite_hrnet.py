@@ -70,6 +70,14 @@ def test_input_scale_runs_the_same_network_on_the_pooled_canvas():
     assert pooled[0, 3, :, 3].eq(0).all() and pooled[1, 3].eq(1).all()
     with pytest.raises(ValueError, match="divisible by 64"):
         half(torch.rand(1, 4, 96, 128))
+    quarter = LiteHRNet18FPN(in_chans=4, fpn_channels=16, head_channels=16, input_scale=4).eval()
+    quarter.load_state_dict(full.state_dict())
+    x4 = torch.rand(1, 4, 4 * H, 4 * W)
+    x4[:, 3] = 1.0
+    with torch.no_grad():
+        got4, ref4 = quarter(x4), full(pool_canvas(x4, 4))
+    assert quarter.stride == 16 and got4["gap"].shape == (1, 1, H // 4, W // 4)
+    torch.testing.assert_close(got4["offset"], ref4["offset"])
     for bad in ({"input_scale": 3}, {"input_scale": 2.0}, {"input_scale": True}, {"input_scale": 2, "in_chans": 3}):
         with pytest.raises(ValueError, match="input_scale"):
             LiteHRNet18FPN(**bad)
