@@ -6,7 +6,8 @@ on the same validation images.
 "model" rows time model(image) + decode (argmax and offsets), eval mode under torch.no_grad,
 on real letterboxed validation samples: fp32 on the CPU, and on a GPU when one is present fp32
 and bf16 autocast too. "onnx" rows time the same network exported by export_captcha.py's route
-(models.onnx_io) and run by onnxruntime on the CPU, + the same decode. "ddddocr" rows time
+(models.onnx_io) and run by onnxruntime on the CPU, in fp32 and after onnxruntime's dynamic int8
+quantisation, + the same decode. "ddddocr" rows time
 ddddocr's slide_match (edge template matching) on one image at a time, given the slider piece as an RGBA
 image and the background right of the piece (a synthetic sample holds its piece; a real CAPTCHA delivers
 them apart). "end-to-end" rows time what predict_captcha.py does per batch: read the PNGs, letterbox, build
@@ -35,6 +36,7 @@ import time
 
 import numpy as np
 import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
 from PIL import Image
 
 from benchmarks.captcha_quality import SEARCH_MARGIN, centroid
@@ -167,9 +169,9 @@ def all_points(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tenso
     return torch.cat([predict_points(model, images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)])
 
 
-def accuracy_rows(model, onnx_model, slide, n: int, seed: int) -> tuple[list[dict], float]:
-    """Gap accuracy of ours (both backends) and ddddocr (oracle and blind piece) on validation samples 0..n-1;
-    and the largest |ONNX - PyTorch| difference of a decoded point (px)."""
+def accuracy_rows(model, onnx_model, int8_model, slide, n: int, seed: int) -> tuple[list[dict], float]:
+    """Gap accuracy of ours (PyTorch, ONNX, ONNX int8) and ddddocr (oracle and blind piece) on validation
+    samples 0..n-1; and the largest |ONNX - PyTorch| difference of a decoded point (px)."""
     samples = [generate_captcha((seed, 0, i)) for i in range(n)]
     boxes = [letterbox(s["image"]) for s in samples]
     images = torch.stack([to_input_tensor(canvas, mask) for canvas, mask, _, _ in boxes])
@@ -178,7 +180,8 @@ def accuracy_rows(model, onnx_model, slide, n: int, seed: int) -> tuple[list[dic
     true = np.array([[to_canvas(s["gap"], b), to_canvas(s["slider"], b)] for s, b in zip(samples, boxes)])
     ours = all_points(model, images)
     ours_onnx = all_points(onnx_model, images)
-    preds = {"ours (PyTorch)": ours.numpy(), "ours (ONNX)": ours_onnx.numpy()}
+    preds = {"ours (PyTorch)": ours.numpy(), "ours (ONNX)": ours_onnx.numpy(),
+             "ours (ONNX, dynamic int8)": all_points(int8_model, images).numpy()}
     for name, slider in (("ddddocr, true piece (oracle)", None), ("ddddocr, piece at our slider", ours[:, 1])):
         gaps = []
         for i, (s, b) in enumerate(zip(samples, boxes)):
@@ -239,10 +242,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, images[:1], Path(tmp) / "model.onnx", ["gap", "slider", "offset"], input_name="image")
         onnx_model = OnnxModel(Path(tmp) / "model.onnx", threads=torch.get_num_threads())
+        # onnxruntime's dynamic quantisation: int8 weights, activations quantised on the fly (ConvInteger)
+        quantize_dynamic(str(Path(tmp) / "model.onnx"), str(Path(tmp) / "int8.onnx"), weight_type=QuantType.QUInt8)
+        int8_model = OnnxModel(Path(tmp) / "int8.onnx", threads=torch.get_num_threads())
     for b in args.batch_sizes:
-        seconds = time_model(onnx_model, images[:b], False, args.iters, args.warmup)
-        rows.append(row("onnx", cpu, "fp32 onnxruntime", b, seconds))
-        print(f"  onnx cpu batch {b}: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
+        for net, precision in ((onnx_model, "fp32 onnxruntime"), (int8_model, "dynamic int8 onnxruntime")):
+            seconds = time_model(net, images[:b], False, args.iters, args.warmup)
+            rows.append(row("onnx", cpu, precision, b, seconds))
+            print(f"  onnx {precision} batch {b}: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
     slide = ddddocr.DdddOcr(det=False, ocr=False, show_ad=False)
     inputs = [SlideInputs(generate_captcha((args.val_seed, 0, i))) for i in range(largest)]
     rows.append(row("ddddocr slide_match", cpu, "-", 1, time_ddddocr(slide, inputs, args.iters, args.warmup)))
@@ -262,7 +269,8 @@ def main():
     tables = [table(rows, COLUMNS, formats={"images_per_s": ".1f"})]
     parity = None
     if args.accuracy_samples:
-        acc, parity = accuracy_rows(model.cpu().eval(), onnx_model, slide, args.accuracy_samples, args.val_seed)
+        acc, parity = accuracy_rows(model.cpu().eval(), onnx_model, int8_model, slide, args.accuracy_samples,
+                                    args.val_seed)
         tables.append(table(acc, ACCURACY_COLUMNS, formats={"gap_mae_px": ".2f"}))
         print(f"  accuracy on {args.accuracy_samples} samples; max |ONNX - PyTorch| point {parity:.4f} px", flush=True)
 
@@ -274,7 +282,8 @@ def main():
         f"{args.iters} timed iterations after {args.warmup} warm-up iterations per row; ms_per_image = batch time / "
         "batch; p90 = 90th percentile.",
         "onnx = the same network and weights run by onnxruntime (CPU provider, torch's thread count) + the same "
-        "decode; ddddocr = DdddOcr(det=False, ocr=False).slide_match(piece RGBA, background right of the piece), "
+        "decode; dynamic int8 = onnxruntime.quantization.quantize_dynamic of that file (QUInt8 weights); "
+        "ddddocr = DdddOcr(det=False, ocr=False).slide_match(piece RGBA, background right of the piece), "
         "one image per call, PIL images already in memory (its own conversion included).",
     ]
     if parity is not None:
