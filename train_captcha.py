@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from data.captcha import (CANVAS_H, CANVAS_W, CATEGORIES, RENDER_HELDOUT, RENDERS, CaptchaFolderDataset,
                           SyntheticCaptchaDataset, halve_canvas, load_backgrounds)
-from losses.captcha import STRIDE, captcha_loss
+from losses.captcha import captcha_loss
 from metrics.captcha import captcha_metrics, decode_on, point_errors
 from models.lite_hrnet import LiteHRNet18FPN
 from training import Checkpointer, EarlyStopping, TrainState, UsageError, parse_args, start_run
@@ -176,16 +176,15 @@ def model_kwargs(args: Args) -> dict:
     input_scale only when it is not 1: the model.json of runs made before it existed stays the same, so
     they still resume."""
     scale = {"input_scale": args.input_scale} if args.input_scale != 1 else {}
-    return dict(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels, with_angle=args.with_angle,
-                **scale)
+    return dict(in_chans=4, fpn_channels=args.fpn_channels, head_channels=args.head_channels,
+                with_angle=args.with_angle, **scale)
 
 
 def loss_kwargs(args: Args) -> dict:
     return dict(alpha=args.focal_alpha, beta=args.focal_beta, pos_threshold=args.pos_threshold,
                 sigma=args.heatmap_sigma, offset_weight=args.offset_weight,
                 hard_negative_weight=args.hard_negative_weight,
-                hard_negative_margin=args.hard_negative_margin, angle_weight=args.angle_weight,
-                stride=STRIDE * args.input_scale)
+                hard_negative_margin=args.hard_negative_margin, angle_weight=args.angle_weight)
 
 
 def set_train_mode(model, freeze_bn: bool) -> None:

@@ -3,8 +3,9 @@
     python benchmarks/captcha_profile.py [--batch_size 8 --steps 4 --rounds 3] [--compile] [--out bench_out]
 
 Table 1 (profile): one update of the preset's model (``configs/captcha_quick.yaml``: train mode, NHWC,
-FPN/heads 32 channels, 512x256 canvas; a preset's input_scale and small_canvas_steps are set aside) split into its parts. Each part of the network (the stem, each of the
-three stages with the transition in front of it, the FPN, the four heads) is run on its own real input (saved
+FPN/heads 32 channels, on the 512x256 canvas: a preset's input_scale and small_canvas_steps are set aside,
+they are levers of table 2) split into its parts. Each part of the network (the stem, each of the three
+stages with the transition in front of it, the FPN, the four heads) is run on its own real input (saved
 from a full forward pass, detached) and timed forward, then backward with a random output gradient; the loss
 (``captcha_loss`` on detached outputs) and the optimizer (gradient clipping plus AdamW over all parameters)
 likewise. The parts' sum is compared with a full update measured in the same run (the difference is

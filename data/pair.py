@@ -666,7 +666,8 @@ def build_pair_splits(out_dir, train_pairs: int = 20000, val_pairs: int = 4000, 
                       train_noise: float = 0.0, train_light: float = 0.0, train_elastic: float = 0.0) -> dict:
     """Write train.npz, val.npz, test.npz, one <name>.npz per ROBUST_SETS entry and meta.json into out_dir;
     returns the meta dict. train_severity (LO, HI) or None (= severity for every train digit), train_clean,
-    train_noise, train_light and train_elastic (probabilities) change train.npz only; the robustness sets depend on (seed, robust_pairs)."""
+    train_noise, train_light and train_elastic (probabilities) change train.npz only; the robustness sets
+    depend on (seed, robust_pairs)."""
     counts = {"train": train_pairs, "val": val_pairs, "test": test_pairs, "robust": robust_pairs}
     for split, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2 or n % 2:

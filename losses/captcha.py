@@ -1,5 +1,5 @@
 """CenterNet-style losses for gap/slider localisation on stride-s heatmaps (s = 4, or 4 x input_scale for a
-model that shrinks its input; every function takes it as ``stride``).
+model that shrinks its input; the helpers take it as ``stride``, captcha_loss reads it from the shapes).
 
 Coordinates are canvas pixels (the 512x256 letterboxed input). A point (x, y) falls in
 output cell (j, i) = (floor(x/s), floor(y/s)) and has sub-cell offset
@@ -74,14 +74,16 @@ def sample_heatmap(heat: torch.Tensor, points: torch.Tensor, stride: int = STRID
 
 def captcha_loss(outputs: dict, batch: dict, alpha: float = 2.0, beta: float = 4.0, pos_threshold: float = 1.0,
                  sigma: float = 1.5, offset_weight: float = 1.0, hard_negative_weight: float = 0.5,
-                 hard_negative_margin: float = 0.2, angle_weight: float = 0.5, stride: int = STRIDE):
-    """Total loss and its parts; stride: input px per output cell (the model's ``stride``).
+                 hard_negative_margin: float = 0.2, angle_weight: float = 0.5):
+    """Total loss and its parts. The stride (input px per output cell) is the image width over the heatmap
+    width, so a model that shrinks its input (input_scale) and a halved batch (halve_canvas) need nothing else.
 
     outputs: the model's dict ("gap", "slider" logits (B,1,h,w); "offset" (B,4,h,w); optional "angle" (B,2,h,w)).
     batch: "image" (B,4,H,W), "gap"/"slider" (B,2) canvas px, "fake_gaps" (B,K,2), "fake_mask" (B,K), "angle" (B,) radians.
     """
     gap_logits, slider_logits = outputs["gap"][:, 0], outputs["slider"][:, 0]
     h, w = gap_logits.shape[-2:]
+    stride = batch["image"].shape[-1] // w
     valid = valid_cells(batch["image"], stride)
     parts = {}
     gap_heat, gap_cell, gap_off = encode_points(batch["gap"].float(), h, w, sigma, stride)

@@ -59,7 +59,7 @@ def test_targets_and_decoding_on_the_half_canvas():
     assert small_loss < 0.05 and full_loss < 0.05
     # a model that shrinks its input itself (input_scale 2, stride 8): the loss at stride 8 on the full-canvas
     # batch is the loss of the halved batch, and predict_points decodes at the model's stride, in full px
-    stride8, _ = captcha_loss(outputs, batch, stride=8)
+    stride8, _ = captcha_loss(outputs, batch)   # 32x64 heatmaps of the 256x512 image: stride 8
     torch.testing.assert_close(stride8, small_loss)
 
     points, _ = predict_points(lambda image: outputs, image)   # the stride comes from the output's shape

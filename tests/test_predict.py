@@ -294,7 +294,8 @@ def test_export_and_predict_of_a_model_on_the_half_canvas(tmp_path, capsys, imag
     full.load_state_dict(model.state_dict())
     got, ref = predict_points(model, x)[0], predict_points(full, pool_canvas(x, 2))[0] * 2
     torch.testing.assert_close(got, ref)
-    for backend, checkpoint, out in (("torch", half, tmp_path / "torch.csv"), ("onnx", onnx_file, tmp_path / "onnx.csv")):
+    for backend, checkpoint, out in (("torch", half, tmp_path / "torch.csv"),
+                                     ("onnx", onnx_file, tmp_path / "onnx.csv")):
         code, _, err = run(capsys, predict_captcha.main, "--checkpoint", checkpoint, "--images", images,
                            "--device", "cpu", "--backend", backend, "--out", out)
         assert code == 0, err
