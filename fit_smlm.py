@@ -33,7 +33,11 @@ training distribution cannot be changed at fit time). px_size_nm only changes th
 
 Post-processing: SpatialIntegration + look-up (models/sigma_munet_post.py) with ``--raw_th``; default: the threshold of
 the evaluation the loaded weights come from (val/raw_th of the export's metrics.json; train_smlm.py chooses
-it on its validation movie unless the run fixed --raw_th), else the run's raw_th.
+it on its validation movie unless the run fixed --raw_th), else the run's raw_th. ``--refine`` then refits
+each detection by Poisson maximum likelihood on its own frame, the frame's other detections held fixed as
+neighbours, and keeps the fit where its standard error is below the network's predicted sigma (bright
+emitters; models/smlm_mle.py); the refined rows carry the fit's position, photons, background and standard
+errors. ``--sigma_filter`` applies last.
 
 Output, by ``--format`` (default from the extension: .h5/.hdf5 DECODE HDF5, anything else ThunderSTORM CSV):
   thunderstorm  CSV with the header "id","frame","x [nm]","y [nm]","z [nm]","sigma [nm]","intensity [photon]",
@@ -84,7 +88,9 @@ from tqdm.auto import tqdm
 
 from data.smlm import (SimConfig, background_std_photons, load_read_sigma_map, load_sim_config, psf_sigmas,
                        scale_frames, to_photons, window_indices)
-from models.sigma_munet_post import DETECTION_KEYS, MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM, detections_from_output
+from models.sigma_munet_post import (DETECTION_KEYS, MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM, detections_from_output,
+                                     filter_by_sigma)
+from models.smlm_mle import refine_detections
 from training import UsageError
 from training.config import fail
 from training.export import load_export, resolve_device
@@ -259,7 +265,7 @@ def fill_nonfinite(frames: np.ndarray, fallback: float) -> np.ndarray:
 @torch.inference_mode()
 def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 3, raw_th: float = 0.5,
              batch_size: int = 32, device="cpu", *, centre: tuple[int, int] | None = None,
-             progress=None, sigma_filter: bool = False) -> dict[str, np.ndarray]:
+             progress=None, sigma_filter: bool = False, refine: bool = False) -> dict[str, np.ndarray]:
     """Detections (models.sigma_munet_post.DETECTION_KEYS, numpy) of the frames (T, H, W) photons.
 
     Windows of `window` frames centred on each frame, indices clamped to [0, T) (data.smlm.window_indices);
@@ -268,7 +274,8 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
     input scaling and padded (replicate, bottom/right) to a multiple of 2^model.depth; the output is
     cropped back before post-processing. `progress` (a tqdm) is advanced by the frames done. `sigma_filter`
     drops detections whose predicted sigmas exceed DECODE's fitting-notebook limits (MAX_SIGMA_XY_NM,
-    MAX_SIGMA_Z_NM).
+    MAX_SIGMA_Z_NM). `refine` refits every detection by Poisson maximum likelihood in its own frame and keeps
+    the fit where it is more precise (models.smlm_mle.refine_detections), before the sigma filter.
 
     A frame's output can change in the last bits with the batch it is computed in (CPU kernels pick their
     blocking by batch shape), so per-chunk calls equal one whole-movie call exactly only when every chunk
@@ -285,7 +292,6 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
     multiple = 2 ** getattr(model, "depth", 0)
     pad_h, pad_w = -height % multiple, -width % multiple
     windows = window_indices(n_frames, window)                               # (T, window)
-    limits = dict(max_sigma_xy_nm=MAX_SIGMA_XY_NM, max_sigma_z_nm=MAX_SIGMA_Z_NM) if sigma_filter else {}
     dets = []
     for start in range(lo, hi, batch_size):
         stop = min(start + batch_size, hi)
@@ -298,13 +304,19 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         out = model(x)[..., :height, :width].float()
         dets.append(detections_from_output(out, raw_th=raw_th, px_size_nm=cfg.px_size_nm, z_max_nm=cfg.z_max,
-                                           phot_max=cfg.phot_max, bg_max=cfg.bg_max, frame_ix0=start, **limits))
+                                           phot_max=cfg.phot_max, bg_max=cfg.bg_max, frame_ix0=start))
         if progress is not None:
             progress.update(stop - start)
     if not dets:  # an all-zero p map has no detections: the empty arrays with the right shapes and dtypes
-        return detections_from_output(torch.zeros(1, 10, 1, 1), raw_th=raw_th, px_size_nm=cfg.px_size_nm,
-                                      z_max_nm=cfg.z_max, phot_max=cfg.phot_max, bg_max=cfg.bg_max)
-    return {k: np.concatenate([d[k] for d in dets]) for k in DETECTION_KEYS}
+        dets = [detections_from_output(torch.zeros(1, 10, 1, 1), raw_th=raw_th, px_size_nm=cfg.px_size_nm,
+                                       z_max_nm=cfg.z_max, phot_max=cfg.phot_max, bg_max=cfg.bg_max)]
+    det = {k: np.concatenate([d[k] for d in dets]) for k in DETECTION_KEYS}
+    if refine:
+        # Only the windows' centre frames are refined, on their own pixels; context frames have no detections.
+        det, _ = refine_detections(det, frames, cfg, device=device)
+    if sigma_filter:
+        det = filter_by_sigma(det, MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM)
+    return det
 
 
 def _thunderstorm_table(det: dict, cfg: SimConfig) -> tuple[list[str], np.ndarray, list[str]]:
@@ -417,6 +429,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--sigma_filter", action="store_true",
                         help=f"drop detections with a predicted sigma above {MAX_SIGMA_XY_NM:g} nm (x, y) or "
                              f"{MAX_SIGMA_Z_NM:g} nm (z), as DECODE's fitting notebook")
+    parser.add_argument("--refine", action="store_true",
+                        help="refit each detection by Poisson maximum likelihood in its frame (astigmatic or 2D "
+                             "Gaussian PSF) and keep the fit where its standard error is below the network's")
     parser.add_argument("--nonfinite_frames", choices=NONFINITE_MODES, default="error",
                         help="frames with NaN or inf pixels (float TIFFs): error stops before fitting; skip fits "
                              "them as missing (pixels set to the frame's median, no localisations from them)")
@@ -435,6 +450,9 @@ def main(argv: list[str] | None = None):
         model, cfg, settings = load_fitter(args.checkpoint, args.weights, device)
         if args.camera is not None:
             cfg = apply_camera(cfg, args.camera)
+        if args.refine and cfg.psf not in ("gaussian", "astigmatic"):
+            raise UsageError(f"--refine: the run's psf is {cfg.psf!r}; the maximum-likelihood refinement fits "
+                             f"only the 'astigmatic' and 'gaussian' PSFs")
         # The stack's frame size, so that an sCMOS read-noise map (and its sensor_origin) is checked against
         # the frames before any fitting; bkgstd uses that map.
         cfg = dataclasses.replace(cfg, img_size=(height, width))
@@ -470,7 +488,7 @@ def main(argv: list[str] | None = None):
             photons = to_photons(torch.from_numpy(block), cfg)
             det = localise(model, photons, cfg, window=settings.window, raw_th=raw_th,
                            batch_size=args.batch_size, device=device, centre=(lo - block_lo, hi - block_lo),
-                           progress=progress, sigma_filter=args.sigma_filter)
+                           progress=progress, sigma_filter=args.sigma_filter, refine=args.refine)
             det["frame_ix"] = det["frame_ix"] + block_lo
             keep = ~np.isin(det["frame_ix"], bad_frames)  # a missing frame yields no localisations
             dets.append({k: v[keep] for k, v in det.items()})

@@ -40,7 +40,7 @@ ROIs
     closer than roi_radius to the frame edge keeps a full ROI shifted inwards (the emitter is then off-centre
     in its ROI, which the fit does not mind), so no candidate is skipped and nothing is padded; frames must
     be at least 2 roi_radius + 1 px on each side.
-Model and fit
+Model and fit (PsfModel and mle_fit live in models/smlm_mle.py, shared with fit_smlm.py --refine)
     mu_k = N Ex_j(x, s_x) Ey_i(y, s_y) + b, the simulator's pixel-integrated (erf) Gaussian and width curves
     (data.smlm.pixel_gaussian and psf_sigmas, which also give the derivatives of the Jacobian), with
     parameters (x, y, N, b) for the 2D Gaussian PSF (s_x = s_y = sigma0, known from the calibration) and
@@ -76,22 +76,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.smlm import SimConfig, excess_noise, pixel_gaussian, psf_sigmas, read_noise_variance
+from data.smlm import SimConfig, excess_noise, pixel_gaussian, psf_sigmas
+from models.smlm_mle import DECREMENT_TOL, PsfModel, crop_rois, mle_fit, poisson_deviance, read_var_photons
 
 Z_GRID_POINTS = 16
-DECREMENT_TOL = 5e-2      # Newton decrement g^T I^-1 g below which a fit counts as converged
 MAX_SHIFT_PX = 1.5        # largest accepted distance (each of x, y) from the candidate pixel
-
-
-def _read_var(cfg: SimConfig, shape: tuple[int, int], device) -> torch.Tensor:
-    """(H, W) read-noise offset v = r / qe in photons (r the read variance in e-^2) that the fit adds to data
-    and model (sCMOS only; module docstring)."""
-    var = torch.as_tensor(read_noise_variance(cfg), dtype=torch.float32) / cfg.qe
-    if var.ndim == 2 and tuple(var.shape) != tuple(shape):
-        raise ValueError(f"frames of {shape[0]}x{shape[1]} px do not match the {var.shape[0]}x{var.shape[1]} px "
-                         f"read-noise window of the camera (img_size {list(cfg.img_size)}, sensor_origin "
-                         f"{cfg.sensor_origin}); set img_size to the frames' size")
-    return var.to(device).expand(shape)
 
 
 def detection_sigma_px(cfg: SimConfig) -> float:
@@ -140,113 +129,6 @@ def detect(frames: torch.Tensor, cfg: SimConfig, threshold: float = 5.0, nms_rad
     return t, row, col, bg
 
 
-class _Psf:
-    """Parameter layout, calibration and model of one fit; theta (R, P) = (x, y, [z,] N, b), x, y in ROI px."""
-
-    def __init__(self, cfg: SimConfig, size: int):
-        self.cfg = cfg
-        self.astig = cfg.psf == "astigmatic"
-        self.size = size
-        z_lo, z_hi = cfg.z_range_nm
-        self.z_lim = (z_lo, z_hi)
-        self.n_ix, self.b_ix = (3, 4) if self.astig else (2, 3)
-        self.n_par = 5 if self.astig else 4
-
-    def sigmas(self, theta):
-        """(sigma_x, sigma_y, d sigma_x / dz, d sigma_y / dz) per ROI; the 2D PSF's widths do not depend on theta."""
-        return psf_sigmas(theta[:, 2] if self.astig else torch.zeros_like(theta[:, 0]), self.cfg, with_dz=True)
-
-    def model(self, theta, jacobian: bool = True):
-        """mu (R, S*S) photons and, if asked, d mu / d theta (R, S*S, P)."""
-        sx, sy, dsx, dsy = self.sigmas(theta)
-        ex, dex, dex_s = pixel_gaussian(self.size, theta[:, 0], sx, derivatives=True)
-        ey, dey, dey_s = pixel_gaussian(self.size, theta[:, 1], sy, derivatives=True)
-        n, b = theta[:, self.n_ix, None, None], theta[:, self.b_ix, None, None]
-        psf = ey[:, :, None] * ex[:, None, :]                                     # (R, S, S)
-        mu = (n * psf + b).flatten(1)
-        if not jacobian:
-            return mu, None
-        cols = [n * ey[:, :, None] * dex[:, None, :], n * dey[:, :, None] * ex[:, None, :]]
-        if self.astig:
-            cols.append(n * (ey[:, :, None] * (dex_s * dsx[:, None])[:, None, :]
-                             + (dey_s * dsy[:, None])[:, :, None] * ex[:, None, :]))
-        cols += [psf, torch.ones_like(psf)]
-        return mu, torch.stack([c.flatten(1) for c in cols], dim=-1)
-
-    def bounds(self, like: torch.Tensor):
-        """(P,) lower and upper bounds: x, y up to 1 px beyond the ROI, z in the calibrated range, N >= 1, b > 0."""
-        lo = [-1.5, -1.5] + ([self.z_lim[0]] if self.astig else []) + [1.0, 1e-2]
-        hi = [self.size + 0.5, self.size + 0.5] + ([self.z_lim[1]] if self.astig else []) + [math.inf, math.inf]
-        return like.new_tensor(lo), like.new_tensor(hi)
-
-    def clamp(self, theta):
-        lo, hi = self.bounds(theta)
-        return torch.maximum(torch.minimum(theta, hi), lo)
-
-
-def _nll(mu, data):
-    """Poisson negative log-likelihood per ROI as the deviance sum mu - d + d log(d / mu) (data >= 0): it
-    differs from sum mu - d log mu only by a term of the data, and its summands are small, so float32
-    resolves the changes of the last iterations."""
-    return (mu - data + torch.xlogy(data, data / mu)).sum(1)
-
-
-def _normal_equations(mu, jac, data):
-    """Gradient of the NLL (R, P) and the expected information J^T diag(1/mu) J (R, P, P), in float64."""
-    jac, mu, data = jac.double(), mu.double(), data.double()
-    grad = torch.einsum("rkp,rk->rp", jac, 1 - data / mu)
-    info = torch.einsum("rkp,rkq->rpq", jac / mu[..., None], jac)
-    return grad, info
-
-
-def _active_set(psf: _Psf, theta, grad, info):
-    """Freeze the parameters that sit on a bound with the likelihood pulling them across it (projected
-    Newton): their gradient, row and column are zeroed and the diagonal set to 1, so their step is 0."""
-    lo, hi = psf.bounds(theta)
-    pinned = ((theta <= lo) & (grad > 0)) | ((theta >= hi) & (grad < 0))         # (R, P)
-    free = (~pinned).double()
-    grad = grad * free
-    info = info * free[:, :, None] * free[:, None, :] + torch.diag_embed(1.0 - free)
-    return grad, info
-
-
-def mle_fit(psf: _Psf, data: torch.Tensor, offset: torch.Tensor, theta: torch.Tensor, iterations: int = 25):
-    """Levenberg-Marquardt with Fisher scoring (module docstring) on ROIs data (R, S*S) >= 0 in fitted units
-    (offset (R, S*S) the sCMOS read variance, added to the model; zero otherwise). Returns theta (R, P),
-    NLL (R,) and the final Newton decrement (R,)."""
-    theta = psf.clamp(theta)
-    mu, jac = psf.model(theta)
-    mu = mu + offset
-    nll = _nll(mu, data)
-    lam = torch.full((len(theta),), 1e-3, dtype=torch.float64, device=theta.device)
-    for _ in range(iterations):
-        grad, info = _active_set(psf, theta, *_normal_equations(mu, jac, data))
-        step = -_solve(info + lam[:, None, None] * torch.diag_embed(torch.diagonal(info, dim1=1, dim2=2)), grad)
-        trial = psf.clamp(theta + step.to(theta.dtype))
-        mu_t, jac_t = psf.model(trial)
-        mu_t = mu_t + offset
-        nll_t = _nll(mu_t, data)
-        ok = torch.isfinite(nll_t) & (nll_t <= nll)
-        theta = torch.where(ok[:, None], trial, theta)
-        mu = torch.where(ok[:, None], mu_t, mu)
-        jac = torch.where(ok[:, None, None], jac_t, jac)
-        nll = torch.where(ok, nll_t, nll)
-        lam = torch.where(ok, lam * 0.1, lam * 10.0).clamp(1e-7, 1e7)
-    grad, info = _active_set(psf, theta, *_normal_equations(mu, jac, data))
-    decrement = (grad * _solve(info, grad)).sum(1)
-    return theta, nll, decrement
-
-
-def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x = a^-1 b for (R, P, P) symmetric a and (R, P) b, Jacobi-scaled (the entries span photons^2 to px^-2)
-    with a 1e-10 ridge on the scaled diagonal; a singular system gives NaN, which the caller rejects."""
-    d = torch.diagonal(a, dim1=1, dim2=2).clamp_min(1e-300).rsqrt()                 # (R, P)
-    scaled = a * d[:, :, None] * d[:, None, :] + 1e-10 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    x, status = torch.linalg.solve_ex(scaled, (b * d)[..., None])
-    x = x[..., 0] * d
-    return torch.where((status == 0)[:, None] & torch.isfinite(x), x, torch.full_like(x, float("nan")))
-
-
 def _near_candidate(pos, cand, n_px: int, radius: int):
     """pos (px) within MAX_SHIFT_PX of the candidate pixel and inside the frame extent [-0.5, n_px - 0.5]; a
     candidate within `radius` px of an edge may move further towards that edge (module docstring)."""
@@ -255,18 +137,7 @@ def _near_candidate(pos, cand, n_px: int, radius: int):
     return (pos >= lo.clamp_min(-0.5)) & (pos <= hi.clamp_max(n_px - 0.5))
 
 
-def _rois(img: torch.Tensor, t, row, col, radius: int):
-    """(R, S, S) crops of img (T, H, W) around (row, col), shifted inwards at the edges, and their origins."""
-    h, w = img.shape[-2:]
-    size = 2 * radius + 1
-    oy = (row - radius).clamp(0, h - size)
-    ox = (col - radius).clamp(0, w - size)
-    k = torch.arange(size, device=img.device)
-    crops = img[t[:, None, None], (oy[:, None] + k)[:, :, None], (ox[:, None] + k)[:, None, :]]
-    return crops, oy, ox
-
-
-def _initial_theta(psf: _Psf, data: torch.Tensor, offset: torch.Tensor, bg: torch.Tensor, cy, cx):
+def _initial_theta(psf: PsfModel, data: torch.Tensor, offset: torch.Tensor, bg: torch.Tensor, cy, cx):
     """Starting parameters (module docstring); data (R, S, S) in fitted units, offset (R, S*S) its read-variance
     part, bg (R,), (cy, cx) the candidate pixel in ROI coordinates."""
     r_ix = torch.arange(len(data), device=data.device)
@@ -290,7 +161,7 @@ def _initial_theta(psf: _Psf, data: torch.Tensor, offset: torch.Tensor, bg: torc
     for z in z_grid:
         theta = torch.stack([x0, y0, torch.full_like(x0, float(z)), roi_photons, bg], dim=1)
         theta = _rescale_photons(psf, theta, roi_photons)
-        nll = _nll(psf.model(theta, jacobian=False)[0] + offset, flat)
+        nll = poisson_deviance(psf.model(theta, jacobian=False)[0] + offset, flat)
         if best_nll is None:
             best_nll, best_theta = nll, theta
         else:
@@ -300,7 +171,7 @@ def _initial_theta(psf: _Psf, data: torch.Tensor, offset: torch.Tensor, bg: torc
     return best_theta
 
 
-def _rescale_photons(psf: _Psf, theta, roi_photons):
+def _rescale_photons(psf: PsfModel, theta, roi_photons):
     """N such that the model puts roi_photons inside the ROI (the PSF's tails fall outside)."""
     sx, sy, _, _ = psf.sigmas(theta)
     inside = pixel_gaussian(psf.size, theta[:, 0], sx).sum(1) * pixel_gaussian(psf.size, theta[:, 1], sy).sum(1)
@@ -360,9 +231,9 @@ def fit_movie(frames_photons: torch.Tensor, cfg: SimConfig, threshold: float = 5
     h, w = frames.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"frames of {h}x{w} px are smaller than the {size}x{size} px ROI; lower roi_radius")
-    psf = _Psf(cfg, size)
+    psf = PsfModel(cfg, size)
     excess = excess_noise(cfg)
-    read_var = _read_var(cfg, (h, w), device)
+    read_var = read_var_photons(cfg, (h, w), device)
     t, row, col, frame_bg = detect(frames, cfg, threshold, nms_radius, read_var)
     n_cand = len(t)
     # Fitted units: photons / F^2 (data and the read-variance offset, module docstring).
@@ -372,10 +243,10 @@ def fit_movie(frames_photons: torch.Tensor, cfg: SimConfig, threshold: float = 5
     for s in range(0, n_cand, batch_rois):
         sl = slice(s, s + batch_rois)
         ti, ri, ci = t[sl], row[sl], col[sl]
-        data, oy, ox = _rois(fit_img, ti, ri, ci, radius)
-        offset = _rois(offset_img, ti, ri, ci, radius)[0].flatten(1)
+        data, oy, ox = crop_rois(fit_img, ti, ri, ci, radius)
+        offset = crop_rois(offset_img, ti, ri, ci, radius)[0].flatten(1)
         theta0 = _initial_theta(psf, data, offset, frame_bg[ti] / excess, ri - oy, ci - ox)
-        theta, nll, decrement = mle_fit(psf, data.flatten(1), offset, theta0, iterations)
+        theta, nll, decrement, _ = mle_fit(psf, data.flatten(1), offset, theta0, iterations)
         x = theta[:, 0] + ox
         y = theta[:, 1] + oy
         z = theta[:, 2] if psf.astig else torch.zeros_like(x)

@@ -402,7 +402,7 @@ def test_quality_benchmark_scores_ours_and_classical(tmp_path, run_dir):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "smlm_quality.json").read_text())
     rows, quartiles = report["tables"][0]["rows"], report["tables"][1]["rows"]
-    methods = ["ours", "ours, sigma filter", "classical", "crlb oracle"]
+    methods = ["ours", "ours, sigma filter", "ours, MLE refined", "classical", "crlb oracle"]
     assert [(r["method"], r["density"].split()[0]) for r in rows] == [(m, d) for d in ("0.5", "2") for m in methods]
     for r in rows:
         assert 0 <= r["jaccard"] <= 1 and (r["frames/s"] is None) == (r["method"] == "crlb oracle")
@@ -411,11 +411,13 @@ def test_quality_benchmark_scores_ours_and_classical(tmp_path, run_dir):
         (m, f"Q{q}") for m in methods[:2] for q in range(1, 5)]
     per_density = report["per_density"]
     for d, entry in enumerate(per_density):
-        assert sum(r["n_gt"] for r in quartiles[16 * d:16 * d + 4]) == entry["gt_emitters"]
+        assert sum(r["n_gt"] for r in quartiles[20 * d:20 * d + 4]) == entry["gt_emitters"]
         oracle = entry["metrics"]["crlb oracle"]
         assert oracle["detections"] == entry["gt_emitters"] and oracle["recall"] > 0.9
         filtered, ours = entry["metrics"]["ours, sigma filter"], entry["metrics"]["ours"]
         assert 0 < filtered["detections"] < ours["detections"] and filtered["seconds"] == ours["seconds"]
+        refined = entry["metrics"]["ours, MLE refined"]  # the same detections, refitted: more time, not fewer
+        assert refined["detections"] == ours["detections"] and refined["seconds"] > ours["seconds"]
     movies = sorted(p.name for p in (tmp_path / "smlm_movies").iterdir())
     assert len(movies) == 2
     again = run_python("benchmarks/smlm_quality.py", *argv)
@@ -546,3 +548,72 @@ def test_weights_final_never_falls_back_to_best(tmp_path, run_dir):
     assert fit_smlm.load_fitter(run, "best")[2].weights == run / "best" / "model.safetensors"
     with pytest.raises(fit_smlm.UsageError, match="no final/ export"):
         fit_smlm.load_fitter(run, "final")
+
+
+class LookupModel(torch.nn.Module):
+    """Stand-in for SigmaMUNet that knows the movie: a window's output is the prepared map of its centre frame,
+    found by the frame's pixel sum (unique for a noisy movie)."""
+
+    def __init__(self, scaled_frames: torch.Tensor, maps: torch.Tensor, window: int = 3):
+        super().__init__()
+        self.keys, self.maps, self.window = scaled_frames.double().sum((1, 2)), maps, window
+        self.depth = 0
+
+    def forward(self, x):
+        key = x[:, self.window // 2].double().sum((1, 2))
+        return self.maps[(key[:, None] - self.keys[None, :]).abs().argmin(1)]
+
+
+def test_refine_refits_detections_and_chunks_do_not_matter(tmp_path, capsys, monkeypatch):
+    """--refine: the network's detections refitted where the fit is better (models.smlm_mle.refine_detections,
+    tested on its own in test_smlm_refine.py), the same rows and the same file however the stack is cut."""
+    from data.smlm import Emitters, scale_frames
+    from models.smlm_mle import refine_detections
+
+    cfg = SimConfig(img_size=(24, 24), psf="astigmatic")
+    n_frames, rng = 8, np.random.default_rng(0)
+    corners = np.array([[5.0, 5.0], [17.0, 6.0], [11.0, 17.0]])
+    xy = np.concatenate([corners + rng.uniform(-0.5, 0.5, (3, 2)) for _ in range(n_frames)])
+    z = rng.uniform(-400, 400, len(xy))
+    frame_ix = np.repeat(np.arange(n_frames), 3)
+    em = Emitters(torch.as_tensor(frame_ix), torch.as_tensor(np.c_[xy, z], dtype=torch.float32),
+                  torch.full((len(xy),), 6000.0), torch.arange(len(xy)))
+    adu = camera_forward(render(em, n_frames, cfg) + 100.0, cfg, torch.Generator().manual_seed(0))
+    stack_path = tmp_path / "stack.tif"
+    tifffile.imwrite(stack_path, adu.clamp(0, 65535).numpy().astype(np.uint16))
+    photons = to_photons(torch.from_numpy(tifffile.imread(stack_path).astype(np.float32)), cfg)
+    # The network's estimates: 0.3 px and 100 nm off, a predicted sigma of 0.5 px (the fit is better).
+    maps = torch.zeros(n_frames, 10, 24, 24)
+    maps[:, 0] = 0.01
+    maps[:, 9] = 100.0 / cfg.bg_max
+    est = np.c_[xy + rng.uniform(-0.3, 0.3, xy.shape), z + rng.uniform(-100, 100, len(z))]
+    for f, (x, y, zz) in zip(frame_ix, est):
+        i, j = round(y), round(x)
+        maps[f, :, i, j] = torch.tensor([1.0, 5000.0 / cfg.phot_max, x - j, y - i, zz / cfg.z_max,
+                                         0.01, 0.5, 0.5, 50.0 / cfg.z_max, 100.0 / cfg.bg_max])
+    model = LookupModel(scale_frames(photons, cfg), maps)
+    monkeypatch.setattr(fit_smlm, "load_fitter", lambda *a, **k: (model, cfg, fit_smlm.FitSettings(3, 0.5, None)))
+
+    det = fit_smlm.localise(model, photons, cfg, raw_th=0.5, batch_size=3)
+    assert len(det["frame_ix"]) == len(xy)
+    expected, replaced = refine_detections(det, photons, cfg)
+    assert replaced.mean() > 0.8
+    err = lambda d: np.abs(d["xyz_px"][:, :2] - xy).max(1)  # noqa: E731  (rows are in the truth's order)
+    assert np.all(err(expected)[replaced] < err(det)[replaced] + 0.05) and err(expected).mean() < 0.1
+    reference = tmp_path / "refined.csv"
+    fit_smlm.write_localisations(expected, reference, "thunderstorm", cfg)
+    for chunk in ("3", "512"):
+        out = tmp_path / f"chunk{chunk}.csv"
+        code, _, err_text = fit(capsys, "--checkpoint", "stand-in", "--frames", stack_path, "--out", out,
+                                "--batch_size", "3", "--chunk_frames", chunk, "--device", "cpu", "--refine")
+        assert code == 0, err_text
+        assert out.read_bytes() == reference.read_bytes(), chunk
+
+    # A spline-PSF run cannot be refitted (the fit knows the Gaussian PSFs): one line, exit 2, nothing written.
+    from types import SimpleNamespace
+    monkeypatch.setattr(fit_smlm, "load_fitter",
+                        lambda *a, **k: (model, SimpleNamespace(psf="spline"), fit_smlm.FitSettings(3, 0.5, None)))
+    out = tmp_path / "spline.csv"
+    code, _, err_text = fit(capsys, "--checkpoint", "stand-in", "--frames", stack_path, "--out", out, "--refine")
+    assert code == 2 and "--refine" in err_text and "spline" in err_text and len(err_text.strip().splitlines()) == 1
+    assert not out.exists()
