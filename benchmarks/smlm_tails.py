@@ -4,6 +4,7 @@ that can spoil a localisation, with each group's share of the summed squared err
     python benchmarks/smlm_tails.py --checkpoint runs/smlm/<run> --out bench_out
     python benchmarks/smlm_tails.py --checkpoint runs/smlm/<run> --density 0.5 --sigma_filter --out bench_out
     python benchmarks/smlm_tails.py --checkpoint runs/smlm/<run> --classical --out bench_out    # the classical fitter
+    python benchmarks/smlm_tails.py --checkpoint runs/smlm/<run> --refine --out bench_out       # fit_smlm.py --refine
 
 The test movie is the one benchmarks/smlm_quality.py simulates for the same --img_size, --frames, --density and
 --seed (the run's simulation with only the density and the frame size changed; reused from <out>/smlm_movies/).
@@ -170,6 +171,8 @@ def main():
                    help=f"drop detections with predicted sigma x or y > {MAX_SIGMA_XY_NM:g} nm or z > "
                         f"{MAX_SIGMA_Z_NM:g} nm first")
     p.add_argument("--batch_size", type=int, default=32, help="frames per forward pass")
+    p.add_argument("--refine", action="store_true",
+                   help="refit the network's detections by maximum likelihood first (fit_smlm.py --refine)")
     p.add_argument("--classical", action="store_true",
                    help="split the errors of the classical fitter (benchmarks/smlm_classical.py) instead, on the "
                         "same movie (--checkpoint gives the simulation)")
@@ -199,7 +202,7 @@ def main():
     else:
         with torch.no_grad():
             det = localise(model, movie.frames, cfg, window=settings.window, raw_th=raw_th,
-                           batch_size=flags.batch_size)
+                           batch_size=flags.batch_size, refine=flags.refine)
     if flags.sigma_filter:
         det = filter_by_sigma(det)
     pred_nm, gt_nm, _, (pred_idx, gt_idx) = match(det, gt, cfg)
@@ -213,6 +216,7 @@ def main():
               f"{r['rmse_lat_nm']:6.1f} nm, {r['rmse_over_crlb']:5.2f} x CRLB, {r['% sq err']:5.1f} % of sq err")
     notes = [("Classical fitter (benchmarks/smlm_classical.py) on the simulation of " if flags.classical else "")
              + f"Run {flags.checkpoint} ({flags.weights}), raw_th {raw_th}"
+             + (", MLE refinement on" if flags.refine and not flags.classical else "")
              + (", sigma filter on" if flags.sigma_filter else "") + f"; movie {path} ({flags.frames} frames, "
              f"{cfg.img_size[0]}x{cfg.img_size[1]} px, {flags.density:g} emitters/um^2, seed {flags.seed}).",
              f"{len(gt['phot'])} ground-truth emitters, {len(det['frame_ix'])} detections, {len(pred_idx)} matched.",
@@ -220,7 +224,8 @@ def main():
              "pairs whose lateral error exceeds 3 times their own bound. Factors: the module docstring."]
     report("smlm_tails", "SMLM: lateral error by condition", info, [table(rows, COLUMNS, formats=FORMATS)],
            notes, flags.out, extra={"checkpoint": flags.checkpoint, "raw_th": raw_th, "movie": str(path),
-                                    "density": flags.density, "sigma_filter": flags.sigma_filter})
+                                    "density": flags.density, "sigma_filter": flags.sigma_filter,
+                                    "refine": flags.refine and not flags.classical})
 
 
 if __name__ == "__main__":

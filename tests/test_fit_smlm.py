@@ -480,6 +480,10 @@ def test_tails_benchmark_bins_every_matched_pair(tmp_path, run_dir):
         group = [r for r in rows if r["factor"] == factor]
         assert sum(r["pairs"] for r in group) == total["pairs"], factor
         assert sum(r["% sq err"] for r in group) == pytest.approx(100.0), factor
+    refined = run_python("benchmarks/smlm_tails.py", *argv, "--refine")
+    assert refined.returncode == 0, refined.stderr
+    report = json.loads((tmp_path / "smlm_tails.json").read_text())
+    assert report["refine"] and "MLE refinement on" in report["notes"][0]
     classical = run_python("benchmarks/smlm_tails.py", *argv, "--classical")
     assert classical.returncode == 0, classical.stderr
     report = json.loads((tmp_path / "smlm_tails.json").read_text())
