@@ -275,7 +275,8 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
     cropped back before post-processing. `progress` (a tqdm) is advanced by the frames done. `sigma_filter`
     drops detections whose predicted sigmas exceed DECODE's fitting-notebook limits (MAX_SIGMA_XY_NM,
     MAX_SIGMA_Z_NM). `refine` refits every detection by Poisson maximum likelihood in its own frame and keeps
-    the fit where it is more precise (models.smlm_mle.refine_detections), before the sigma filter.
+    the fit where it is more precise (models.smlm_mle.refine_detections), before the sigma filter; the
+    detections then carry "refined" (N,) bool, the rows the fit replaced.
 
     A frame's output can change in the last bits with the batch it is computed in (CPU kernels pick their
     blocking by batch shape), so per-chunk calls equal one whole-movie call exactly only when every chunk
@@ -313,7 +314,7 @@ def localise(model, frames_photons: torch.Tensor, cfg: SimConfig, window: int = 
     det = {k: np.concatenate([d[k] for d in dets]) for k in DETECTION_KEYS}
     if refine:
         # Only the windows' centre frames are refined, on their own pixels; context frames have no detections.
-        det, _ = refine_detections(det, frames, cfg, device=device)
+        det, det["refined"] = refine_detections(det, frames, cfg, device=device)
     if sigma_filter:
         det = filter_by_sigma(det, MAX_SIGMA_XY_NM, MAX_SIGMA_Z_NM)
     return det
@@ -496,11 +497,14 @@ def main(argv: list[str] | None = None):
         progress.close()
         fail(str(e))
     progress.close()
-    det = {k: np.concatenate([d[k] for d in dets]) for k in DETECTION_KEYS}
+    det = {k: np.concatenate([d[k] for d in dets]) for k in dets[0]}
     write_localisations(det, out, fmt, cfg)
     seconds = time.perf_counter() - start_s
     print(f"{len(det['frame_ix'])} localisations from {n_frames} frames ({height}x{width} px) in {seconds:.1f} s "
           f"({n_frames / max(seconds, 1e-9):.1f} frames/s on {device}) -> {out} ({fmt})")
+    if args.refine:
+        print(f"{int(det['refined'].sum())} of them refitted by maximum likelihood (--refine), the others the "
+              f"network's")
     if len(bad_frames):
         print(f"{len(bad_frames)} frame(s) with NaN or inf pixels fitted as missing, no localisations from them "
               f"(0-based frame indices {shown})")

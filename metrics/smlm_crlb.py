@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from data.smlm import SimConfig, excess_noise, is_target, pixel_gaussian, psf_sigmas, read_noise_variance
+from data.smlm import SimConfig, counted_qe, excess_noise, is_target, pixel_gaussian, psf_sigmas, read_noise_variance
 
 
 def default_roi_px(sigma_px) -> int:
@@ -58,9 +58,10 @@ def emitter_crlb_nm(xyz_px, phot, bg, cfg: SimConfig, chunk: int = 512, read_var
         return out
     astig = cfg.psf == "astigmatic"
     excess = excess_noise(cfg)
-    n_all = np.broadcast_to(np.asarray(phot, dtype=np.float64), (n_em,)) * cfg.qe
+    qe = counted_qe(cfg)
+    n_all = np.broadcast_to(np.asarray(phot, dtype=np.float64), (n_em,)) * qe
     # A floor of 1e-3 photons/px keeps mu > 0 (the information divides by it) for a frame without background.
-    b_all = np.maximum(np.broadcast_to(np.asarray(bg, dtype=np.float64), (n_em,)) * cfg.qe, 1e-3)
+    b_all = np.maximum(np.broadcast_to(np.asarray(bg, dtype=np.float64), (n_em,)) * qe, 1e-3)
     read_var = np.asarray(read_noise_variance(cfg) if read_var is None else read_var, dtype=np.float64)
     for lo in range(0, n_em, chunk):
         sl = slice(lo, lo + chunk)

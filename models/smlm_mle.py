@@ -13,10 +13,11 @@ information are those of the counts, as the goodness-of-fit test and the standar
 Refinement of network detections (`refine_detections`)
     SigmaMUNet localises from a 3-frame window through a small network; on bright emitters its error stays
     above the single-frame bound (docs/smlm.md) where a likelihood fit of the frame itself reaches it. The
-    detections of frame t closer than link_px (default: the ROI radius) to each other, linked in chains of at
-    most MAX_JOINT, are fitted together: one ROI of frame t covering them with roi_radius px to spare, a model
-    of their spots on one flat background, (x, y, [z,] N) per emitter and b, started at the network's
-    estimates. The frame's other detections are part of the model as fixed spots at their current estimates
+    detections of frame t closer than link_px (default: the ROI radius) to each other, linked in chains, are
+    fitted together when a chain has at most MAX_JOINT of them (longer chains are fitted one detection at a
+    time, the rest held fixed as below): one ROI of frame t covering them with roi_radius px to spare (as far
+    as the frame allows), a model of their spots on one flat background, (x, y, [z,] N) per emitter and b,
+    started at the network's estimates. The frame's other detections are part of the model as fixed spots at their current estimates
     (N times the PSF at x, y, z, added like the read-noise offset), so a neighbour's light is not mistaken for
     this emitter's; the second pass (passes = 2, the default) fits again with them where the first put them.
     A refined estimate replaces the network's only when
@@ -24,12 +25,15 @@ Refinement of network detections (`refine_detections`)
       - the fit passes a goodness-of-fit test at level gof_alpha (REFINE_GOF_ALPHA): twice the deviance is
         below the chi^2 quantile with S^2 - P degrees of freedom, so an ROI holding light the model lacks (a
         neighbour the network missed) keeps the network's values,
-      - N > 1 photon and x, y moved at most max_shift_px from the network's estimate, and
+      - N > 1 count (F^2 / qe photons), x, y inside the frame extent [-0.5, W - 0.5] x [-0.5, H - 0.5] px,
+        moved at most max_shift_px from the network's estimate, and
       - its own lateral standard error sqrt(var_x + var_y), from the inverse expected information at the fit,
         is below the network's predicted sqrt(sigma_x^2 + sigma_y^2): dim emitters, which the network
         localises better from three frames than any fit of one frame can, keep the network's values.
-    Replaced rows get the fit's x, y, z, photons, background and standard errors (xyz_sig_*, phot_sig); the
-    other keys (prob, pixel, param_out, sigma_out: the network's raw outputs) are unchanged. Every cluster's
+    Replaced rows get the fit's x, y, photons, background and standard errors (xyz_sig_*, phot_sig: the
+    Cramer-Rao standard deviations at the estimate). Their z and sigma_z are the fit's too when z is inside
+    the calibrated range (a fit pinned on its end says only that z is beyond it) and its standard error is
+    below the network's predicted sigma_z; else the network's. The other keys (prob, pixel, param_out, sigma_out: the network's raw outputs) are unchanged. Every cluster's
     ROI and fit depend only on its frame's detections, so the result does not depend on how a movie is cut
     into chunks.
 """
@@ -43,7 +47,7 @@ import scipy.sparse.csgraph
 import scipy.stats
 import torch
 
-from data.smlm import SimConfig, excess_noise, pixel_gaussian, psf_sigmas, read_noise_variance
+from data.smlm import SimConfig, counted_qe, excess_noise, pixel_gaussian, psf_sigmas, read_noise_variance
 
 DECREMENT_TOL = 5e-2      # Newton decrement g^T I^-1 g below which a fit counts as converged
 REFINE_ITERATIONS = 15    # the start is the network's estimate, already close: fewer steps than from a centroid
@@ -151,8 +155,9 @@ def active_set(psf: PsfModel, theta, grad, info):
 def mle_fit(psf: PsfModel, data: torch.Tensor, offset: torch.Tensor, theta: torch.Tensor, iterations: int = 25):
     """Levenberg-Marquardt with Fisher scoring (module docstring) on ROIs data (R, S*S) >= 0 in fitted units
     (offset (R, S*S) a known part of the model, e.g. the sCMOS read variance; zero otherwise). Returns theta
-    (R, P), NLL (R,), the final Newton decrement (R,) and the diagonal of the inverse expected information
-    (R, P), the variances of the estimates (parameters pinned on a bound get 1: no information)."""
+    (R, P), NLL (R,), the final Newton decrement (R,) over the parameters not pinned on a bound, and the
+    diagonal of the inverse expected information of all parameters (R, P): the Cramer-Rao variances at the
+    estimate (for a parameter on its bound, those of the unconstrained model)."""
     theta = psf.clamp(theta)
     mu, jac = psf.model(theta)
     mu = mu + offset
@@ -171,9 +176,11 @@ def mle_fit(psf: PsfModel, data: torch.Tensor, offset: torch.Tensor, theta: torc
         jac = torch.where(ok[:, None, None], jac_t, jac)
         nll = torch.where(ok, nll_t, nll)
         lam = torch.where(ok, lam * 0.1, lam * 10.0).clamp(1e-7, 1e7)
-    grad, info = active_set(psf, theta, *normal_equations(mu, jac, data))
+    grad, info = normal_equations(mu, jac, data)
+    variance = inverse_diagonal(info)  # every parameter free: a parameter on its bound keeps its uncertainty
+    grad, info = active_set(psf, theta, grad, info)
     decrement = (grad * solve_scaled(info, grad)).sum(1)
-    return theta, nll, decrement, inverse_diagonal(info)
+    return theta, nll, decrement, variance
 
 
 def solve_scaled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -281,6 +288,8 @@ def refine_detections(det: dict[str, np.ndarray], frames_photons, cfg: SimConfig
     if passes < 1 or iterations < 1 or max_shift_px <= 0 or max_joint < 1:
         raise ValueError(f"passes, iterations and max_joint must be >= 1 and max_shift_px > 0, got {passes}, "
                          f"{iterations}, {max_joint}, {max_shift_px}")
+    if gof_alpha is not None and not 0 < gof_alpha < 1:
+        raise ValueError(f"gof_alpha must be in (0, 1) or None, got {gof_alpha}")
     frames = torch.as_tensor(frames_photons)
     frames = frames.to(device=frames.device if device is None else device, dtype=torch.float32)
     dev = frames.device
@@ -293,6 +302,9 @@ def refine_detections(det: dict[str, np.ndarray], frames_photons, cfg: SimConfig
     single = 2 * radius + 1
     if h < single or w < single:
         raise ValueError(f"frames of {h}x{w} px are smaller than the {single}x{single} px ROI; lower roi_radius")
+    if single * single <= max_joint * (4 if cfg.psf == "astigmatic" else 3) + 1:
+        raise ValueError(f"a {single}x{single} px ROI has fewer pixels than {max_joint} emitters have parameters; "
+                         f"raise roi_radius or lower max_joint")
     out = {k: v.copy() for k, v in det.items()}
     n = len(det["frame_ix"])
     replaced = np.zeros(n, dtype=bool)
@@ -304,7 +316,7 @@ def refine_detections(det: dict[str, np.ndarray], frames_photons, cfg: SimConfig
     # Counts in photoelectrons / F^2: their variance equals their mean (module docstring), which the
     # goodness-of-fit test and the standard errors need; the classical fitter's photons / F^2 are that times
     # 1 / qe, which moves no estimate but scales the deviance and the information by qe.
-    unit = cfg.qe / excess_noise(cfg)
+    unit = counted_qe(cfg) / excess_noise(cfg)
     read_var = read_var_photons(cfg, (h, w), dev)
     fit_img = ((frames + read_var) * unit).clamp_min(0)
     offset_img = (read_var * unit).expand_as(frames)
@@ -313,7 +325,8 @@ def refine_detections(det: dict[str, np.ndarray], frames_photons, cfg: SimConfig
     block = 4 if astig else 3
 
     net_xyz = torch.as_tensor(det["xyz_px"], dtype=torch.float32, device=dev)
-    net_sig = torch.as_tensor(det["xyz_sig_px"][:, :2], dtype=torch.float32, device=dev).square().sum(1).sqrt()
+    net_sig_px = torch.as_tensor(det["xyz_sig_px"], dtype=torch.float32, device=dev)
+    net_sig = net_sig_px[:, :2].square().sum(1).sqrt()
     xyz = net_xyz.clone()
     xyz[:, 2] = xyz[:, 2].clamp(z_lo, z_hi) if astig else 0.0
     phot = torch.as_tensor(det["phot"], dtype=torch.float32, device=dev).clamp_min(1.0) * unit
@@ -346,6 +359,7 @@ def refine_detections(det: dict[str, np.ndarray], frames_photons, cfg: SimConfig
     fit_xyz, fit_phot, fit_bg = xyz.clone(), phot.clone(), bg.clone()
     fit_var = torch.full((n, block), math.nan, dtype=torch.float64, device=dev)
     ok = torch.zeros(n, dtype=torch.bool, device=dev)
+    ok_z = torch.zeros(n, dtype=torch.bool, device=dev)
     for _ in range(passes):
         new_xyz, new_phot = xyz.clone(), phot.clone()
         for k, members, tc, oy, ox, size, data, offset in groups:
@@ -369,13 +383,18 @@ def refine_detections(det: dict[str, np.ndarray], frames_photons, cfg: SimConfig
             est_var = var[:, :-1].reshape(len(members), k, block)
             xy = est[..., :2] + corner
             rows = members.flatten()
-            keep = (good[:, None] & (est[..., -1] > 1.0)
+            inside = ((xy >= -0.5) & (xy <= xy.new_tensor([w - 0.5, h - 0.5]))).all(-1)
+            keep = (good[:, None] & (est[..., -1] > 1.0) & inside
                     & ((xy - net_xyz[members, :2]).abs().amax(-1) <= max_shift_px)
                     & (est_var[..., :2].sum(-1).sqrt() < net_sig[members])).flatten()
             ok[rows] = keep
+            if astig:  # z on its own terms: off the range's ends, more precise than the network's
+                z_fit, z_var = est[..., 2].flatten(), est_var[..., 2].flatten()
+                ok_z[rows] = (keep & (z_fit > z_lo + 1e-3) & (z_fit < z_hi - 1e-3)
+                              & (z_var.sqrt() < net_sig_px[rows, 2]))
             fit_xyz[rows, :2] = xy.reshape(-1, 2)
             if astig:
-                fit_xyz[rows, 2] = est[..., 2].flatten()
+                fit_xyz[rows, 2] = torch.where(ok_z[rows], est[..., 2].flatten(), xyz[rows, 2])
             fit_phot[rows] = est[..., -1].flatten()
             fit_bg[rows] = theta[:, -1, None].expand(-1, k).flatten()
             fit_var[rows] = est_var.reshape(-1, block)
@@ -384,23 +403,17 @@ def refine_detections(det: dict[str, np.ndarray], frames_photons, cfg: SimConfig
             new_phot[rows] = torch.where(keep, fit_phot[rows], phot[rows])
         xyz, phot = new_xyz, new_phot
 
-    keep = ok.cpu().numpy()
+    keep, keep_z = ok.cpu().numpy(), ok_z.cpu().numpy()
     if not keep.any():
         return out, replaced
-    px = np.array([cfg.px_size_nm[0], cfg.px_size_nm[1], 1.0])
-    std = fit_var.clamp_min(0).sqrt().double().cpu().numpy()
-    xyz_px = out["xyz_px"].astype(np.float64)
-    sig_px = out["xyz_sig_px"].astype(np.float64)
+    # Only the replaced rows are written (the others keep the network's values to the last bit).
+    px = np.array(cfg.px_size_nm, dtype=np.float64)
+    std = fit_var.clamp_min(0).sqrt().cpu().numpy()
     fitted = fit_xyz.double().cpu().numpy()
-    xyz_px[keep, :2] = fitted[keep, :2]
-    sig_px[keep, :2] = std[keep, :2]
-    if astig:
-        xyz_px[keep, 2] = fitted[keep, 2]
-        sig_px[keep, 2] = std[keep, 2]
-    out["xyz_px"] = xyz_px.astype(det["xyz_px"].dtype)
-    out["xyz_nm"] = (xyz_px * px).astype(det["xyz_nm"].dtype)
-    out["xyz_sig_px"] = sig_px.astype(det["xyz_sig_px"].dtype)
-    out["xyz_sig_nm"] = (sig_px * px).astype(det["xyz_sig_nm"].dtype)
+    for value, key_px, key_nm in ((fitted, "xyz_px", "xyz_nm"), (std, "xyz_sig_px", "xyz_sig_nm")):
+        out[key_px][keep, :2] = value[keep, :2]
+        out[key_nm][keep, :2] = value[keep, :2] * px
+        out[key_px][keep_z, 2] = out[key_nm][keep_z, 2] = value[keep_z, 2]   # z is nm in both
     out["phot"][keep] = fit_phot.double().cpu().numpy()[keep] / unit
     out["phot_sig"][keep] = std[keep, block - 1] / unit
     out["bg"][keep] = fit_bg.double().cpu().numpy()[keep] / unit

@@ -144,11 +144,13 @@ def test_refit_is_the_likelihood_maximum_of_its_roi():
 
 
 @pytest.mark.parametrize("cfg", [SCMOS, dataclasses.replace(SCMOS, camera="emccd", em_gain=300.0, e_per_adu=45.0,
-                                                            read_sigma=74.4, qe=0.9)], ids=["scmos", "emccd"])
+                                                            read_sigma=74.4, qe=0.9),
+                                 dataclasses.replace(SCMOS, camera="perfect")], ids=["scmos", "emccd", "perfect"])
 def test_standard_errors_and_goodness_of_fit_are_calibrated(cfg):
     """Over 480 fits of isolated emitters: the reported lateral standard error equals the spread of the
     estimates and the Cramer-Rao bound, and the 5 % goodness-of-fit test rejects about 5 % of the fits
-    (both need the counts in photoelectrons: in photons they are over-dispersed by 1 / qe)."""
+    (both need the counts in photoelectrons: in photons they are over-dispersed by 1 / qe; the perfect
+    camera counts photons and ignores qe)."""
     n_frames = 60
     frame_ix, xyz = grid_emitters(cfg, n_frames, spacing=12, seed=2)
     frames = make_movie(cfg, frame_ix, xyz, np.full(len(xyz), 2000.0), 30.0, n_frames, seed=4)
@@ -203,6 +205,10 @@ def test_the_network_values_stay_where_the_fit_is_not_better():
 
 
 def test_bad_input_raises_and_no_detections_is_fine():
+    with pytest.raises(ValueError, match="gof_alpha"):
+        refine_detections({}, torch.zeros(1, 16, 16), ASTIG_NOISELESS, gof_alpha=1.5)
+    with pytest.raises(ValueError, match="fewer pixels"):
+        refine_detections({}, torch.zeros(1, 16, 16), ASTIG_NOISELESS, roi_radius=1, max_joint=4)
     frames = torch.zeros(2, 16, 16)
     det = network_like(np.array([1, 0]), np.array([[5.0, 5.0, 0.0], [9.0, 9.0, 0.0]]), 1000.0, 10.0)
     with pytest.raises(ValueError, match="sorted by frame"):
@@ -214,3 +220,42 @@ def test_bad_input_raises_and_no_detections_is_fine():
     empty = {k: v[:0] for k, v in det.items()}
     out, replaced = refine_detections(empty, frames, ASTIG_NOISELESS)
     assert len(replaced) == 0 and all(len(v) == 0 for v in out.values())
+
+
+def test_neighbours_held_fixed_are_moved_by_the_second_pass():
+    """Fitted one by one (max_joint 1), each spot of a close pair sees its partner's light at the partner's
+    estimate: the network's (0.3 px off, photons 20 % low) in the first pass, the refitted one in the second."""
+    cfg = ASTIG_NOISELESS
+    frame_ix = np.array([0, 0, 1, 1])
+    xyz = np.array([[10.2, 12.4, 0.0], [14.6, 12.9, 100.0], [20.3, 15.5, 0.0], [23.8, 18.4, -100.0]])
+    frames = make_movie(cfg, frame_ix, xyz, np.full(4, 5000.0), 50.0, 2)
+    det = network_like(frame_ix, xyz, 5000.0, 50.0, seed=1)
+    errors = []
+    for passes in (1, 2, 6):
+        refined, replaced = refine_detections(det, frames, cfg, max_joint=1, passes=passes, gof_alpha=None)
+        assert replaced.all()
+        errors.append(np.abs(refined["xyz_px"][:, :2] - xyz[:, :2]).max())
+    assert errors[0] > 0.05 and errors[1] < 0.8 * errors[0] and errors[2] < 0.25 * errors[0], errors
+    joint, _ = refine_detections(det, frames, cfg, link_px=6.0, gof_alpha=None)  # one model for both: exact
+    np.testing.assert_allclose(joint["xyz_px"][:, :2], xyz[:, :2], atol=1e-3)
+
+
+def test_z_pinned_on_the_range_end_keeps_the_networks_z():
+    """Emitters 20 nm inside the end of the calibrated range: fits that end on the bound replace x, y but not
+    z, and no row reports the pinned parameter's placeholder as its sigma."""
+    cfg = SCMOS
+    z_end = cfg.z_range_nm[1]
+    frame_ix, xyz = grid_emitters(cfg, 10, spacing=12, z_nm=z_end - 20.0, seed=5)
+    frames = make_movie(cfg, frame_ix, xyz, np.full(len(xyz), 3000.0), 30.0, 10, seed=6)
+    det = network_like(frame_ix, xyz, 3000.0, 30.0, shift_px=0.2)
+    det["xyz_px"][:, 2] = det["xyz_nm"][:, 2] = z_end - 50.0
+    det["xyz_sig_px"][:, 2] = det["xyz_sig_nm"][:, 2] = 500.0   # nm: only the pin keeps the network's z
+    refined, replaced = refine_detections(det, frames, cfg, gof_alpha=None)
+    assert replaced.mean() > 0.9
+    z_kept = replaced & (refined["xyz_px"][:, 2] == det["xyz_px"][:, 2])
+    z_fitted = replaced & ~z_kept
+    assert z_kept.sum() >= 5 and z_fitted.sum() >= 5  # both cases happen near the end
+    np.testing.assert_array_equal(refined["xyz_sig_px"][z_kept, 2], det["xyz_sig_px"][z_kept, 2])
+    assert np.all(refined["xyz_px"][z_fitted, 2] < z_end - 1e-3)
+    assert np.all(refined["xyz_sig_px"][z_fitted, 2] > 5.0)   # nm: a real standard error, not a placeholder
+    np.testing.assert_array_equal(refined["xyz_nm"][:, 2], refined["xyz_px"][:, 2])

@@ -48,8 +48,8 @@ vectorised call is about ten times cheaper per window than one movie per window 
 benchmarks/smlm_throughput.py). Fixed validation and test movies are whole movies (`simulate_movie`) stored
 in HDF5 (`write_movie_h5` / `read_movie_h5`) and cut into windows by `MovieWindowDataset`.
 """
-from .camera import (EMCCD_EXCESS_NOISE, background_std_photons, camera_forward, excess_noise, frame_read_sigma,
-                     load_read_sigma_map, read_noise_variance, read_noise_window,
+from .camera import (EMCCD_EXCESS_NOISE, background_std_photons, camera_forward, counted_qe, excess_noise,
+                     frame_read_sigma, load_read_sigma_map, read_noise_variance, read_noise_window,
                      sample_background, synthetic_read_sigma_map, to_photons)
 from .config import CAMERA_KINDS, PSF_KINDS, SimConfig, load_sim_config
 from .dataset import (MovieWindowDataset, SMLMSimDataset, collate_smlm, frame_targets, is_target, scale_frames,
@@ -61,7 +61,7 @@ from .simulate import Emitters, Movie, bin_emitters, sample_loose_emitters, simu
 
 __all__ = ["CAMERA_KINDS", "EMCCD_EXCESS_NOISE", "PSF_KINDS", "Emitters", "Movie", "MovieWindowDataset",
            "SMLMSimDataset", "SimConfig", "SplinePSF", "background_std_photons", "bin_emitters", "camera_forward",
-           "collate_smlm", "excess_noise", "frame_read_sigma", "frame_targets", "is_target", "load_read_sigma_map",
+           "collate_smlm", "counted_qe", "excess_noise", "frame_read_sigma", "frame_targets", "is_target", "load_read_sigma_map",
            "load_sim_config", "load_smap_spline", "pixel_gaussian", "psf_sigmas", "read_movie_h5",
            "read_noise_variance", "read_noise_window", "render", "sample_background", "sample_loose_emitters",
            "save_smap_spline", "scale_frames", "simulate_acquisition", "simulate_movie", "spline_from_psf_stack",

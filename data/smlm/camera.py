@@ -14,6 +14,12 @@ from .config import SimConfig
 EMCCD_EXCESS_NOISE = 2.0
 
 
+def counted_qe(cfg: SimConfig) -> float:
+    """The quantum efficiency the camera model applies: cfg.qe, or 1 for the perfect and noiseless cameras,
+    which count photons and ignore the config's camera numbers (`camera_forward`)."""
+    return 1.0 if cfg.camera in ("perfect", "noiseless") else cfg.qe
+
+
 def excess_noise(cfg: SimConfig) -> float:
     """F^2 of cfg's camera: EMCCD_EXCESS_NOISE for "emccd", 1 for the cameras without EM gain."""
     return EMCCD_EXCESS_NOISE if cfg.camera == "emccd" else 1.0
