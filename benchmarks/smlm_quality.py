@@ -22,10 +22,10 @@ Methods, on the photon frames of the movie:
              for precision and RMSE that the filter makes. Its time is ours'.
 - classical: benchmarks/smlm_classical.fit_movie with its defaults (matched-filter detection at 5 noise
              sigma, 3 x 3 local maxima, Poisson MLE of x, y, [z,] N, b by Levenberg-Marquardt, quality filter).
-- ours, MLE refined: the same detections refitted (models.smlm_mle.refine_detections: a Poisson likelihood fit
-             of each in its own frame, started at the network's estimate, the frame's other detections held
-             fixed; kept where its standard error is below the network's predicted sigma). Its time is ours'
-             plus the refit's.
+- ours, MLE refined: the same detections refitted (models.smlm_mle.refine_detections, fit_smlm.py --refine: a
+             Poisson likelihood fit in its own frame, started at the network's estimate, close detections
+             together, the frame's others held fixed; kept where the fit is better, module docstring there).
+             Its time is ours' plus the refit's.
 - crlb oracle: metrics.smlm_crlb.crlb_oracle, every ground-truth emitter at its true position plus Normal noise
              of its own bound on x, y (and z): what an ideal single-frame fitter would give. Not timed.
 Matching and metrics: metrics.smlm.smlm_metrics (250 nm lateral, 500 nm axial, greedy per frame). For a 2D
@@ -295,8 +295,10 @@ def main():
              f"{SIGMA_FILTERED}: ours without detections whose predicted sigma exceeds {MAX_SIGMA_XY_NM:g} nm "
              f"(x, y) or {MAX_SIGMA_Z_NM:g} nm (z).",
              f"{REFINED}: ours with every detection refitted by Poisson maximum likelihood in its own frame "
-             "(models.smlm_mle.refine_detections: neighbours held fixed, two passes), the fit kept where its "
-             "standard error is below the network's predicted sigma; frames/s counts the network and the refit.",
+             "(models.smlm_mle.refine_detections, fit_smlm.py --refine: close detections fitted together, the "
+             "frame's others held fixed, two passes), the fit kept where it converged, passes the chi^2 test at "
+             "5 %, moved <= 1 px and its standard error is below the network's predicted sigma; frames/s counts "
+             "the network and the refit.",
              f"{ORACLE}: every ground-truth emitter at its true position plus Normal noise of its own CRLB on each "
              "axis (metrics.smlm_crlb.crlb_oracle), matched like the methods: the physical limit of one frame.",
              "emitters/frame: ground-truth targets (>= label_photon_min photons, inside the frame) per frame. "
