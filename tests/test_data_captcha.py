@@ -30,7 +30,7 @@ def centroid(alpha: np.ndarray) -> tuple[float, float]:
 
 def with_layers(seed, config: RenderConfig = RenderConfig(), backgrounds: tuple = ()) -> dict:
     """generate_captcha(seed, config, backgrounds) plus "background" (the image before any gap or slider was drawn) and
-    "gap_alpha", "fake_alpha" ((h, w) uint8 alpha of the real gap and of the fakes).
+    "gap_alpha", "fake_alpha" ((h, w) uint8 alpha of the real gap and of the fakes) and "light" (the gap's).
 
     Recorded by wrapping render._shade_gap, whose first call shades the real gap into a copy of the
     untouched background and whose further calls shade the fakes; the sample itself is unchanged."""
@@ -39,7 +39,7 @@ def with_layers(seed, config: RenderConfig = RenderConfig(), backgrounds: tuple 
     def recording(img, alpha, x0, y0, light):
         if not layers:
             layers.update(background=img.copy(), gap_alpha=np.zeros(img.shape[:2], np.uint8),
-                          fake_alpha=np.zeros(img.shape[:2], np.uint8))
+                          fake_alpha=np.zeros(img.shape[:2], np.uint8), light=dict(light))
             target = layers["gap_alpha"]
         else:
             target = layers["fake_alpha"]
@@ -359,9 +359,10 @@ ORIGINAL_FINGERPRINTS = {
 LABEL_KEYS = ("gap", "slider", "fake_gaps", "angle", "category", "shape", "slider_box")
 # each option alone, forced on (probability 1), plus the two named mixes
 OPTIONS = {
-    "veil": RenderConfig(gap_style_probs=(0.0, 1.0, 0.0, 0.0)),
-    "inset": RenderConfig(gap_style_probs=(0.0, 0.0, 1.0, 0.0)),
-    "outline": RenderConfig(gap_style_probs=(0.0, 0.0, 0.0, 1.0)),
+    "veil": RenderConfig(gap_style_probs=(0.0, 1.0, 0.0, 0.0, 0.0)),
+    "inset": RenderConfig(gap_style_probs=(0.0, 0.0, 1.0, 0.0, 0.0)),
+    "outline": RenderConfig(gap_style_probs=(0.0, 0.0, 0.0, 1.0, 0.0)),
+    "bevel": RenderConfig(gap_style_probs=(0.0, 0.0, 0.0, 0.0, 1.0)),
     "slider_shadow": RenderConfig(slider_shadow_prob=1.0),
     "slider_offset": RenderConfig(slider_offset_prob=1.0),
     "slider_x": RenderConfig(slider_x_prob=1.0, slider_x_px=(25, 40)),
@@ -373,7 +374,7 @@ OPTIONS = {
     "heldout": RENDER_HELDOUT,
 }
 # options that change pixels only: every label and the layout stay those of the default sample
-PIXEL_ONLY = ("veil", "inset", "outline", "slider_shadow", "colour", "jpeg", "webp")
+PIXEL_ONLY = ("veil", "inset", "outline", "bevel", "slider_shadow", "colour", "jpeg", "webp")
 
 
 def fingerprint(s: dict) -> str:
@@ -416,7 +417,7 @@ def test_pixel_only_options_keep_every_label(option):
         assert shown["image"].shape == plain["image"].shape and not np.array_equal(shown["image"], plain["image"])
     drawn = generate_captcha(0, OPTIONS[option])["render"]
     expected = {"veil": ("gap_style", "veil"), "inset": ("gap_style", "inset"), "outline": ("gap_style", "outline"),
-                "slider_shadow": ("slider_shadow", True), "colour": ("colour_shift", True),
+                "bevel": ("gap_style", "bevel"),                "slider_shadow": ("slider_shadow", True), "colour": ("colour_shift", True),
                 "jpeg": ("compression", "jpeg"), "webp": ("compression", "webp")}[option]
     assert drawn[expected[0]] == expected[1]
 
@@ -429,10 +430,11 @@ def test_compression_stays_close_to_the_lossless_image():
             assert np.abs(packed["image"].astype(np.float64) - plain["image"]).mean() < limit, (option, seed)
 
 
-@pytest.mark.parametrize("style", ["veil", "inset", "outline"])
+@pytest.mark.parametrize("style", ["veil", "inset", "outline", "bevel"])
 def test_gap_styles_draw_inside_the_labelled_gap(style):
     """Each gap style changes pixels only under the gap's (and the fakes') alpha, whose centroid is the label;
-    an outline changes the edge more than the interior."""
+    an outline or a bevel changes the edge more than the interior, and a bevel's edge is lit on the side
+    the light points to and shadowed on the other (mirrored for a highlighted gap)."""
     for seed in range(8):
         s = with_layers(seed, OPTIONS[style])
         assert s["render"]["gap_style"] == style
@@ -449,6 +451,16 @@ def test_gap_styles_draw_inside_the_labelled_gap(style):
         assert diff[edge].mean() > 8, (style, seed)
         if style == "outline":
             assert diff[edge].mean() > 2 * diff[inner].mean() + 4, seed
+        if style == "bevel":  # its relief fades to nothing where the edge runs along the light
+            assert diff[edge].mean() > diff[inner].mean() + 4, seed
+            signed = (s["image"].astype(np.float32) - s["background"]).mean(axis=2)
+            ys, xs = np.nonzero(edge)
+            cx, cy = s["gap"]
+            # the light points to the bottom-right (pi/4 +- 0.3): the edge's half on that side against the other;
+            # a white rim (gap_edge_highlight) pushes both halves towards 255 and squeezes the contrast
+            lit = (xs - cx) + (ys - cy) > 0
+            contrast = signed[ys[lit], xs[lit]].mean() - signed[ys[~lit], xs[~lit]].mean()
+            assert -s["light"]["sign"] * contrast > (8 if s["light"]["rim_opacity"] else 20), (seed, contrast)
 
 
 @pytest.mark.parametrize("option", ["default", "slider_shadow", "slider_offset", "slider_x", "train"])
@@ -516,20 +528,21 @@ def test_heldout_render_uses_no_training_setting():
     assert train.keys() == heldout.keys()
     for kind in train:
         assert not train[kind] & heldout[kind], kind
-    assert heldout == {"photos": set(HELDOUT_PHOTOS), "procedural": {"mosaic"}, "gap_styles": {"outline"},
+    assert heldout == {"photos": set(HELDOUT_PHOTOS), "procedural": {"mosaic"}, "gap_styles": {"bevel"},
                        "compression": {"webp"}}
-    assert train["gap_styles"] == {"darken", "veil", "inset"} and train["compression"] == {"none", "jpeg"}
+    assert train["gap_styles"] == {"darken", "veil", "inset", "outline"} and train["compression"] == {"none", "jpeg"}
     for seed in range(30):
         h, t, d = (generate_captcha(seed, r) for r in (RENDER_HELDOUT, RENDER_TRAIN, RenderConfig()))
         assert h["render"]["background"] in (*HELDOUT_PHOTOS, "mosaic")
-        assert h["render"]["gap_style"] == "outline" and h["render"]["compression"] == "webp"
+        assert h["render"]["gap_style"] == "bevel" and h["render"]["compression"] == "webp"
         assert t["render"]["background"] not in (*HELDOUT_PHOTOS, "mosaic")
-        assert t["render"]["gap_style"] != "outline" and t["render"]["compression"] != "webp"
+        assert t["render"]["gap_style"] != "bevel" and t["render"]["compression"] != "webp"
         assert h["category"] == t["category"] == d["category"]  # the confusion mix is the same in every config
 
 
 def test_render_config_rejects_bad_values():
-    for bad, match in (({"gap_style_probs": (0.5, 0.5, 0.5, 0.0)}, "gap_style_probs"),
+    for bad, match in (({"gap_style_probs": (0.5, 0.5, 0.5, 0.0, 0.0)}, "gap_style_probs"),
+                       ({"gap_style_probs": (0.5, 0.5, 0.0, 0.0)}, "gap_style_probs"),
                        ({"procedural_probs": (1.0,)}, "procedural_probs"),
                        ({"photos": ("astronaut", "nope")}, "photos"), ({"photos": ()}, "photos"),
                        ({"jpeg_prob": 0.7, "webp_prob": 0.5}, "jpeg_prob \\+ webp_prob"),

@@ -45,7 +45,7 @@ _PROCEDURAL = ("gradient", "noise", "stripes", "clutter", "mosaic")
 _PROCEDURAL_PROBS = (0.2, 0.3, 0.15, 0.35, 0.0)  # mosaic: a family only the held-out set uses
 
 
-GAP_STYLES = ("darken", "veil", "inset", "outline")
+GAP_STYLES = ("darken", "veil", "inset", "outline", "bevel")
 PHOTOS = _PHOTOS
 HELDOUT_PHOTOS = ("brick", "chelsea", "coffee", "rocket")   # never in RENDER_TRAIN's background pool
 PROCEDURAL = _PROCEDURAL
@@ -74,7 +74,7 @@ class RenderConfig:
     photos: tuple[str, ...] = PHOTOS                  # skimage photographs in the background pool
     procedural_probs: tuple[float, ...] = _PROCEDURAL_PROBS  # over PROCEDURAL: gradient ... clutter, mosaic
     user_prob: float = 0.5                            # share of backgrounds from the user's images, when given any
-    gap_style_probs: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)  # over GAP_STYLES, for the real gap and its fakes
+    gap_style_probs: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 0.0)  # over GAP_STYLES, for the real gap and its fakes
     slider_shadow_prob: float = 0.0                   # a soft drop shadow under the slider
     slider_offset_prob: float = 0.0                   # the slider off the gap's row ...
     slider_offset_px: tuple[int, int] = (1, 6)        # ... by this many px (either sign); the label follows
@@ -125,14 +125,14 @@ class RenderConfig:
 # The realistic training mix: every option on part of the time, none of the held-out settings.
 RENDER_TRAIN = RenderConfig(
     photos=tuple(p for p in PHOTOS if p not in HELDOUT_PHOTOS),
-    gap_style_probs=(0.5, 0.3, 0.2, 0.0),
+    gap_style_probs=(0.45, 0.25, 0.15, 0.15, 0.0),
     slider_shadow_prob=0.4, slider_offset_prob=0.3, slider_x_prob=0.3,
     colour_prob=0.5, jpeg_prob=0.7, jpeg_quality=(40, 95))
-# Rendering the training mix never uses: other backgrounds (4 held-out photos, Voronoi mosaics), outline-only
-# gaps, WebP instead of JPEG. Slider shadow, offsets, positions and colour shifts are shared with RENDER_TRAIN.
+# Rendering the training mix never uses: other backgrounds (4 held-out photos, Voronoi mosaics), bevelled
+# gaps (an edge in relief, lit on one side and shadowed on the other), WebP instead of JPEG. Slider shadow, offsets, positions and colour shifts are shared with RENDER_TRAIN.
 RENDER_HELDOUT = RenderConfig(
     photos=HELDOUT_PHOTOS, procedural_probs=(0.0, 0.0, 0.0, 0.0, 1.0),
-    gap_style_probs=(0.0, 0.0, 0.0, 1.0),
+    gap_style_probs=(0.0, 0.0, 0.0, 0.0, 1.0),
     slider_shadow_prob=0.4, slider_offset_prob=0.3, slider_x_prob=0.3,
     colour_prob=0.5, webp_prob=1.0, webp_quality=(40, 95))
 RENDERS = {"default": RenderConfig(), "train": RENDER_TRAIN, "heldout": RENDER_HELDOUT}
@@ -604,13 +604,16 @@ def _sample_gap_style(stream, render: RenderConfig) -> dict:
             "inset_base": stream.uniform(10, 30), "inset_depth": stream.uniform(60, 110),
             "inset_offset": stream.uniform(2, 5), "inset_blur": stream.uniform(1.5, 3.0),
             "outline_width": stream.uniform(1.0, 2.5), "outline_opacity": stream.uniform(0.6, 0.95),
-            "outline_tint": stream.uniform(0, 10)}
+            "outline_tint": stream.uniform(0, 10),
+            "bevel_width": stream.uniform(1.5, 3.0), "bevel_depth": stream.uniform(50, 90),
+            "bevel_tint": stream.uniform(0, 15)}
 
 
 def _gap_pixels(region: np.ndarray, a: np.ndarray, dist: np.ndarray, a8: np.ndarray, light: dict) -> None:
     """Shade region (h, w, 3) float32 in place under alpha a (h, w) in [0, 1] in the light's gap style.
     Every style keeps to the piece's alpha, so the gap's pixels change where its label says it is; light["sign"]
-    (the highlight confusion) turns darkening into brightening and dark veils and outlines into white ones."""
+    (the highlight confusion) turns darkening into brightening, dark veils and outlines into white ones and
+    mirrors a bevel's relief."""
     style, sign = light.get("style", "darken"), np.float32(light["sign"])
     if style == "darken":
         edge = 1 - dist / max(float(dist.max()), 1.0)
@@ -630,6 +633,12 @@ def _gap_pixels(region: np.ndarray, a: np.ndarray, dist: np.ndarray, a8: np.ndar
                                  flags=cv2.INTER_LINEAR, borderValue=1.0)
         shadow = cv2.GaussianBlur(outside, (0, 0), light["inset_blur"]) * a
         region += (sign * (np.float32(light["inset_base"]) * a + np.float32(light["inset_depth"]) * shadow))[..., None]
+    elif style == "bevel":
+        # a cut edge in relief: a band of bevel_width px inside the edge, lit on the side the light points to
+        # and shadowed on the opposite one (antisymmetric, unlike darken's), the interior barely tinted
+        band = np.clip(np.float32(light["bevel_width"] + 1) - dist, 0, 1) * a
+        relief = np.float32(light["bevel_depth"]) * _direction_cosine(a8, light["angle"])
+        region += (sign * np.float32(light["bevel_tint"]) * a - sign * relief * band)[..., None]
     else:
         # outline only: a line of outline_width px inside the edge, the interior barely tinted
         line = np.clip(np.float32(light["outline_width"] + 1) - dist, 0, 1) * a
