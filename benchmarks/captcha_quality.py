@@ -1,9 +1,12 @@
 """Localisation quality per confusion category: a trained run against classic template matching.
 
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> [--val_size 300] [--out bench_out]
+    python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set heldout [--out bench_out]
 
 All three methods see the fixed synthetic validation set of the run (sample i is
-generate_captcha((val_seed, 0, i)), exactly the samples train_captcha.py validated on):
+generate_captcha((val_seed, 0, i)), exactly the samples train_captcha.py validated on), or with
+--set heldout its held-out rendering set (generate_captcha((heldout_seed, 0, i), RENDER_HELDOUT), the
+val_heldout/* samples):
 
 - model:     the run's EMA weights (plain weights if the export has none), argmax decode.
 - TM-oracle: classic edge template matching (reference/captcha.md 10.1, the behaviour of
@@ -31,7 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import positive, print_header, report, table
-from data.captcha import CATEGORIES, SyntheticCaptchaDataset, generate_captcha, letterbox, to_input_tensor
+from data.captcha import (CATEGORIES, RENDER_HELDOUT, RenderConfig, SyntheticCaptchaDataset, generate_captcha, letterbox,
+                          to_input_tensor)
 from metrics.captcha import captcha_metrics, point_errors, predict_points
 from training.config import fail
 from training.export import load_export_or_exit
@@ -49,8 +53,11 @@ def parse_args():
     p.add_argument("--checkpoint", default=None,
                    help="run directory, best/ or final/ folder, or .safetensors file; default: the newest run "
                         "under runs/captcha/ with an export")
-    p.add_argument("--val_size", type=int, default=300, help="validation samples (the quick preset validates on 300)")
-    p.add_argument("--val_seed", type=int, default=None, help="validation seed; default: the run's args.yaml (1000003)")
+    p.add_argument("--set", default="val", choices=("val", "heldout"),
+                   help="the validation set (original rendering) or the held-out rendering set (RENDER_HELDOUT)")
+    p.add_argument("--val_size", type=int, default=300, help="samples (the quick preset validates on 300 of each set)")
+    p.add_argument("--val_seed", type=int, default=None,
+                   help="seed of the set; default: the run's args.yaml (val_seed 1000003, heldout_seed 2000003)")
     p.add_argument("--batch_size", type=int, default=16, help="model batch")
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader workers that generate samples and run template matching")
@@ -169,14 +176,14 @@ class QualitySamples(Dataset):
     SyntheticCaptchaDataset so the inputs are provably the ones training validated on.
     """
 
-    def __init__(self, size: int, seed: int, args):
-        self.size, self.seed, self.args = size, seed, args
+    def __init__(self, size: int, seed: int, args, render: RenderConfig = RenderConfig()):
+        self.size, self.seed, self.args, self.render = size, seed, args, render
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: int) -> dict:
-        s = generate_captcha((self.seed, 0, int(i)))
+        s = generate_captcha((self.seed, 0, int(i)), self.render)
         image = s["image"]
         canvas, mask, scale, (pad_x, pad_y) = letterbox(image)
         to_canvas = lambda p: (p[0] * scale + pad_x, p[1] * scale + pad_y)
@@ -201,7 +208,7 @@ class QualitySamples(Dataset):
 
 
 def check_same_samples(ours: QualitySamples, seed: int) -> None:
-    reference = SyntheticCaptchaDataset(ours.size, seed=seed, fresh_each_epoch=False)[0]
+    reference = SyntheticCaptchaDataset(ours.size, seed=seed, fresh_each_epoch=False, render=ours.render)[0]
     mine = ours[0]
     same = torch.equal(mine["image"], reference["image"]) and all(
         torch.equal(mine[k], reference[k]) for k in ("gap", "slider", "category"))
@@ -233,10 +240,13 @@ def main():
     export = load_export_or_exit(args.checkpoint, device)
     model, weights, train_args = export.model, export.weights, export.args
     info = print_header("CAPTCHA localisation quality: model vs template matching")
-    seed = args.val_seed if args.val_seed is not None else int(train_args.get("val_seed", 1_000_003))
-    print(f"weights {weights}; {args.val_size} validation samples of seed {seed}", flush=True)
+    heldout = args.set == "heldout"
+    default_seed = int(train_args.get("heldout_seed", 2_000_003)) if heldout else int(train_args.get("val_seed", 1_000_003))
+    seed = args.val_seed if args.val_seed is not None else default_seed
+    what = "held-out rendering samples (RENDER_HELDOUT)" if heldout else "validation samples"
+    print(f"weights {weights}; {args.val_size} {what} of seed {seed}", flush=True)
 
-    samples = QualitySamples(args.val_size, seed, args)
+    samples = QualitySamples(args.val_size, seed, args, RENDER_HELDOUT if heldout else RenderConfig())
     check_same_samples(samples, seed)
     loader = DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)
     collected = {"true": [], "category": [], "blind_found": [], **{m: [] for m in METHODS}}
@@ -256,7 +266,7 @@ def main():
 
     missed = int((~arrays["blind_found"]).sum())
     notes = [
-        f"{args.val_size} fixed validation samples (seed {seed}); errors in 512x256 canvas px; "
+        f"{args.val_size} fixed {what} (seed {seed}); errors in 512x256 canvas px; "
         f"model = `{weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights}`.",
         "Combined columns (gap + slider): hit_le_1px, hit_le_2px, hit_le_5px, mae_px = per-sample "
         "(gap_err + slider_err) / 2 with err = mean(|dx|, |dy|). Gap-only columns: gap_mae, gap_hit_le_2px, "
@@ -271,7 +281,7 @@ def main():
     ]
     report("captcha_quality", "CAPTCHA quality per confusion category (model vs template matching)", info,
            [table(rows, COLUMNS)], notes, args.out,
-           extra={"checkpoint": str(weights), "val_seed": seed, "val_size": args.val_size})
+           extra={"checkpoint": str(weights), "set": args.set, "seed": seed, "val_size": args.val_size})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""benchmarks/captcha_quality.py: the template-matching baselines and the per-category table, on the validation
+set and on the held-out rendering set, with a tiny untrained export (the model's numbers mean nothing here)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.captcha_quality import METHODS, QualitySamples, match_gap
+from conftest import run_python
+from data.captcha import CATEGORIES, RENDER_HELDOUT, SyntheticCaptchaDataset, generate_captcha
+from test_predict import make_export
+
+TM_ARGS = SimpleNamespace(row_window=None, strip=0.3, tophat_px=7, rim_level=40)
+
+
+def test_template_matching_with_the_true_piece_finds_the_gap():
+    """TM-oracle: Canny-edge matching of the true piece lands on the gap label on most validation samples."""
+    errors = []
+    for i in range(10):
+        s = generate_captcha((1_000_003, 0, i))
+        errors.append(np.abs(np.subtract(match_gap(s["image"], s["slider_box"], s["piece_alpha"], None), s["gap"])).max())
+    assert sum(e <= 2 for e in errors) >= 7, errors
+
+
+def test_heldout_samples_are_the_training_scripts_held_out_set():
+    heldout, val = QualitySamples(3, 2_000_003, TM_ARGS, RENDER_HELDOUT), QualitySamples(3, 2_000_003, TM_ARGS)
+    reference = SyntheticCaptchaDataset(3, seed=2_000_003, fresh_each_epoch=False, render=RENDER_HELDOUT)[1]
+    mine = heldout[1]
+    assert torch.equal(mine["image"], reference["image"]) and torch.equal(mine["gap"], reference["gap"])
+    # the same confusion category, another rendering
+    assert val[1]["category"] == mine["category"] and not torch.equal(val[1]["image"], mine["image"])
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    from models.lite_hrnet import LiteHRNet18FPN
+
+    return make_export(tmp_path_factory.mktemp("quality") / "final", LiteHRNet18FPN, in_chans=4, fpn_channels=16,
+                       head_channels=16)
+
+
+@pytest.mark.parametrize("which", ["val", "heldout"])
+def test_quality_table_on_either_set(tmp_path, tiny_export, which):
+    n = 6
+    proc = run_python("benchmarks/captcha_quality.py", "--checkpoint", str(tiny_export), "--set", which,
+                      "--val_size", str(n), "--batch_size", "3", "--device", "cpu", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "captcha_quality.json").read_text())
+    assert report["set"] == which and report["seed"] == (2_000_003 if which == "heldout" else 1_000_003)
+    rows = report["tables"][0]["rows"]
+    assert [(r["method"], r["category"]) for r in rows] == [(m, c) for c in (*CATEGORIES, "all") for m in METHODS]
+    by = {(r["method"], r["category"]): r for r in rows}
+    assert sum(by[("model", c)]["n"] for c in CATEGORIES) == by[("model", "all")]["n"] == n
+    for method in METHODS:
+        assert 0 <= by[(method, "all")]["gap_hit_le_5px"] <= 100
+    assert ("held-out" in report["notes"][0]) == (which == "heldout")
+
+
+def test_bad_set_is_refused(tiny_export):
+    proc = run_python("benchmarks/captcha_quality.py", "--checkpoint", str(tiny_export), "--set", "test")
+    assert proc.returncode == 2 and "--set" in proc.stderr
