@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import positive, print_header, report, table
-from data.captcha import (CATEGORIES, RENDER_HELDOUT, RenderConfig, SyntheticCaptchaDataset, generate_captcha, letterbox,
-                          to_input_tensor)
+from data.captcha import (CATEGORIES, RENDER_HELDOUT, RenderConfig, SyntheticCaptchaDataset, generate_captcha,
+                          letterbox, to_input_tensor)
 from metrics.captcha import captcha_metrics, point_errors, predict_points
 from training.config import fail
 from training.export import load_export_or_exit
@@ -241,7 +241,8 @@ def main():
     model, weights, train_args = export.model, export.weights, export.args
     info = print_header("CAPTCHA localisation quality: model vs template matching")
     heldout = args.set == "heldout"
-    default_seed = int(train_args.get("heldout_seed", 2_000_003)) if heldout else int(train_args.get("val_seed", 1_000_003))
+    default_seed = (int(train_args.get("heldout_seed", 2_000_003)) if heldout
+                    else int(train_args.get("val_seed", 1_000_003)))
     seed = args.val_seed if args.val_seed is not None else default_seed
     what = "held-out rendering samples (RENDER_HELDOUT)" if heldout else "validation samples"
     print(f"weights {weights}; {args.val_size} {what} of seed {seed}", flush=True)

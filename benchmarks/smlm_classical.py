@@ -61,7 +61,8 @@ Model and fit (PsfModel and mle_fit live in models/smlm_mle.py, shared with fit_
 Quality filter (a fit is dropped when any holds)
     not converged: the Newton decrement g^T I^-1 g over the free parameters exceeds 0.05, i.e. the estimate
     is farther than ~0.2 standard errors from a stationary point (after 25 iterations ~1 % of the ROIs at
-    0.1 emitters/um^2 and ~4 % at 1.5/um^2, mostly fits on overlapping spots still moving); not finite; N <= 1 photon (nothing there);
+    0.1 emitters/um^2 and ~4 % at 1.5/um^2, mostly fits on overlapping spots still moving); not finite;
+    N <= 1 photon (nothing there);
     x or y more than 1.5 px from the candidate pixel, or outside the frame extent. Near the frame edge the
     matched filter sees only part of a wide PSF and places the candidate up to ~2 px inwards, so a candidate
     within roi_radius of an edge may move any distance towards that edge (up to the frame extent). Then

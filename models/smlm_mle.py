@@ -17,8 +17,8 @@ Refinement of network detections (`refine_detections`)
     fitted together when a chain has at most MAX_JOINT of them (longer chains are fitted one detection at a
     time, the rest held fixed as below): one ROI of frame t covering them with roi_radius px to spare (as far
     as the frame allows), a model of their spots on one flat background, (x, y, [z,] N) per emitter and b,
-    started at the network's estimates. The frame's other detections are part of the model as fixed spots at their current estimates
-    (N times the PSF at x, y, z, added like the read-noise offset), so a neighbour's light is not mistaken for
+    started at the network's estimates. The frame's other detections are part of the model as fixed spots at
+    their current estimates (N times the PSF at x, y, z, added like the read-noise offset), so a neighbour's light is not mistaken for
     this emitter's; the second pass (passes = 2, the default) fits again with them where the first put them.
     A refined estimate replaces the network's only when
       - its cluster's fit converged (Newton decrement < DECREMENT_TOL) to finite values,
@@ -33,9 +33,9 @@ Refinement of network detections (`refine_detections`)
     Replaced rows get the fit's x, y, photons, background and standard errors (xyz_sig_*, phot_sig: the
     Cramer-Rao standard deviations at the estimate). Their z and sigma_z are the fit's too when z is inside
     the calibrated range (a fit pinned on its end says only that z is beyond it) and its standard error is
-    below the network's predicted sigma_z; else the network's. The other keys (prob, pixel, param_out, sigma_out: the network's raw outputs) are unchanged. Every cluster's
-    ROI and fit depend only on its frame's detections, so the result does not depend on how a movie is cut
-    into chunks.
+    below the network's predicted sigma_z; else the network's. The other keys (prob, pixel, param_out,
+    sigma_out: the network's raw outputs) are unchanged. Every cluster's ROI and fit depend only on its
+    frame's detections, so the result does not depend on how a movie is cut into chunks.
 """
 from __future__ import annotations
 

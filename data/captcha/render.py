@@ -129,7 +129,8 @@ RENDER_TRAIN = RenderConfig(
     slider_shadow_prob=0.4, slider_offset_prob=0.3, slider_x_prob=0.3,
     colour_prob=0.5, jpeg_prob=0.7, jpeg_quality=(40, 95))
 # Rendering the training mix never uses: other backgrounds (4 held-out photos, Voronoi mosaics), bevelled
-# gaps (an edge in relief, lit on one side and shadowed on the other), WebP instead of JPEG. Slider shadow, offsets, positions and colour shifts are shared with RENDER_TRAIN.
+# gaps (an edge in relief, lit on one side and shadowed on the other), WebP instead of JPEG. Slider shadow,
+# offsets, positions and colour shifts are shared with RENDER_TRAIN.
 RENDER_HELDOUT = RenderConfig(
     photos=HELDOUT_PHOTOS, procedural_probs=(0.0, 0.0, 0.0, 0.0, 1.0),
     gap_style_probs=(0.0, 0.0, 0.0, 0.0, 1.0),

@@ -61,7 +61,8 @@ from .simulate import Emitters, Movie, bin_emitters, sample_loose_emitters, simu
 
 __all__ = ["CAMERA_KINDS", "EMCCD_EXCESS_NOISE", "PSF_KINDS", "Emitters", "Movie", "MovieWindowDataset",
            "SMLMSimDataset", "SimConfig", "SplinePSF", "background_std_photons", "bin_emitters", "camera_forward",
-           "collate_smlm", "counted_qe", "excess_noise", "frame_read_sigma", "frame_targets", "is_target", "load_read_sigma_map",
+           "collate_smlm", "counted_qe", "excess_noise", "frame_read_sigma", "frame_targets", "is_target",
+           "load_read_sigma_map",
            "load_sim_config", "load_smap_spline", "pixel_gaussian", "psf_sigmas", "read_movie_h5",
            "read_noise_variance", "read_noise_window", "render", "sample_background", "sample_loose_emitters",
            "save_smap_spline", "scale_frames", "simulate_acquisition", "simulate_movie", "spline_from_psf_stack",
