@@ -18,8 +18,9 @@ Refinement of network detections (`refine_detections`)
     time, the rest held fixed as below): one ROI of frame t covering them with roi_radius px to spare (as far
     as the frame allows), a model of their spots on one flat background, (x, y, [z,] N) per emitter and b,
     started at the network's estimates. The frame's other detections are part of the model as fixed spots at
-    their current estimates (N times the PSF at x, y, z, added like the read-noise offset), so a neighbour's light is not mistaken for
-    this emitter's; the second pass (passes = 2, the default) fits again with them where the first put them.
+    their current estimates (N times the PSF at x, y, z, added like the read-noise offset), so a neighbour's
+    light is not mistaken for this emitter's; the second pass (passes = 2, the default) fits again with them
+    where the first put them.
     A refined estimate replaces the network's only when
       - its cluster's fit converged (Newton decrement < DECREMENT_TOL) to finite values,
       - the fit passes a goodness-of-fit test at level gof_alpha (REFINE_GOF_ALPHA): twice the deviance is
