@@ -7,8 +7,15 @@
 folders, a ``checkpoints/step_*`` folder, or a ``.safetensors`` file of an export; the model is
 rebuilt from the export's ``model.json`` (``training.export.load_export``). EMA weights are used
 when the export has them. ``--backend onnx`` runs an ``export_captcha.py`` file with onnxruntime instead;
-letterboxing, decoding and the output are the same. Output columns: filename, gap_x, gap_y, slider_x,
-slider_y (original image pixels), gap_score, slider_score (heatmap peaks in [0, 1]).
+letterboxing, decoding and the output are the same.
+
+The gap comes from the two-stage solver (``models.captcha_match.two_stage``): the slider piece is found by
+its light rim near the network's slider, its edges are matched along the image, and the gap is where edge
+match + 0.5 x the network's gap probability peaks; it is far more robust to gap renderings the network never
+saw (docs/captcha.md). Where no piece is found near the slider the network's gap stays; ``--network_only``
+uses the network's gap everywhere. Output columns: filename, gap_x, gap_y, slider_x, slider_y (original
+image pixels), gap_score, slider_score (the network's heatmap peaks in [0, 1]), gap_matched (1 where the
+two-stage solver placed the gap, 0 where it is the network's).
 
 The CSV is written at the end to ``<out>.tmp`` and renamed; an existing ``--out`` is only replaced with
 ``--overwrite``, and an ``--out`` that is a directory or in a folder that cannot be written is refused before
@@ -28,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from data.captcha import CANVAS_H, CANVAS_W, letterbox, load_image, to_input_tensor
-from metrics.captcha import predict_points
+from metrics.captcha import decode_on
+from models.captcha_match import two_stage
 from models.onnx_io import OnnxModel, cuda_provider_available
 from training.config import UsageError, fail
 from training.export import load_export_or_exit, resolve_device
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                         help="torch: a run or export; onnx: an .onnx file of export_captcha.py, run with onnxruntime")
+    parser.add_argument("--network_only", action="store_true",
+                        help="the network's gap, without matching the slider piece along the image (two-stage)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         fail(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -101,14 +111,15 @@ def main(argv: list[str] | None = None):
         fail(str(e))
     paths = list_images(args.images)
 
-    rows, skipped, model_s, total_start = [], [], 0.0, time.perf_counter()
+    rows, skipped, model_s, match_s, total_start = [], [], 0.0, 0.0, time.perf_counter()
     # disable=None: a bar on a terminal only, not in logs
     progress = tqdm(total=len(paths), unit="image", desc="predicting", dynamic_ncols=True, disable=None)
     for start in range(0, len(paths), args.batch_size):
-        names, tensors, geometry = [], [], []
+        names, tensors, geometry, sources = [], [], [], []
         for path in paths[start:start + args.batch_size]:
             try:
-                canvas, mask, scale, pad = letterbox(load_image(path))
+                source = load_image(path)
+                canvas, mask, scale, pad = letterbox(source)
             except ValueError as e:
                 if not args.skip_bad:
                     progress.close()
@@ -118,20 +129,29 @@ def main(argv: list[str] | None = None):
             names.append(path.name)
             tensors.append(to_input_tensor(canvas, mask))
             geometry.append((scale, pad))
+            sources.append(source)
         progress.update(len(paths[start:start + args.batch_size]))
         if not tensors:
             continue
         image = torch.stack(tensors).to(device if args.backend == "torch" else "cpu")
         t0 = time.perf_counter()
         with torch.no_grad():
-            points, scores = predict_points(model, image)
+            outputs = model(image)
+            points, scores = decode_on(outputs, image)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        model_s += time.perf_counter() - t0
-        for name, (scale, (pad_x, pad_y)), pts, sc in zip(names, geometry, points.cpu(), scores.cpu()):
+        t1 = time.perf_counter()
+        model_s += t1 - t0
+        points, scores = points.cpu(), scores.cpu()
+        matched = torch.zeros(len(names), dtype=torch.bool)
+        if not args.network_only:
+            points, matched = two_stage(outputs, image, points, sources, geometry)
+            match_s += time.perf_counter() - t1
+        for name, (scale, (pad_x, pad_y)), pts, sc, m in zip(names, geometry, points, scores, matched.tolist()):
             orig = (pts - torch.tensor([pad_x, pad_y])) / scale  # canvas px -> original image px
             (gx, gy), (sx, sy) = orig.tolist()
-            rows.append([name, f"{gx:.2f}", f"{gy:.2f}", f"{sx:.2f}", f"{sy:.2f}", f"{sc[0]:.4f}", f"{sc[1]:.4f}"])
+            rows.append([name, f"{gx:.2f}", f"{gy:.2f}", f"{sx:.2f}", f"{sy:.2f}", f"{sc[0]:.4f}", f"{sc[1]:.4f}",
+                         int(m)])
     progress.close()
     total_s = time.perf_counter() - total_start
     if not rows:
@@ -140,13 +160,15 @@ def main(argv: list[str] | None = None):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score"])
+            writer.writerow(["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score",
+                             "gap_matched"])
             writer.writerows(rows)
     write_atomically(out, write)
     n = len(rows)
     print(f"{n} images -> {out}")
-    print(f"latency per image: model {1000 * model_s / n:.2f} ms, total incl. loading {1000 * total_s / n:.2f} ms "
-          f"(batch {args.batch_size}, {device})")
+    print(f"latency per image: model {1000 * model_s / n:.2f} ms, piece matching {1000 * match_s / n:.2f} ms, "
+          f"total incl. loading {1000 * total_s / n:.2f} ms (batch {args.batch_size}, {device}); "
+          f"gap matched on {sum(int(r[-1]) for r in rows)} of {n}")
     if skipped:
         print(f"skipped {len(skipped)} image(s), left out of {out}:")
         for reason in skipped:

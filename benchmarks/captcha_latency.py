@@ -10,15 +10,17 @@ and bf16 autocast too. "onnx" rows time the same network exported by export_capt
 quantisation, + the same decode. "ddddocr" rows time
 ddddocr's slide_match (edge template matching) on one image at a time, given the slider piece as an RGBA
 image and the background right of the piece (a synthetic sample holds its piece; a real CAPTCHA delivers
-them apart). "end-to-end" rows time what predict_captcha.py does per batch: read the PNGs, letterbox, build
-the 4-channel tensors, model, decode and map the points back to source px, on predict_captcha.py's default
-device in fp32. Times are per batch and per image (batch time / batch size), median and 90th percentile
+them apart). "two-stage step" times models.captcha_match.two_stage on one image's outputs (the piece
+search and the fused edge match predict_captcha.py adds after the model). "end-to-end" rows time what
+predict_captcha.py does per batch: read the PNGs, letterbox, build the 4-channel tensors, model, decode,
+the two-stage step and map the points back to source px, on predict_captcha.py's default device in fp32. Times are per batch and per image (batch time / batch size), median and 90th percentile
 over --iters timed iterations.
 
 The accuracy table scores the gap on --accuracy_samples validation samples (canvas px, as
 benchmarks/captcha_quality.py): ours with each backend, ddddocr given the true piece (an oracle: it
 never has to find the slider), and ddddocr given the piece cut out at our predicted slider (a box of the
-true piece's size there, without the piece's alpha: the blind use). Random weights (no --checkpoint) make
+true piece's size there, without the piece's alpha: the blind use), and our two-stage solver (ONNX outputs).
+Random weights (no --checkpoint) make
 the accuracy of ours meaningless; the latency is the same.
 """
 from __future__ import annotations
@@ -39,10 +41,10 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from PIL import Image
 
-from benchmarks.captcha_quality import SEARCH_MARGIN, centroid
 from benchmarks.common import int_list, positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor
 from metrics.captcha import decode_on, point_errors, predict_points
+from models.captcha_match import SEARCH_MARGIN, centroid, two_stage
 from models.lite_hrnet import LiteHRNet18FPN
 from models.onnx_io import OnnxModel, export_onnx
 from training.export import load_export_or_exit
@@ -102,19 +104,21 @@ def time_model(model, image: torch.Tensor, bf16: bool, iters: int, warmup: int) 
 
 @torch.no_grad()
 def time_predict(model, paths: list[Path], device: torch.device, iters: int, warmup: int) -> list[float]:
-    """predict_captcha.py's per-batch work, file reading included."""
+    """predict_captcha.py's per-batch work, file reading and the two-stage step (its default) included."""
     seconds = []
     for k in range(warmup + iters):
         sync(device)
         start = time.perf_counter()
-        tensors, geometry = [], []
+        tensors, geometry, sources = [], [], []
         for path in paths:
-            canvas, mask, scale, pad = letterbox(load_image(path))
+            sources.append(load_image(path))
+            canvas, mask, scale, pad = letterbox(sources[-1])
             tensors.append(to_input_tensor(canvas, mask))
             geometry.append((scale, pad))
         image = torch.stack(tensors).to(device)
-        points, scores = predict_points(model, image)
-        points, scores = points.cpu(), scores.cpu()
+        outputs = model(image)
+        points, scores = decode_on(outputs, image)
+        points, _ = two_stage(outputs, image, points.cpu(), sources, geometry)
         for (scale, (pad_x, pad_y)), pts in zip(geometry, points):
             ((pts - torch.tensor([pad_x, pad_y])) / scale).tolist()
         if k >= warmup:
@@ -169,6 +173,36 @@ def all_points(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tenso
     return torch.cat([predict_points(model, images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)])
 
 
+@torch.no_grad()
+def two_stage_points(model, images: torch.Tensor, sources: list, geometry: list, batch_size: int = 32):
+    """(N, 2, 2) canvas px of the two-stage solver (predict_captcha.py's default) on the model's outputs."""
+    points = []
+    for i in range(0, len(images), batch_size):
+        image = images[i:i + batch_size]
+        outputs = model(image)
+        points.append(two_stage(outputs, image, decode_on(outputs, image)[0], sources[i:i + batch_size],
+                                geometry[i:i + batch_size])[0])
+    return torch.cat(points)
+
+
+@torch.no_grad()
+def time_two_stage(model, images: torch.Tensor, sources: list, geometry: list, iters: int, warmup: int):
+    """Seconds per call of the two-stage step alone (piece search + fused match), one image per call, on the
+    model's outputs for each image (computed once, outside the timing)."""
+    prepared = []
+    for k in range(len(sources)):
+        image = images[k:k + 1]
+        outputs = model(image)
+        prepared.append((outputs, image, decode_on(outputs, image)[0], sources[k:k + 1], geometry[k:k + 1]))
+    seconds = []
+    for k in range(warmup + iters):
+        start = time.perf_counter()
+        two_stage(*prepared[k % len(prepared)])
+        if k >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def accuracy_rows(model, onnx_model, int8_model, slide, n: int, seed: int) -> tuple[list[dict], float]:
     """Gap accuracy of ours (PyTorch, ONNX, ONNX int8) and ddddocr (oracle and blind piece) on validation
     samples 0..n-1; and the largest |ONNX - PyTorch| difference of a decoded point (px)."""
@@ -181,7 +215,9 @@ def accuracy_rows(model, onnx_model, int8_model, slide, n: int, seed: int) -> tu
     ours = all_points(model, images)
     ours_onnx = all_points(onnx_model, images)
     preds = {"ours (PyTorch)": ours.numpy(), "ours (ONNX)": ours_onnx.numpy(),
-             "ours (ONNX, dynamic int8)": all_points(int8_model, images).numpy()}
+             "ours (ONNX, dynamic int8)": all_points(int8_model, images).numpy(),
+             "ours, two-stage (ONNX)": two_stage_points(onnx_model, images, [s["image"] for s in samples],
+                                                        [(b[2], b[3]) for b in boxes]).numpy()}
     for name, slider in (("ddddocr, true piece (oracle)", None), ("ddddocr, piece at our slider", ours[:, 1])):
         gaps = []
         for i, (s, b) in enumerate(zip(samples, boxes)):
@@ -254,6 +290,11 @@ def main():
     inputs = [SlideInputs(generate_captcha((args.val_seed, 0, i))) for i in range(largest)]
     rows.append(row("ddddocr slide_match", cpu, "-", 1, time_ddddocr(slide, inputs, args.iters, args.warmup)))
     print(f"  ddddocr slide_match batch 1: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
+    sources = [generate_captcha((args.val_seed, 0, i))["image"] for i in range(largest)]
+    geometry = [letterbox(source)[2:] for source in sources]
+    rows.append(row("two-stage step (after the model)", cpu, "-", 1,
+                    time_two_stage(onnx_model, images, sources, geometry, args.iters, args.warmup)))
+    print(f"  two-stage step batch 1: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
 
     e2e_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.no_e2e:
@@ -278,13 +319,17 @@ def main():
         f"LiteHRNet18FPN, {source}, {n_params / 1e6:.3f} M parameters; input 4x256x512 (RGB + padding mask); "
         f"channels_last {args.channels_last} (model rows only).",
         "model = model(image) + decode, eval + torch.no_grad; end-to-end = PNG read + letterbox + tensors + model "
-        "+ decode + back to source px, as predict_captcha.py (fp32, its default device, files in the page cache).",
+        "+ decode + two-stage step + back to source px, as predict_captcha.py (fp32, its default device, files in "
+        "the page cache).",
         f"{args.iters} timed iterations after {args.warmup} warm-up iterations per row; ms_per_image = batch time / "
         "batch; p90 = 90th percentile.",
         "onnx = the same network and weights run by onnxruntime (CPU provider, torch's thread count) + the same "
         "decode; dynamic int8 = onnxruntime.quantization.quantize_dynamic of that file (QUInt8 weights); "
         "ddddocr = DdddOcr(det=False, ocr=False).slide_match(piece RGBA, background right of the piece), "
         "one image per call, PIL images already in memory (its own conversion included).",
+        "two-stage step = models.captcha_match.two_stage on one image's ONNX outputs: the piece found by its rim "
+        "near our slider, its edges matched along the image and fused with our gap probability (what "
+        "predict_captcha.py adds after the model by default); add it to a model row for the whole solver.",
     ]
     if parity is not None:
         notes.append(f"Accuracy table: validation samples 0..{args.accuracy_samples - 1} (seed {args.val_seed}), gap "

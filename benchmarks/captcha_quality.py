@@ -2,13 +2,19 @@
 
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> [--val_size 300] [--out bench_out]
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set heldout [--out bench_out]
+    python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set train --match_weights 0,0.25,0.5,1,2,4
 
 All three methods see the fixed synthetic validation set of the run (sample i is
 generate_captcha((val_seed, 0, i)), exactly the samples train_captcha.py validated on), or with
 --set heldout its held-out rendering set (generate_captcha((heldout_seed, 0, i), RENDER_HELDOUT), the
-val_heldout/* samples):
+val_heldout/* samples), or with --set train a tuning set in the training mix (generate_captcha((3000017, 0, i),
+RENDER_TRAIN): neither validation, held-out nor training samples; the two-stage weight was chosen on it and on
+the validation rendering of the same seed, before the held-out set was scored):
 
 - model:     the run's EMA weights (plain weights if the export has none), argmax decode.
+- two-stage: the model's slider, the piece found there (its rim) matched along the image, and the gap
+             where edge match + MATCH_WEIGHT x the model's gap probability peaks
+             (models/captcha_match.two_stage; what predict_captcha.py does by default).
 - TM-oracle: classic edge template matching (reference/captcha.md 10.1, the behaviour of
              ddddocr.slide_match) with the TRUE slider piece as the template; the slider
              position is given, not predicted, so only its gap columns mean anything.
@@ -28,23 +34,22 @@ sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo'
 
 import argparse
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from benchmarks.common import positive, print_header, report, table
-from data.captcha import (CATEGORIES, RENDER_HELDOUT, RenderConfig, SyntheticCaptchaDataset, generate_captcha,
-                          letterbox, to_input_tensor)
-from metrics.captcha import captcha_metrics, point_errors, predict_points
+from benchmarks.common import float_list, positive, print_header, report, table
+from data.captcha import (CATEGORIES, RENDER_HELDOUT, RENDER_TRAIN, RenderConfig, SyntheticCaptchaDataset,
+                          generate_captcha, letterbox, to_input_tensor)
+from metrics.captcha import captcha_metrics, decode_on, point_errors
+from models.captcha_match import MATCH_WEIGHT, SEARCH_MARGIN, centroid, find_slider, match_gap, two_stage
 from training.config import fail
 from training.export import load_export_or_exit
 
-METHODS = ("model", "TM-oracle", "TM-blind")
+METHODS = ("model", "two-stage", "TM-oracle", "TM-blind")
+TUNING_SEED = 3_000_017  # --set train
 COLUMNS = ["method", "category", "n", "hit_le_1px", "hit_le_2px", "hit_le_5px", "mae_px", "gap_mae",
            "gap_hit_le_2px", "gap_hit_le_5px", "slide_mae_px"]
-CANNY_LOW, CANNY_HIGH = 100, 200     # ddddocr's Canny thresholds (grey levels)
-SEARCH_MARGIN = 10                   # px right of the slider before the gap search starts, as in reference 10.1
 
 
 def parse_args():
@@ -53,11 +58,16 @@ def parse_args():
     p.add_argument("--checkpoint", default=None,
                    help="run directory, best/ or final/ folder, or .safetensors file; default: the newest run "
                         "under runs/captcha/ with an export")
-    p.add_argument("--set", default="val", choices=("val", "heldout"),
-                   help="the validation set (original rendering) or the held-out rendering set (RENDER_HELDOUT)")
+    p.add_argument("--set", default="val", choices=("val", "heldout", "train"),
+                   help="the validation set (original rendering), the held-out rendering set (RENDER_HELDOUT) or a "
+                        "tuning set in the training mix (RENDER_TRAIN, seed 3000017)")
     p.add_argument("--val_size", type=int, default=300, help="samples (the quick preset validates on 300 of each set)")
     p.add_argument("--val_seed", type=int, default=None,
-                   help="seed of the set; default: the run's args.yaml (val_seed 1000003, heldout_seed 2000003)")
+                   help="seed of the set; default: the run's args.yaml (val_seed 1000003, heldout_seed 2000003), "
+                        "3000017 for --set train")
+    p.add_argument("--match_weights", default=None,
+                   help="comma-separated weights of the model's gap probability in the two-stage solver: an extra "
+                        "table of the gap per weight (the main table uses MATCH_WEIGHT)")
     p.add_argument("--batch_size", type=int, default=16, help="model batch")
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader workers that generate samples and run template matching")
@@ -78,6 +88,7 @@ def parse_args():
     positive("--tophat_px", args.tophat_px, 3)
     if not 0 < args.strip <= 1:
         fail(f"--strip must be in (0, 1], got {args.strip}")
+    args.match_weights = float_list(args.match_weights, "--match_weights") if args.match_weights else []
     return args
 
 
@@ -88,84 +99,6 @@ def newest_run(runs: Path) -> Path:
         fail(f"--checkpoint not given and no run with best/ or final/ under {runs}; train one first "
              "(train_captcha.py) or pass --checkpoint RUN_DIR")
     return max(exports, key=lambda p: p.stat().st_mtime).parent.parent
-
-
-def centroid(alpha: np.ndarray) -> tuple[float, float]:
-    """Alpha-weighted centroid with pixel centres at +0.5, the generator's label convention."""
-    m = cv2.moments(alpha)
-    if m["m00"] <= 0:
-        return alpha.shape[1] / 2, alpha.shape[0] / 2
-    return m["m10"] / m["m00"] + 0.5, m["m01"] / m["m00"] + 0.5
-
-
-def match_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndarray,
-              row_window: int | None) -> tuple[float, float]:
-    """Gap centre (source px) by Canny-edge template matching of the piece at box (x0, y0, x1, y1).
-
-    The template is the composite image under the piece's alpha (outside it black, as a
-    transparent PNG piece is drawn); edges left of the slider plus a margin are zeroed so the
-    slider cannot match itself, and no match may start there.
-    """
-    x0, y0, x1, y1 = box
-    piece = (image[y0:y1, x0:x1].astype(np.float32) * (alpha[..., None].astype(np.float32) / 255) + 0.5)
-    tpl_edges = cv2.Canny(piece.astype(np.uint8), CANNY_LOW, CANNY_HIGH)
-    img_edges = cv2.Canny(image, CANNY_LOW, CANNY_HIGH)
-    cut = min(x1 + SEARCH_MARGIN, image.shape[1])
-    img_edges[:, :cut] = 0
-    score = cv2.matchTemplate(img_edges, tpl_edges, cv2.TM_CCOEFF_NORMED)
-    # a template without edges (flat piece) has zero variance and gives NaN scores
-    score = np.nan_to_num(score, nan=-1.0, posinf=-1.0, neginf=-1.0)
-    allowed = np.ones_like(score, dtype=bool)
-    if cut < score.shape[1]:
-        allowed[:, :cut] = False
-    if row_window is not None:
-        rows = np.arange(score.shape[0])
-        allowed &= (np.abs(rows - y0) <= row_window)[:, None]
-    if not allowed.any():  # piece too large for the space right of it: search everywhere
-        allowed[:] = True
-    score[~allowed] = -2.0
-    _, _, _, (mx, my) = cv2.minMaxLoc(score)
-    cx, cy = centroid(alpha)
-    return mx + cx, my + cy
-
-
-def find_slider(image: np.ndarray, strip: float, tophat_px: int, rim_level: int):
-    """The slider from the image alone -> (box (x0, y0, x1, y1), alpha (h, w) uint8) in source px, or None.
-
-    The slider's rim is blended towards white, so it is bright in all three channels (the
-    minimum channel) and thinner than tophat_px: a white top-hat keeps it and drops large bright
-    areas. The rim is a closed ring, so the largest hole of plausible size in the rim mask is
-    the piece's inside; grown by the rim's width it approximates the piece. Without any such
-    hole the largest rim blob, filled, stands in.
-    """
-    h, w = image.shape[:2]
-    region = np.ascontiguousarray(image[:, :max(8, int(strip * w))])
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (tophat_px, tophat_px))
-    rim = (cv2.morphologyEx(region.min(axis=2), cv2.MORPH_TOPHAT, kernel) > rim_level).astype(np.uint8)
-    contours, hierarchy = cv2.findContours(rim, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return None
-    best, best_area = None, 0.0
-    for contour, (_, _, _, parent) in zip(contours, hierarchy[0]):
-        bw, bh = cv2.boundingRect(contour)[2:]
-        # pieces are 40-70 px in source images; the inside of the rim is a bit smaller
-        if parent < 0 or not (15 <= bw <= 100 and 15 <= bh <= 100 and 0.4 < bw / bh < 2.5):
-            continue
-        area = cv2.contourArea(contour)
-        if area > best_area:
-            best, best_area = contour, area
-    mask = np.zeros(rim.shape, np.uint8)
-    if best is not None:
-        cv2.drawContours(mask, [best], -1, 255, -1)
-        # the hole ends where the rim starts; the rim is 5-7 px wide with its bright half about 3 px
-        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
-    else:
-        outer = [c for c, (_, _, _, parent) in zip(contours, hierarchy[0]) if parent < 0]
-        cv2.drawContours(mask, [max(outer, key=cv2.contourArea)], -1, 255, -1)
-    x, y, bw, bh = cv2.boundingRect(mask)
-    if bw == 0 or bh == 0:
-        return None
-    return (x, y, x + bw, y + bh), np.ascontiguousarray(mask[y:y + bh, x:x + bw])
 
 
 class QualitySamples(Dataset):
@@ -204,7 +137,13 @@ class QualitySamples(Dataset):
                 "category": torch.tensor(CATEGORIES.index(s["category"])),
                 "tm_oracle": torch.stack([point(oracle_gap), point(s["slider"])]),
                 "tm_blind": torch.stack([point(blind_gap), point(blind_slider)]),
-                "blind_found": torch.tensor(found is not None)}
+                "blind_found": torch.tensor(found is not None), "source": image, "geometry": (scale, (pad_x, pad_y))}
+
+
+def collate(items: list[dict]) -> dict:
+    """default_collate, except source images (of any size) and their letterbox geometry stay lists."""
+    batch = default_collate([{k: v for k, v in item.items() if k not in ("source", "geometry")} for item in items])
+    return dict(batch, source=[item["source"] for item in items], geometry=[item["geometry"] for item in items])
 
 
 def check_same_samples(ours: QualitySamples, seed: int) -> None:
@@ -240,21 +179,30 @@ def main():
     export = load_export_or_exit(args.checkpoint, device)
     model, weights, train_args = export.model, export.weights, export.args
     info = print_header("CAPTCHA localisation quality: model vs template matching")
-    heldout = args.set == "heldout"
-    default_seed = (int(train_args.get("heldout_seed", 2_000_003)) if heldout
-                    else int(train_args.get("val_seed", 1_000_003)))
+    default_seed = {"val": int(train_args.get("val_seed", 1_000_003)),
+                    "heldout": int(train_args.get("heldout_seed", 2_000_003)), "train": TUNING_SEED}[args.set]
     seed = args.val_seed if args.val_seed is not None else default_seed
-    what = "held-out rendering samples (RENDER_HELDOUT)" if heldout else "validation samples"
+    what = {"val": "validation samples", "heldout": "held-out rendering samples (RENDER_HELDOUT)",
+            "train": "tuning samples in the training mix (RENDER_TRAIN)"}[args.set]
     print(f"weights {weights}; {args.val_size} {what} of seed {seed}", flush=True)
 
-    samples = QualitySamples(args.val_size, seed, args, RENDER_HELDOUT if heldout else RenderConfig())
+    render = {"val": RenderConfig(), "heldout": RENDER_HELDOUT, "train": RENDER_TRAIN}[args.set]
+    samples = QualitySamples(args.val_size, seed, args, render)
     check_same_samples(samples, seed)
-    loader = DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)
-    collected = {"true": [], "category": [], "blind_found": [], **{m: [] for m in METHODS}}
+    loader = DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False,
+                        collate_fn=collate)
+    collected = {"true": [], "category": [], "blind_found": [], "piece_found": [], **{m: [] for m in METHODS},
+                 **{f"w{w}": [] for w in args.match_weights}}
     for batch in loader:
         image = batch["image"].to(device)
-        points, _ = predict_points(model, image)
+        outputs = model(image)
+        points, _ = decode_on(outputs, image)
         collected["model"].append(points.cpu())
+        fused, found = two_stage(outputs, image, points.cpu(), batch["source"], batch["geometry"])
+        collected["two-stage"].append(fused)
+        collected["piece_found"].append(found)
+        for w in args.match_weights:
+            collected[f"w{w}"].append(two_stage(outputs, image, points.cpu(), batch["source"], batch["geometry"], w)[0])
         collected["TM-oracle"].append(batch["tm_oracle"])
         collected["TM-blind"].append(batch["tm_blind"])
         collected["true"].append(torch.stack([batch["gap"], batch["slider"]], dim=1))
@@ -266,12 +214,15 @@ def main():
     rows = table_rows({m: arrays[m] for m in METHODS}, arrays["true"], arrays["category"])
 
     missed = int((~arrays["blind_found"]).sum())
+    no_piece = int((~arrays["piece_found"]).sum())
     notes = [
         f"{args.val_size} fixed {what} (seed {seed}); errors in 512x256 canvas px; "
         f"model = `{weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights}`.",
         "Combined columns (gap + slider): hit_le_1px, hit_le_2px, hit_le_5px, mae_px = per-sample "
         "(gap_err + slider_err) / 2 with err = mean(|dx|, |dy|). Gap-only columns: gap_mae, gap_hit_le_2px, "
         "gap_hit_le_5px. slide_mae_px = |(gx - sx)_pred - (gx - sx)_true|.",
+        f"two-stage: gap = argmax of edge match + {MATCH_WEIGHT} x model gap probability, piece found by its rim "
+        f"near the model's slider; no piece found (the model's gap kept) in {no_piece} of {args.val_size} samples.",
         "TM-oracle is GIVEN the true slider (slider_err = 0, template = the true piece and alpha), so its "
         "combined columns are gap_err / 2 and not comparable; compare methods on the gap-only columns.",
         f"TM-blind: slider from a {args.tophat_px}px white top-hat (> {args.rim_level} grey levels) in the left "
@@ -280,8 +231,18 @@ def main():
         f"slider + {SEARCH_MARGIN} px, " + ("all rows." if args.row_window is None
                                              else f"rows within +-{args.row_window} px of the slider's top."),
     ]
+    tables = [table(rows, COLUMNS)]
+    if args.match_weights:
+        sweep = []
+        for w in args.match_weights:
+            gap = point_errors(arrays[f"w{w}"], arrays["true"])["gap"]
+            sweep.append({"match_weight": w, "n": len(gap), "gap_hit_le_2px": float(100 * (gap <= 2).mean()),
+                          "gap_hit_le_5px": float(100 * (gap <= 5).mean()), "gap_mae": float(gap.mean())})
+        tables.append(table(sweep, ["match_weight", "n", "gap_hit_le_2px", "gap_hit_le_5px", "gap_mae"]))
+        notes.append("Second table: the two-stage gap with each --match_weights value (0 = edge match only where a "
+                     "piece is found); the model's gap is the first table's.")
     report("captcha_quality", "CAPTCHA quality per confusion category (model vs template matching)", info,
-           [table(rows, COLUMNS)], notes, args.out,
+           tables, notes, args.out,
            extra={"checkpoint": str(weights), "set": args.set, "seed": seed, "val_size": args.val_size})
 
 

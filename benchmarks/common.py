@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -89,6 +90,17 @@ def int_list(text: str, flag: str, minimum: int = 0) -> list[int]:
         fail(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,32")
     if not values or min(values) < minimum:
         fail(f"{flag} {text!r}: expected integers >= {minimum}")
+    return values
+
+
+def float_list(text: str, flag: str, strict: bool = False) -> list[float]:
+    """Comma-separated finite numbers >= 0 (> 0 with strict); anything else ends with one line naming flag."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.1,0.5,1.5")
+    if not values or not all(math.isfinite(v) and (v > 0 if strict else v >= 0) for v in values):
+        fail(f"{flag} {text!r}: expected numbers {'>' if strict else '>='} 0")
     return values
 
 

@@ -42,9 +42,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import positive, print_header, report, table
+from benchmarks.common import float_list, positive, print_header, report, table
 from benchmarks.smlm_classical import fit_movie
-from benchmarks.smlm_quality import float_list
 from data.smlm.colour import (ColourConfig, colour_ground_truth, read_colour_h5, register_channel2,
                               simulate_colour_movie, write_colour_h5)
 from fit_smlm_colour import load_colour_fitter, localise_colour
@@ -130,7 +129,7 @@ def main():
     p.add_argument("--out", default=None, help="folder for the .md/.json report and the test movies")
     args = p.parse_args()
     positive("--frames", args.frames, 4)
-    densities = float_list(args.densities, "--densities")
+    densities = float_list(args.densities, "--densities", strict=True)
     device = torch.device(args.device)
     info = print_header("Two-colour SMLM quality")
     runs = []

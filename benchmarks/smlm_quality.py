@@ -54,7 +54,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import positive, print_header, report, table
+from benchmarks.common import float_list, positive, print_header, report, table
 from benchmarks.smlm_classical import default_roi_radius, fit_movie
 from data.smlm import SimConfig, load_sim_config, read_movie_h5, simulate_movie, write_movie_h5
 from fit_smlm import load_fitter, localise
@@ -82,16 +82,6 @@ LABELS = ("low", "medium", "high")
 CHECK_QUARTILE_RATIO = 1.2
 CHECK_EFFCY_GAP = 0.05
 CHECK_HIGH_JACCARD = 0.85
-
-
-def float_list(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.1,0.5,1.5")
-    if not values or min(values) <= 0 or not all(np.isfinite(values)):
-        fail(f"{flag} {text!r}: expected numbers > 0")
-    return values
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -184,7 +174,7 @@ def main():
     flags = p.parse_args()
     positive("--frames", flags.frames, 4)
     positive("--batch_size", flags.batch_size)
-    densities = float_list(flags.densities, "--densities")
+    densities = float_list(flags.densities, "--densities", strict=True)
     img_size = image_size(flags.img_size)
     try:
         device = torch.device(flags.device)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.captcha_quality import METHODS, QualitySamples, match_gap
+from benchmarks.captcha_quality import METHODS, QualitySamples
 from conftest import run_python
 from data.captcha import CATEGORIES, RENDER_HELDOUT, SyntheticCaptchaDataset, generate_captcha
+from models.captcha_match import match_gap
 from test_predict import make_export
 
 TM_ARGS = SimpleNamespace(row_window=None, strip=0.3, tophat_px=7, rim_level=40)

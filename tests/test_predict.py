@@ -19,7 +19,7 @@ from conftest import call_main, read_csv
 from data.captcha import export as export_captchas
 from training.export import build_model, model_record
 
-CAPTCHA_COLUMNS = ["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score"]
+CAPTCHA_COLUMNS = ["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score", "gap_matched"]
 
 
 def make_export(folder, cls, **kwargs):
@@ -89,6 +89,17 @@ def test_predict_captcha_outputs_and_bad_input(tmp_path, capsys, monkeypatch, ca
     code, stdout, err = run(capsys, predict_captcha.main, *base, "--out", out, "--overwrite")
     assert code == 0, err
     assert out.read_bytes() == kept  # the same predictions, rewritten
+
+    # --network_only: the network's gap everywhere, the same sliders and scores; the two-stage rows that
+    # matched a piece are the only ones whose gap may differ
+    code, stdout, err = run(capsys, predict_captcha.main, *base, "--out", tmp_path / "net.csv", "--network_only")
+    assert code == 0, err
+    net = read_csv(tmp_path / "net.csv")
+    assert {r["gap_matched"] for r in net} == {"0"} and "gap matched on 0 of 2" in stdout
+    for a, b in zip(rows, net):
+        assert [a[c] for c in CAPTCHA_COLUMNS[3:7]] == [b[c] for c in CAPTCHA_COLUMNS[3:7]]
+        if a["gap_matched"] == "0":
+            assert (a["gap_x"], a["gap_y"]) == (b["gap_x"], b["gap_y"])
 
 
 def test_predict_captcha_skip_bad(tmp_path, capsys, captcha_export, images):

@@ -1,0 +1,94 @@
+"""models/captcha_match.py: finding the slider piece, the edge match, the fusion with the network's gap
+probability (coordinates between source image, canvas and heatmap cells) and the batch two-stage solver."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data.captcha import generate_captcha, letterbox, to_input_tensor
+from models.captcha_match import _peak_offset, find_slider, match_gap, two_stage, two_stage_gap
+
+STRIDE = 8  # the preset's --input_scale 2 heads: 32 x 64 cells on the 512 x 256 canvas
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [generate_captcha((1_000_003, 0, i)) for i in range(12)]
+
+
+def canvas_prob(points_canvas: list[tuple[float, float]], sigma: float = 1.0, h: int = 32, w: int = 64):
+    """A (h, w) gap probability map with Gaussian blobs (peak 1) at the given canvas points."""
+    rows, cols = np.mgrid[0:h, 0:w]
+    prob = np.zeros((h, w), np.float32)
+    for x, y in points_canvas:
+        prob = np.maximum(prob, np.exp(-((cols + 0.5 - x / STRIDE) ** 2 + (rows + 0.5 - y / STRIDE) ** 2)
+                                       / (2 * sigma**2)))
+    return prob
+
+
+def test_find_slider_near_the_slider_cuts_out_the_piece(samples):
+    hits = 0
+    for s in samples:
+        found = find_slider(s["image"], near=s["slider"])
+        if found is not None:
+            (x0, y0, x1, y1), alpha = found
+            assert alpha.shape == (y1 - y0, x1 - x0)
+            hits += max(np.abs(np.subtract((x0, y0, x1, y1), s["slider_box"]))) <= 4
+    assert hits >= 8, hits
+    # nothing piece-like near the point: no piece
+    flat = np.full((160, 320, 3), 128, np.uint8)
+    assert find_slider(flat, near=(40.0, 80.0)) is None
+    assert find_slider(samples[0]["image"], near=(-500.0, -500.0)) is None
+
+
+def test_peak_offset_is_the_parabolas_vertex():
+    vertex = 0.3
+    lo, mid, hi = (-(x - vertex) ** 2 for x in (-1, 0, 1))
+    assert _peak_offset(lo, mid, hi) == pytest.approx(vertex)
+    assert _peak_offset(1.0, 0.0, 1.0) == 0.0       # a minimum is not refined
+    assert _peak_offset(-100.0, 0.0, 0.0) == 0.5     # clipped to half a position
+
+
+def test_two_stage_gap_fuses_edge_match_and_network_probability(samples):
+    s = samples[0]
+    image, box, alpha = s["image"], s["slider_box"], s["piece_alpha"]
+    _, _, scale, pad = letterbox(image)
+    to_canvas = lambda p: (p[0] * scale + pad[0], p[1] * scale + pad[1])
+    # No network weight: the edge match alone, refined by less than a position.
+    (x, y), _ = two_stage_gap(image, box, alpha, np.zeros((32, 64), np.float32), scale, pad, STRIDE, weight=0.0)
+    assert np.abs(np.subtract((x, y), match_gap(image, box, alpha))).max() <= 0.5
+    assert np.abs(np.subtract((x, y), s["gap"])).max() <= 2
+    # An overwhelming network weight: the answer follows the probability map, read at the gap centre each
+    # template position implies (fails if the source -> canvas -> cell mapping is off). A bilinearly read map
+    # peaks at a cell centre, so the targets are cell centres.
+    snap = lambda p: tuple((np.floor(np.divide(to_canvas(p), STRIDE)) + 0.5) * STRIDE)
+    for near in (s["gap"], (s["gap"][0] - 60, s["gap"][1])):
+        target = snap(near)
+        (x, y), _ = two_stage_gap(image, box, alpha, canvas_prob([target]), scale, pad, STRIDE, weight=100.0)
+        assert np.abs(np.subtract(to_canvas((x, y)), target)).max() <= 1.0, (target, to_canvas((x, y)))
+
+
+def test_two_stage_batch_moves_gaps_where_a_piece_is_found(samples):
+    """The batch solver on network outputs that put the slider right and the gap on a wrong spot: with a
+    piece found, the edge match wins over a weak wrong probability; on a blank image the network's gap stays."""
+    blank = np.full((180, 360, 3), 90, np.uint8)
+    sources = [s["image"] for s in samples[:4]] + [blank]
+    boxes = [letterbox(src) for src in sources]
+    image = torch.stack([to_input_tensor(c, m) for c, m, _, _ in boxes])
+    geometry = [(scale, pad) for _, _, scale, pad in boxes]
+    true_gap = [s["gap"] for s in samples[:4]] + [(250.0, 90.0)]
+    true_slider = [s["slider"] for s in samples[:4]] + [(30.0, 90.0)]
+    to_canvas = lambda p, g: (p[0] * g[0] + g[1][0], p[1] * g[0] + g[1][1])
+    wrong = [to_canvas((gx - 40, gy), g) for (gx, gy), g in zip(true_gap, geometry)]
+    prob = np.stack([0.2 * canvas_prob([w]) for w in wrong])
+    logits = torch.from_numpy(np.log(np.clip(prob, 1e-6, 1 - 1e-6) / (1 - np.clip(prob, 1e-6, 1 - 1e-6))))
+    outputs = {"gap": logits[:, None]}
+    points = torch.tensor([[w, to_canvas(sl, g)] for w, sl, g in zip(wrong, true_slider, geometry)],
+                          dtype=torch.float32)
+    fused, found = two_stage(outputs, image, points, sources, geometry, weight=0.5)
+    assert found[-1].item() is False and torch.equal(fused[-1], points[-1])
+    assert torch.equal(fused[:, 1], points[:, 1])  # sliders are the network's
+    moved = [np.abs(fused[k, 0].numpy() - to_canvas(true_gap[k], geometry[k])).max() <= 5
+             for k in range(4) if found[k]]  # within the hit@5 radius
+    assert found[:4].sum() >= 3 and all(moved), (found, moved)
