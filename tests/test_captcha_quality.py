@@ -44,14 +44,19 @@ def tiny_export(tmp_path_factory):
                        head_channels=16)
 
 
-@pytest.mark.parametrize("which", ["val", "heldout"])
-def test_quality_table_on_either_set(tmp_path, tiny_export, which):
+@pytest.mark.parametrize("which", ["val", "heldout", "train"])
+def test_quality_table_on_each_set(tmp_path, tiny_export, which):
     n = 6
+    sweep = ["--match_weights", "0,0.5"] if which == "train" else []
     proc = run_python("benchmarks/captcha_quality.py", "--checkpoint", str(tiny_export), "--set", which,
-                      "--val_size", str(n), "--batch_size", "3", "--device", "cpu", "--out", str(tmp_path))
+                      "--val_size", str(n), "--batch_size", "3", "--device", "cpu", "--out", str(tmp_path), *sweep)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "captcha_quality.json").read_text())
-    assert report["set"] == which and report["seed"] == (2_000_003 if which == "heldout" else 1_000_003)
+    assert report["set"] == which
+    assert report["seed"] == {"val": 1_000_003, "heldout": 2_000_003, "train": 3_000_017}[which]
+    assert len(report["tables"]) == (2 if sweep else 1)
+    if sweep:
+        assert [(r["match_weight"], r["n"]) for r in report["tables"][1]["rows"]] == [(0.0, n), (0.5, n)]
     rows = report["tables"][0]["rows"]
     assert [(r["method"], r["category"]) for r in rows] == [(m, c) for c in (*CATEGORIES, "all") for m in METHODS]
     by = {(r["method"], r["category"]): r for r in rows}
@@ -61,6 +66,7 @@ def test_quality_table_on_either_set(tmp_path, tiny_export, which):
     assert ("held-out" in report["notes"][0]) == (which == "heldout")
 
 
-def test_bad_set_is_refused(tiny_export):
-    proc = run_python("benchmarks/captcha_quality.py", "--checkpoint", str(tiny_export), "--set", "test")
-    assert proc.returncode == 2 and "--set" in proc.stderr
+@pytest.mark.parametrize("flags", [["--set", "test"], ["--match_weights", "0,x"], ["--match_weights", "-1"]])
+def test_bad_flags_are_refused(tiny_export, flags):
+    proc = run_python("benchmarks/captcha_quality.py", "--checkpoint", str(tiny_export), *flags)
+    assert proc.returncode == 2 and flags[0] in proc.stderr.splitlines()[-1], proc.stderr
