@@ -20,8 +20,11 @@ demo: $(BIN)/.installed
 		--config configs/captcha_quick.yaml --cpu --max_steps 200 --warmup_steps 20 --restart_steps 200 \
 		--eval_every_steps 100 --save_every_steps 100 --val_size 100
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist, one file per worker at a time, so module
+# fixtures are built once); each worker and the runs it launches use one thread, so 2 workers fill 2 cores.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=15 tests
+	WANDB_MODE=offline OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 bench: $(BIN)/.installed datasets/pair/meta.json datasets/vqa/meta.json datasets/anomaly/meta.json
 	$(BIN)/python benchmarks/captcha_step.py --out bench_out
