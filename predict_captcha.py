@@ -10,12 +10,12 @@ when the export has them. ``--backend onnx`` runs an ``export_captcha.py`` file 
 letterboxing, decoding and the output are the same.
 
 The gap comes from the two-stage solver (``models.captcha_match.two_stage``): the slider piece is found by
-its light rim near the network's slider, its edges are matched along the image, and the gap is where edge
-match + 0.5 x the network's gap probability peaks; it is far more robust to gap renderings the network never
-saw (docs/captcha.md). Where no piece is found near the slider the network's gap stays; ``--network_only``
-uses the network's gap everywhere. Output columns: filename, gap_x, gap_y, slider_x, slider_y (original
-image pixels), gap_score, slider_score (the network's heatmap peaks in [0, 1]), gap_matched (1 where the
-two-stage solver placed the gap, 0 where it is the network's).
+its light rim near the network's slider (or, where its rim ring does not close, a square around that
+point), its edges are matched along the image, and the gap is where edge match + 0.5 x the network's gap
+probability peaks; it is far more robust to gap renderings the network never saw (docs/captcha.md).
+``--network_only`` uses the network's gap alone. Output columns: filename, gap_x, gap_y, slider_x,
+slider_y (original image pixels), gap_score, slider_score (the network's heatmap peaks in [0, 1]),
+gap_piece (the piece matched for the gap: ring, box, or none with --network_only).
 
 The CSV is written at the end to ``<out>.tmp`` and renamed; an existing ``--out`` is only replaced with
 ``--overwrite``, and an ``--out`` that is a directory or in a folder that cannot be written is refused before
@@ -143,15 +143,15 @@ def main(argv: list[str] | None = None):
         t1 = time.perf_counter()
         model_s += t1 - t0
         points, scores = points.cpu(), scores.cpu()
-        matched = torch.zeros(len(names), dtype=torch.bool)
+        pieces = ["none"] * len(names)
         if not args.network_only:
-            points, matched = two_stage(outputs, image, points, sources, geometry)
+            points, pieces = two_stage(outputs, image, points, sources, geometry)
             match_s += time.perf_counter() - t1
-        for name, (scale, (pad_x, pad_y)), pts, sc, m in zip(names, geometry, points, scores, matched.tolist()):
+        for name, (scale, (pad_x, pad_y)), pts, sc, piece in zip(names, geometry, points, scores, pieces):
             orig = (pts - torch.tensor([pad_x, pad_y])) / scale  # canvas px -> original image px
             (gx, gy), (sx, sy) = orig.tolist()
             rows.append([name, f"{gx:.2f}", f"{gy:.2f}", f"{sx:.2f}", f"{sy:.2f}", f"{sc[0]:.4f}", f"{sc[1]:.4f}",
-                         int(m)])
+                         piece])
     progress.close()
     total_s = time.perf_counter() - total_start
     if not rows:
@@ -161,14 +161,15 @@ def main(argv: list[str] | None = None):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score",
-                             "gap_matched"])
+                             "gap_piece"])
             writer.writerows(rows)
     write_atomically(out, write)
     n = len(rows)
     print(f"{n} images -> {out}")
     print(f"latency per image: model {1000 * model_s / n:.2f} ms, piece matching {1000 * match_s / n:.2f} ms, "
           f"total incl. loading {1000 * total_s / n:.2f} ms (batch {args.batch_size}, {device}); "
-          f"gap matched on {sum(int(r[-1]) for r in rows)} of {n}")
+          f"gap pieces: {sum(r[-1] == 'ring' for r in rows)} rim rings, {sum(r[-1] == 'box' for r in rows)} boxes, "
+          f"{sum(r[-1] == 'none' for r in rows)} network only")
     if skipped:
         print(f"skipped {len(skipped)} image(s), left out of {out}:")
         for reason in skipped:

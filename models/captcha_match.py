@@ -4,10 +4,11 @@
   (reference/captcha.md 10.1, the behaviour of ddddocr's ``slide_match``).
 - ``find_slider``: the slider piece from the image alone, by its light rim (a white top-hat), or near
   a given point (the network's slider prediction).
-- ``two_stage_gap``: the network finds the slider, the piece cut out there is matched along the image,
-  and the gap is the best position of match score + ``weight`` x the network's gap probability. Edge
-  correlation does not care how a gap is shaded (the network does: docs/captcha.md, held-out rendering),
-  while the network's heatmap knows fake gaps and the gap's row; the sum keeps both.
+- ``two_stage`` / ``two_stage_gap``: the network finds the slider, the piece cut out there (``cut_piece``:
+  the rim ring, else a square around the point) is matched along the image, and the gap is the best
+  position of match score + ``weight`` x the network's gap probability. Edge correlation does not care how
+  a gap is shaded (the network does: docs/captcha.md, held-out rendering), while the network's heatmap
+  knows fake gaps and the gap's row; the sum keeps both.
 
 All coordinates are source-image px under the continuous-pixel convention of ``data.captcha`` (pixel
 (col, row) has its centre at (col + 0.5, row + 0.5)).
@@ -22,6 +23,7 @@ from losses.captcha import valid_cells
 
 CANNY_LOW, CANNY_HIGH = 100, 200  # ddddocr's Canny thresholds (grey levels)
 SEARCH_MARGIN = 10                # px right of the slider before the gap search starts, as in reference 10.1
+FALLBACK_BOX = 44                 # px: the square piece where no rim ring is found (pieces are 40-70 px)
 MATCH_WEIGHT = 0.5                # two_stage_gap's weight of the network's gap probability (docs/captcha.md)
 
 
@@ -166,26 +168,43 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
     return (mx + dx + cx, my + dy + cy), float(best)
 
 
+def cut_piece(image: np.ndarray, slider: tuple[float, float]):
+    """The slider piece at the network's slider point (source px) -> (box, alpha, kind).
+
+    kind "ring": find_slider's rim ring near the point; kind "box": no ring closes there (a faint or broken
+    rim), so a FALLBACK_BOX px square centred on the point, all of it template, stands in. On the tuning
+    seed (docs/captcha.md) the square beat keeping the network's gap in the training mix and tied in the
+    validation rendering.
+    """
+    found = find_slider(image, near=slider)
+    if found is not None:
+        return (*found, "ring")
+    h, w = image.shape[:2]
+    side = min(FALLBACK_BOX, h, w)
+    x0 = int(np.clip(round(slider[0] - side / 2), 0, w - side))
+    y0 = int(np.clip(round(slider[1] - side / 2), 0, h - side))
+    return (x0, y0, x0 + side, y0 + side), np.full((side, side), 255, np.uint8), "box"
+
+
 @torch.no_grad()
 def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources: list[np.ndarray],
               geometry: list[tuple[float, tuple[float, float]]], weight: float = MATCH_WEIGHT):
     """The two-stage solver on a batch: the network's points with each gap moved to two_stage_gap's answer
-    where a slider piece is found near the network's slider -> (points (B, 2, 2) canvas px, found (B,) bool).
+    for the piece cut out at the network's slider -> (points (B, 2, 2) canvas px, kinds: cut_piece's kind
+    of each piece, "ring" or "box").
 
     outputs: the network's outputs on ``image`` (B, 4, H, W), the letterboxed canvases; points: their
     decode (metrics.captcha.decode_on); sources: the (H, W, 3) uint8 source images; geometry: each one's
-    letterbox (scale, (pad_x, pad_y)). Where no piece is found the network's gap stays.
+    letterbox (scale, (pad_x, pad_y)). Sliders stay the network's.
     """
     stride = image.shape[-1] // outputs["gap"].shape[-1]
     logits = outputs["gap"][:, 0].float().masked_fill(~valid_cells(image, stride), float("-inf"))
     prob = torch.sigmoid(logits).cpu().numpy()
-    points, found = points.clone(), torch.zeros(len(sources), dtype=torch.bool)
+    points, kinds = points.clone(), []
     for k, (source, (scale, pad)) in enumerate(zip(sources, geometry)):
         slider = (points[k, 1] - torch.tensor(pad)) / scale
-        piece = find_slider(source, near=tuple(slider.tolist()))
-        if piece is None:
-            continue
-        (gx, gy), _ = two_stage_gap(source, *piece, prob[k], scale, pad, stride, weight)
+        box, alpha, kind = cut_piece(source, tuple(slider.tolist()))
+        (gx, gy), _ = two_stage_gap(source, box, alpha, prob[k], scale, pad, stride, weight)
         points[k, 0] = torch.tensor([gx * scale + pad[0], gy * scale + pad[1]])
-        found[k] = True
-    return points, found
+        kinds.append(kind)
+    return points, kinds

@@ -19,7 +19,7 @@ from conftest import call_main, read_csv
 from data.captcha import export as export_captchas
 from training.export import build_model, model_record
 
-CAPTCHA_COLUMNS = ["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score", "gap_matched"]
+CAPTCHA_COLUMNS = ["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score", "gap_piece"]
 
 
 def make_export(folder, cls, **kwargs):
@@ -90,16 +90,14 @@ def test_predict_captcha_outputs_and_bad_input(tmp_path, capsys, monkeypatch, ca
     assert code == 0, err
     assert out.read_bytes() == kept  # the same predictions, rewritten
 
-    # --network_only: the network's gap everywhere, the same sliders and scores; the two-stage rows that
-    # matched a piece are the only ones whose gap may differ
+    # --network_only: the network's gap, the same sliders and scores
+    assert {r["gap_piece"] for r in rows} <= {"ring", "box"}
     code, stdout, err = run(capsys, predict_captcha.main, *base, "--out", tmp_path / "net.csv", "--network_only")
     assert code == 0, err
     net = read_csv(tmp_path / "net.csv")
-    assert {r["gap_matched"] for r in net} == {"0"} and "gap matched on 0 of 2" in stdout
-    for a, b in zip(rows, net):
+    assert {r["gap_piece"] for r in net} == {"none"} and "0 rim rings, 0 boxes, 2 network only" in stdout
+    for a, b in zip(rows, net, strict=True):
         assert [a[c] for c in CAPTCHA_COLUMNS[3:7]] == [b[c] for c in CAPTCHA_COLUMNS[3:7]]
-        if a["gap_matched"] == "0":
-            assert (a["gap_x"], a["gap_y"]) == (b["gap_x"], b["gap_y"])
 
 
 def test_predict_captcha_skip_bad(tmp_path, capsys, captcha_export, images):
@@ -311,8 +309,9 @@ def test_export_and_predict_of_a_model_on_the_half_canvas(tmp_path, capsys, imag
                            "--device", "cpu", "--backend", backend, "--out", out)
         assert code == 0, err
     for a, b in zip(read_csv(tmp_path / "torch.csv"), read_csv(tmp_path / "onnx.csv"), strict=True):
-        for column in CAPTCHA_COLUMNS[1:]:
+        for column in CAPTCHA_COLUMNS[1:7]:
             assert float(a[column]) == pytest.approx(float(b[column]), abs=0.011)
+        assert a["gap_piece"] == b["gap_piece"]
 
 
 def test_export_captcha_onnx_matches_pytorch_and_predicts_the_same(tmp_path, capsys, captcha_export, images):
@@ -347,8 +346,9 @@ def test_export_captcha_onnx_matches_pytorch_and_predicts_the_same(tmp_path, cap
     torch_rows, onnx_rows = read_csv(tmp_path / "torch.csv"), read_csv(tmp_path / "onnx.csv")
     assert [r["filename"] for r in onnx_rows] == [r["filename"] for r in torch_rows]
     for a, b in zip(torch_rows, onnx_rows):
-        for column in CAPTCHA_COLUMNS[1:]:
+        for column in CAPTCHA_COLUMNS[1:7]:
             assert float(a[column]) == pytest.approx(float(b[column]), abs=0.011)
+        assert a["gap_piece"] == b["gap_piece"]
     # Bad input: one line, exit 2, nothing written or replaced.
     onnx_file_bytes = onnx_file.read_bytes()
     foreign = tmp_path / "foreign.onnx"

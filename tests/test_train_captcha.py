@@ -278,9 +278,9 @@ def test_predict_on_exported_folder(one_process_run, tmp_path):
     labels = list(csv.DictReader((tmp_path / "imgs" / "labels.csv").open()))
     assert [r["filename"] for r in rows] == sorted(r["filename"] for r in labels)
     assert list(rows[0]) == ["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score",
-                             "gap_matched"]
+                             "gap_piece"]
     for r in rows:
-        assert 0 <= float(r["gap_score"]) <= 1 and r["gap_matched"] in ("0", "1")
+        assert 0 <= float(r["gap_score"]) <= 1 and r["gap_piece"] in ("ring", "box")
     bad = subprocess.run([*cmd[:3], str(tmp_path / "missing"), *cmd[4:]], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "missing: no such run, export or checkpoint directory" in bad.stderr
 
