@@ -18,8 +18,9 @@ over --iters timed iterations.
 
 The accuracy table scores the gap on --accuracy_samples validation samples (canvas px, as
 benchmarks/captcha_quality.py): ours with each backend, ddddocr given the true piece (an oracle: it
-never has to find the slider), and ddddocr given the piece cut out at our predicted slider (a box of the
-true piece's size there, without the piece's alpha: the blind use), and our two-stage solver (ONNX outputs).
+never has to find the slider), ddddocr given the piece cut out at our predicted slider (the blind use:
+models.captcha_match.cut_piece, the piece's rim ring or a square where none closes), and our two-stage
+solver (ONNX outputs), which matches that same piece and adds our gap probability.
 Random weights (no --checkpoint) make
 the accuracy of ours meaningless; the latency is the same.
 """
@@ -44,7 +45,7 @@ from PIL import Image
 from benchmarks.common import int_list, positive, print_header, report, stats_ms, table
 from data.captcha import SyntheticCaptchaDataset, export, generate_captcha, letterbox, load_image, to_input_tensor
 from metrics.captcha import decode_on, point_errors, predict_points
-from models.captcha_match import SEARCH_MARGIN, centroid, two_stage
+from models.captcha_match import SEARCH_MARGIN, centroid, cut_piece, two_stage
 from models.lite_hrnet import LiteHRNet18FPN
 from models.onnx_io import OnnxModel, export_onnx
 from training.export import load_export_or_exit
@@ -133,16 +134,12 @@ class SlideInputs:
 
     def __init__(self, sample: dict, slider_xy: tuple[float, float] | None = None):
         image = sample["image"]
-        h, w = image.shape[:2]
+        w = image.shape[1]
         x0, y0, x1, y1 = sample["slider_box"]
         if slider_xy is None:  # oracle: the true piece and its alpha
             alpha = sample["piece_alpha"]
-        else:  # blind: a box of the piece's size at our slider, no alpha known
-            bw, bh = x1 - x0, y1 - y0
-            x0 = int(np.clip(round(slider_xy[0] - bw / 2), 0, w - bw))
-            y0 = int(np.clip(round(slider_xy[1] - bh / 2), 0, h - bh))
-            x1, y1 = x0 + bw, y0 + bh
-            alpha = np.full((bh, bw), 255, np.uint8)
+        else:  # blind: the piece our two-stage solver cuts out at our slider (its rim ring, else a square)
+            (x0, y0, x1, y1), alpha, _ = cut_piece(image, slider_xy)
         rgba = np.dstack([image[y0:y1, x0:x1] * (alpha[..., None] > 0), alpha]).astype(np.uint8)
         self.piece = Image.fromarray(rgba, "RGBA")
         self.cut = min(x1 + SEARCH_MARGIN, w - (x1 - x0))  # the background must stay wider than the piece

@@ -374,11 +374,12 @@ def test_export_captcha_onnx_matches_pytorch_and_predicts_the_same(tmp_path, cap
 def test_ddddocr_inputs_map_its_answer_back_to_the_gap():
     """benchmarks/captcha_latency.py gives ddddocr's slide_match the true piece and the background right of
     it; the gap it finds, mapped back, is the generator's gap label (the matching is exact on most samples);
-    the blind piece, cut at a predicted slider point, has the true piece's size."""
+    the blind piece is the one the two-stage solver's cut_piece cuts at a predicted slider point."""
     import ddddocr
 
     from benchmarks.captcha_latency import SlideInputs
     from data.captcha import generate_captcha
+    from models.captcha_match import cut_piece
 
     slide = ddddocr.DdddOcr(det=False, ocr=False, show_ad=False)
     errors = []
@@ -387,7 +388,8 @@ def test_ddddocr_inputs_map_its_answer_back_to_the_gap():
         oracle = SlideInputs(s)
         assert oracle.piece.mode == "RGBA" and oracle.background.width < s["image"].shape[1]
         errors.append(np.abs(np.subtract(oracle.gap(slide.slide_match(oracle.piece, oracle.background)), s["gap"])))
-        shifted = SlideInputs(s, (s["slider"][0] + 3, s["slider"][1]))
-        assert shifted.piece.size == oracle.piece.size
+        near = (s["slider"][0] + 3, s["slider"][1])
+        (x0, y0, x1, y1), _, _ = cut_piece(s["image"], near)
+        assert SlideInputs(s, near).piece.size == (x1 - x0, y1 - y0)  # the two-stage solver's piece
     errors = np.array(errors)
     assert np.median(errors) <= 1.0 and (errors.max(axis=1) <= 2).sum() >= 4, errors
