@@ -15,7 +15,8 @@ point), its edges are matched along the image, and the gap is where edge match +
 probability peaks; it is far more robust to gap renderings the network never saw (docs/captcha.md).
 ``--network_only`` uses the network's gap alone. Output columns: filename, gap_x, gap_y, slider_x,
 slider_y (original image pixels), gap_score, slider_score (the network's heatmap peaks in [0, 1]),
-gap_piece (the piece matched for the gap: ring, box, or none with --network_only).
+gap_piece (the piece matched for the gap: ring, box, or none where the network's gap is kept: with
+--network_only, or where the slider leaves the piece no room to its right).
 
 The CSV is written at the end to ``<out>.tmp`` and renamed; an existing ``--out`` is only replaced with
 ``--overwrite``, and an ``--out`` that is a directory or in a folder that cannot be written is refused before
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None):
     print(f"latency per image: model {1000 * model_s / n:.2f} ms, piece matching {1000 * match_s / n:.2f} ms, "
           f"total incl. loading {1000 * total_s / n:.2f} ms (batch {args.batch_size}, {device}); "
           f"gap pieces: {sum(r[-1] == 'ring' for r in rows)} rim rings, {sum(r[-1] == 'box' for r in rows)} boxes, "
-          f"{sum(r[-1] == 'none' for r in rows)} network only")
+          f"{sum(r[-1] == 'none' for r in rows)} network's gap kept")
     if skipped:
         print(f"skipped {len(skipped)} image(s), left out of {out}:")
         for reason in skipped:

@@ -13,8 +13,9 @@ image and the background right of the piece (a synthetic sample holds its piece;
 them apart). "two-stage step" times models.captcha_match.two_stage on one image's outputs (the piece
 search and the fused edge match predict_captcha.py adds after the model). "end-to-end" rows time what
 predict_captcha.py does per batch: read the PNGs, letterbox, build the 4-channel tensors, model, decode,
-the two-stage step and map the points back to source px, on predict_captcha.py's default device in fp32. Times are per batch and per image (batch time / batch size), median and 90th percentile
-over --iters timed iterations.
+the two-stage step and map the points back to source px, on predict_captcha.py's default device in fp32.
+Times are per batch and per image (batch time / batch size), median and 90th percentile over --iters timed
+iterations.
 
 The accuracy table scores the gap on --accuracy_samples validation samples (canvas px, as
 benchmarks/captcha_quality.py): ours with each backend, ddddocr given the true piece (an oracle: it

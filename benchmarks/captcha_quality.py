@@ -4,7 +4,7 @@
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set heldout [--out bench_out]
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set train --match_weights 0,0.25,0.5,1,2,4
 
-All three methods see the fixed synthetic validation set of the run (sample i is
+All four methods see the fixed synthetic validation set of the run (sample i is
 generate_captcha((val_seed, 0, i)), exactly the samples train_captcha.py validated on), or with
 --set heldout its held-out rendering set (generate_captcha((heldout_seed, 0, i), RENDER_HELDOUT), the
 val_heldout/* samples), or with --set train a tuning set in the training mix (generate_captcha((3000017, 0, i),
@@ -88,7 +88,9 @@ def parse_args():
     positive("--tophat_px", args.tophat_px, 3)
     if not 0 < args.strip <= 1:
         fail(f"--strip must be in (0, 1], got {args.strip}")
-    args.match_weights = float_list(args.match_weights, "--match_weights") if args.match_weights else []
+    # each weight once: the sweep keys its predictions by weight
+    weights = float_list(args.match_weights, "--match_weights") if args.match_weights else []
+    args.match_weights = list(dict.fromkeys(weights))
     return args
 
 
@@ -105,7 +107,7 @@ class QualitySamples(Dataset):
     """Validation sample i as the model sees it, plus both template-matching predictions.
 
     Generating once per sample and running template matching here (in DataLoader workers)
-    keeps the three methods on identical images; main() checks sample 0 against
+    keeps the methods on identical images; main() checks sample 0 against
     SyntheticCaptchaDataset so the inputs are provably the ones training validated on.
     """
 

@@ -52,7 +52,7 @@ def match_scores(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.nd
     cut = min(x1 + SEARCH_MARGIN, image.shape[1])
     img_edges[:, :cut] = 0
     score = cv2.matchTemplate(img_edges, tpl_edges, cv2.TM_CCOEFF_NORMED)
-    # a template without edges (flat piece) has zero variance and gives NaN scores
+    # guard against non-finite scores of degenerate (edge-free) templates or windows
     score = np.nan_to_num(score, nan=-1.0, posinf=-1.0, neginf=-1.0)
     allowed = np.ones_like(score, dtype=bool)
     if cut < score.shape[1]:
@@ -141,9 +141,10 @@ def _peak_offset(lo: float, mid: float, hi: float) -> float:
 
 def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndarray, gap_prob: np.ndarray,
                   scale: float, pad: tuple[float, float], stride: int,
-                  weight: float = MATCH_WEIGHT) -> tuple[tuple[float, float], float]:
+                  weight: float = MATCH_WEIGHT) -> tuple[tuple[float, float], float] | None:
     """Gap centre (source px) where the piece's edge match plus ``weight`` x the network's gap probability
-    is largest, refined to sub-pixel by a parabola along each axis -> ((x, y), fused score).
+    is largest among the positions right of the slider plus SEARCH_MARGIN, refined to sub-pixel by a
+    parabola along each axis -> ((x, y), fused score); None if the piece has no room right of the slider.
 
     image: (H, W, 3) uint8 source image; box, alpha: the piece (find_slider near the network's slider);
     gap_prob: (h, w) sigmoid of the network's padding-masked gap logits on the letterboxed canvas, cell
@@ -152,6 +153,9 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
     template position implies (top-left + the piece's centroid).
     """
     score = match_scores(image, box, alpha)
+    first = box[2] + SEARCH_MARGIN  # the leftmost allowed top-left column (match_scores' rule)
+    if first >= score.shape[1]:
+        return None
     cx, cy = centroid(alpha)
     cols = (np.arange(score.shape[1], dtype=np.float32) + cx) * scale + pad[0]
     rows = (np.arange(score.shape[0], dtype=np.float32) + cy) * scale + pad[1]
@@ -160,11 +164,11 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
     prob = cv2.remap(np.ascontiguousarray(gap_prob, dtype=np.float32), map_x, map_y, cv2.INTER_LINEAR,
                      borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
     fused = score + np.float32(weight) * prob
+    fused[:, :first] = np.finfo(np.float32).min  # whatever the weight, never at or left of the slider
     _, best, _, (mx, my) = cv2.minMaxLoc(fused)
-    # refine only between positions the search allows (excluded ones score -2)
-    inside = lambda i, j: 0 <= i < score.shape[0] and 0 <= j < score.shape[1] and score[i, j] > -1.5
-    dx = _peak_offset(fused[my, mx - 1], best, fused[my, mx + 1]) if inside(my, mx - 1) and inside(my, mx + 1) else 0.0
-    dy = _peak_offset(fused[my - 1, mx], best, fused[my + 1, mx]) if inside(my - 1, mx) and inside(my + 1, mx) else 0.0
+    # refine only between allowed positions
+    dx = _peak_offset(*fused[my, mx - 1:mx + 2]) if first < mx < fused.shape[1] - 1 else 0.0
+    dy = _peak_offset(*fused[my - 1:my + 2, mx]) if 0 < my < fused.shape[0] - 1 else 0.0
     return (mx + dx + cx, my + dy + cy), float(best)
 
 
@@ -190,8 +194,9 @@ def cut_piece(image: np.ndarray, slider: tuple[float, float]):
 def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources: list[np.ndarray],
               geometry: list[tuple[float, tuple[float, float]]], weight: float = MATCH_WEIGHT):
     """The two-stage solver on a batch: the network's points with each gap moved to two_stage_gap's answer
-    for the piece cut out at the network's slider -> (points (B, 2, 2) canvas px, kinds: cut_piece's kind
-    of each piece, "ring" or "box").
+    for the piece cut out at the network's slider -> (points (B, 2, 2) canvas px on the CPU, kinds: cut_piece's
+    kind of each piece, "ring" or "box", or "none" where the network's gap is kept: a non-finite slider point,
+    or no room for the piece right of the slider).
 
     outputs: the network's outputs on ``image`` (B, 4, H, W), the letterboxed canvases; points: their
     decode (metrics.captcha.decode_on); sources: the (H, W, 3) uint8 source images; geometry: each one's
@@ -200,11 +205,18 @@ def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources:
     stride = image.shape[-1] // outputs["gap"].shape[-1]
     logits = outputs["gap"][:, 0].float().masked_fill(~valid_cells(image, stride), float("-inf"))
     prob = torch.sigmoid(logits).cpu().numpy()
-    points, kinds = points.clone(), []
+    points, kinds = points.detach().cpu().clone(), []
     for k, (source, (scale, pad)) in enumerate(zip(sources, geometry)):
         slider = (points[k, 1] - torch.tensor(pad)) / scale
+        if not torch.isfinite(slider).all():
+            kinds.append("none")
+            continue
         box, alpha, kind = cut_piece(source, tuple(slider.tolist()))
-        (gx, gy), _ = two_stage_gap(source, box, alpha, prob[k], scale, pad, stride, weight)
+        found = two_stage_gap(source, box, alpha, prob[k], scale, pad, stride, weight)
+        if found is None:
+            kinds.append("none")
+            continue
+        (gx, gy), _ = found
         points[k, 0] = torch.tensor([gx * scale + pad[0], gy * scale + pad[1]])
         kinds.append(kind)
     return points, kinds

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from data.captcha import generate_captcha, letterbox, to_input_tensor
-from models.captcha_match import FALLBACK_BOX, _peak_offset, cut_piece, find_slider, match_gap, two_stage, two_stage_gap
+from models.captcha_match import (FALLBACK_BOX, SEARCH_MARGIN, _peak_offset, centroid, cut_piece, find_slider, match_gap,
+                                  two_stage, two_stage_gap)
 
 STRIDE = 8  # the preset's --input_scale 2 heads: 32 x 64 cells on the 512 x 256 canvas
 
@@ -79,6 +80,21 @@ def test_two_stage_gap_fuses_edge_match_and_network_probability(samples):
         assert np.abs(np.subtract(to_canvas((x, y)), target)).max() <= 1.0, (target, to_canvas((x, y)))
 
 
+def test_the_gap_never_lands_on_or_left_of_the_slider(samples):
+    """However heavily the network's probability is weighted, positions left of the slider's right edge plus
+    the search margin stay excluded; a piece without room to its right gives no answer."""
+    s = samples[0]
+    image, box, alpha = s["image"], s["slider_box"], s["piece_alpha"]
+    _, _, scale, pad = letterbox(image)
+    on_slider = canvas_prob([(s["slider"][0] * scale + pad[0], s["slider"][1] * scale + pad[1])])
+    for weight in (0.5, 2.0, 4.0, 100.0):
+        (x, _), _ = two_stage_gap(image, box, alpha, on_slider, scale, pad, STRIDE, weight)
+        assert x - centroid(alpha)[0] >= box[2] + SEARCH_MARGIN, (weight, x)
+    h, w = image.shape[:2]
+    right = (w - (box[2] - box[0]) - 5, box[1], w - 5, box[3])
+    assert two_stage_gap(image, right, alpha, on_slider, scale, pad, STRIDE) is None
+
+
 def test_two_stage_batch_moves_gaps_where_a_piece_is_found(samples):
     """The batch solver on network outputs that put the slider right and the gap on a wrong spot: where a rim
     ring is found, the edge match wins over a weak wrong probability; on a blank image (no edges, a square
@@ -103,3 +119,7 @@ def test_two_stage_batch_moves_gaps_where_a_piece_is_found(samples):
     moved = [np.abs(fused[k, 0].numpy() - to_canvas(true_gap[k], geometry[k])).max() <= 5
              for k in range(4) if kinds[k] == "ring"]  # within the hit@5 radius
     assert len(moved) >= 3 and all(moved), (kinds, moved)
+    # a non-finite slider (a diverged network) keeps the network's points, marked "none"
+    points[1, 1] = float("nan")
+    fused, kinds = two_stage(outputs, image, points, sources, geometry)
+    assert kinds[1] == "none" and torch.equal(fused[1, 0], points[1, 0])

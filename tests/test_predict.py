@@ -95,7 +95,7 @@ def test_predict_captcha_outputs_and_bad_input(tmp_path, capsys, monkeypatch, ca
     code, stdout, err = run(capsys, predict_captcha.main, *base, "--out", tmp_path / "net.csv", "--network_only")
     assert code == 0, err
     net = read_csv(tmp_path / "net.csv")
-    assert {r["gap_piece"] for r in net} == {"none"} and "0 rim rings, 0 boxes, 2 network only" in stdout
+    assert {r["gap_piece"] for r in net} == {"none"} and "0 rim rings, 0 boxes, 2 network's gap kept" in stdout
     for a, b in zip(rows, net, strict=True):
         assert [a[c] for c in CAPTCHA_COLUMNS[3:7]] == [b[c] for c in CAPTCHA_COLUMNS[3:7]]
 
