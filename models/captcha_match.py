@@ -200,7 +200,9 @@ def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources:
 
     outputs: the network's outputs on ``image`` (B, 4, H, W), the letterboxed canvases; points: their
     decode (metrics.captcha.decode_on); sources: the (H, W, 3) uint8 source images; geometry: each one's
-    letterbox (scale, (pad_x, pad_y)). Sliders stay the network's.
+    letterbox (scale, (pad_x, pad_y)). Where a rim ring is found the slider moves to its centroid (the gap is
+    that same centroid at the matched position, so the slide distance is the match's shift); elsewhere the
+    slider stays the network's.
     """
     stride = image.shape[-1] // outputs["gap"].shape[-1]
     logits = outputs["gap"][:, 0].float().masked_fill(~valid_cells(image, stride), float("-inf"))
@@ -218,5 +220,8 @@ def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources:
             continue
         (gx, gy), _ = found
         points[k, 0] = torch.tensor([gx * scale + pad[0], gy * scale + pad[1]])
+        if kind == "ring":
+            cx, cy = centroid(alpha)
+            points[k, 1] = torch.tensor([(box[0] + cx) * scale + pad[0], (box[1] + cy) * scale + pad[1]])
         kinds.append(kind)
     return points, kinds

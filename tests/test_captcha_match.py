@@ -97,8 +97,8 @@ def test_the_gap_never_lands_on_or_left_of_the_slider(samples):
 
 def test_two_stage_batch_moves_gaps_where_a_piece_is_found(samples):
     """The batch solver on network outputs that put the slider right and the gap on a wrong spot: where a rim
-    ring is found, the edge match wins over a weak wrong probability; on a blank image (no edges, a square
-    piece) the answer follows the network's probability."""
+    ring is found, the edge match wins over a weak wrong probability and the slider is the ring's centroid;
+    on a blank image (no edges, a square piece) the answer follows the network's probability."""
     blank = np.full((180, 360, 3), 90, np.uint8)
     sources = [s["image"] for s in samples[:4]] + [blank]
     boxes = [letterbox(src) for src in sources]
@@ -111,11 +111,16 @@ def test_two_stage_batch_moves_gaps_where_a_piece_is_found(samples):
     prob = np.stack([0.2 * canvas_prob([w]) for w in wrong])
     logits = torch.from_numpy(np.log(np.clip(prob, 1e-6, 1 - 1e-6) / (1 - np.clip(prob, 1e-6, 1 - 1e-6))))
     outputs = {"gap": logits[:, None]}
-    points = torch.tensor([[w, to_canvas(sl, g)] for w, sl, g in zip(wrong, true_slider, geometry)],
+    # the network's slider 3 px off: a found ring puts it back on the label
+    points = torch.tensor([[w, to_canvas((sx + 3, sy - 2), g)] for w, (sx, sy), g in zip(wrong, true_slider, geometry)],
                           dtype=torch.float32)
     fused, kinds = two_stage(outputs, image, points, sources, geometry, weight=0.5)
     assert kinds[-1] == "box" and np.abs(fused[-1, 0].numpy() - np.array(wrong[-1])).max() <= STRIDE / 2
-    assert torch.equal(fused[:, 1], points[:, 1])  # sliders are the network's
+    for k, kind in enumerate(kinds):  # a ring's centroid is the labelled slider; elsewhere the network's stays
+        if kind == "ring":
+            assert np.abs(fused[k, 1].numpy() - to_canvas(true_slider[k], geometry[k])).max() <= 2
+        else:
+            assert torch.equal(fused[k, 1], points[k, 1])
     moved = [np.abs(fused[k, 0].numpy() - to_canvas(true_gap[k], geometry[k])).max() <= 5
              for k in range(4) if kinds[k] == "ring"]  # within the hit@5 radius
     assert len(moved) >= 3 and all(moved), (kinds, moved)

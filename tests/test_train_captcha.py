@@ -280,7 +280,7 @@ def test_predict_on_exported_folder(one_process_run, tmp_path):
     assert list(rows[0]) == ["filename", "gap_x", "gap_y", "slider_x", "slider_y", "gap_score", "slider_score",
                              "gap_piece"]
     for r in rows:
-        assert 0 <= float(r["gap_score"]) <= 1 and r["gap_piece"] in ("ring", "box")
+        assert 0 <= float(r["gap_score"]) <= 1 and r["gap_piece"] in ("ring", "box", "none")
     bad = subprocess.run([*cmd[:3], str(tmp_path / "missing"), *cmd[4:]], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "missing: no such run, export or checkpoint directory" in bad.stderr
 
