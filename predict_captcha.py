@@ -12,11 +12,12 @@ letterboxing, decoding and the output are the same.
 The gap comes from the two-stage solver (``models.captcha_match.two_stage``): the slider piece is found by
 its light rim near the network's slider (or, where its rim ring does not close, a square around that
 point), its edges are matched along the image, and the gap is where edge match + 0.5 x the network's gap
-probability peaks; it is far more robust to gap renderings the network never saw (docs/captcha.md).
-``--network_only`` uses the network's gap alone. Output columns: filename, gap_x, gap_y, slider_x,
-slider_y (original image pixels), gap_score, slider_score (the network's heatmap peaks in [0, 1]),
-gap_piece (the piece matched for the gap: ring, box, or none where the network's gap is kept: with
---network_only, or where the slider leaves the piece no room to its right).
+probability peaks; where a rim ring was found, the slider is that piece's centroid. It is far more robust
+to gap renderings the network never saw (docs/captcha.md). ``--network_only`` uses the network's points
+alone. Output columns: filename, gap_x, gap_y, slider_x, slider_y (original image pixels), gap_score,
+slider_score (the network's heatmap peaks in [0, 1]), gap_piece (the piece matched for the gap: ring, box,
+or none where the network's points are kept: with --network_only, for a non-finite slider point, or where
+the slider leaves the piece no room to its right).
 
 The CSV is written at the end to ``<out>.tmp`` and renamed; an existing ``--out`` is only replaced with
 ``--overwrite``, and an ``--out`` that is a directory or in a folder that cannot be written is refused before
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                         help="torch: a run or export; onnx: an .onnx file of export_captcha.py, run with onnxruntime")
     parser.add_argument("--network_only", action="store_true",
-                        help="the network's gap, without matching the slider piece along the image (two-stage)")
+                        help="the network's gap and slider, without matching the slider piece along the image")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         fail(f"--batch_size must be >= 1, got {args.batch_size}")

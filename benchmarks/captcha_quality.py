@@ -12,9 +12,9 @@ RENDER_TRAIN): neither validation, held-out nor training samples; the two-stage 
 the validation rendering of the same seed, before the held-out set was scored):
 
 - model:     the run's EMA weights (plain weights if the export has none), argmax decode.
-- two-stage: the model's slider, the piece found there (its rim) matched along the image, and the gap
-             where edge match + MATCH_WEIGHT x the model's gap probability peaks
-             (models/captcha_match.two_stage; what predict_captcha.py does by default).
+- two-stage: the model's slider, the piece found there (its rim, else a square) matched along the image,
+             the gap where edge match + MATCH_WEIGHT x the model's gap probability peaks, and the slider
+             at a found ring's centroid (models/captcha_match.two_stage; predict_captcha.py's default).
 - TM-oracle: classic edge template matching (reference/captcha.md 10.1, the behaviour of
              ddddocr.slide_match) with the TRUE slider piece as the template; the slider
              position is given, not predicted, so only its gap columns mean anything.
@@ -193,8 +193,8 @@ def main():
     check_same_samples(samples, seed)
     loader = DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False,
                         collate_fn=collate)
-    collected = {"true": [], "category": [], "blind_found": [], "box_piece": [], **{m: [] for m in METHODS},
-                 **{f"w{w}": [] for w in args.match_weights}}
+    collected = {"true": [], "category": [], "blind_found": [], "box_piece": [], "no_piece": [],
+                 **{m: [] for m in METHODS}, **{f"w{w}": [] for w in args.match_weights}}
     for batch in loader:
         image = batch["image"].to(device)
         outputs = model(image)
@@ -203,6 +203,7 @@ def main():
         fused, kinds = two_stage(outputs, image, points.cpu(), batch["source"], batch["geometry"])
         collected["two-stage"].append(fused)
         collected["box_piece"].append(torch.tensor([kind == "box" for kind in kinds]))
+        collected["no_piece"].append(torch.tensor([kind == "none" for kind in kinds]))
         for w in args.match_weights:
             collected[f"w{w}"].append(two_stage(outputs, image, points.cpu(), batch["source"], batch["geometry"], w)[0])
         collected["TM-oracle"].append(batch["tm_oracle"])
@@ -216,7 +217,7 @@ def main():
     rows = table_rows({m: arrays[m] for m in METHODS}, arrays["true"], arrays["category"])
 
     missed = int((~arrays["blind_found"]).sum())
-    boxes = int(arrays["box_piece"].sum())
+    boxes, kept = int(arrays["box_piece"].sum()), int(arrays["no_piece"].sum())
     notes = [
         f"{args.val_size} fixed {what} (seed {seed}); errors in 512x256 canvas px; "
         f"model = `{weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights}`.",
@@ -224,8 +225,8 @@ def main():
         "(gap_err + slider_err) / 2 with err = mean(|dx|, |dy|). Gap-only columns: gap_mae, gap_hit_le_2px, "
         "gap_hit_le_5px. slide_mae_px = |(gx - sx)_pred - (gx - sx)_true|.",
         f"two-stage: gap = argmax of edge match + {MATCH_WEIGHT} x model gap probability, piece found by its rim "
-        f"near the model's slider; no rim ring found (a {FALLBACK_BOX} px square matched instead) in {boxes} of "
-        f"{args.val_size} samples.",
+        f"near the model's slider, the slider moved to a found ring's centroid; no rim ring found (a {FALLBACK_BOX} px "
+        f"square matched instead) in {boxes}, the model's points kept in {kept} of {args.val_size} samples.",
         "TM-oracle is GIVEN the true slider (slider_err = 0, template = the true piece and alpha), so its "
         "combined columns are gap_err / 2 and not comparable; compare methods on the gap-only columns.",
         f"TM-blind: slider from a {args.tophat_px}px white top-hat (> {args.rim_level} grey levels) in the left "

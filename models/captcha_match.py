@@ -140,8 +140,8 @@ def _peak_offset(lo: float, mid: float, hi: float) -> float:
 
 
 def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndarray, gap_prob: np.ndarray,
-                  scale: float, pad: tuple[float, float], stride: int,
-                  weight: float = MATCH_WEIGHT) -> tuple[tuple[float, float], float] | None:
+                  scale: float, pad: tuple[float, float], stride: int, weight: float = MATCH_WEIGHT,
+                  anchor: tuple[float, float] | None = None) -> tuple[tuple[float, float], float] | None:
     """Gap centre (source px) where the piece's edge match plus ``weight`` x the network's gap probability
     is largest among the positions right of the slider plus SEARCH_MARGIN, refined to sub-pixel by a
     parabola along each axis -> ((x, y), fused score); None if the piece has no room right of the slider.
@@ -149,14 +149,16 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
     image: (H, W, 3) uint8 source image; box, alpha: the piece (find_slider near the network's slider);
     gap_prob: (h, w) sigmoid of the network's padding-masked gap logits on the letterboxed canvas, cell
     (i, j) centred at canvas ((j + 0.5) * stride, (i + 0.5) * stride); scale, pad: the letterbox map
-    canvas = source * scale + pad. The probability is read, bilinearly, at the gap centre each
-    template position implies (top-left + the piece's centroid).
+    canvas = source * scale + pad. anchor: the point of the template, relative to its top-left, whose
+    position is returned (default the piece's centroid; for a square cut around the slider point, that
+    point). The probability is read, bilinearly, at the gap centre each template position implies
+    (top-left + anchor).
     """
     score = match_scores(image, box, alpha)
     first = box[2] + SEARCH_MARGIN  # the leftmost allowed top-left column (match_scores' rule)
     if first >= score.shape[1]:
         return None
-    cx, cy = centroid(alpha)
+    cx, cy = centroid(alpha) if anchor is None else anchor
     cols = (np.arange(score.shape[1], dtype=np.float32) + cx) * scale + pad[0]
     rows = (np.arange(score.shape[0], dtype=np.float32) + cy) * scale + pad[1]
     map_x = np.broadcast_to(cols[None, :] / stride - 0.5, score.shape).astype(np.float32)
@@ -206,15 +208,18 @@ def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources:
     """
     stride = image.shape[-1] // outputs["gap"].shape[-1]
     logits = outputs["gap"][:, 0].float().masked_fill(~valid_cells(image, stride), float("-inf"))
-    prob = torch.sigmoid(logits).cpu().numpy()
+    prob = np.nan_to_num(torch.sigmoid(logits).cpu().numpy(), nan=0.0)  # a diverged network adds nothing
     points, kinds = points.detach().cpu().clone(), []
     for k, (source, (scale, pad)) in enumerate(zip(sources, geometry)):
         slider = (points[k, 1] - torch.tensor(pad)) / scale
         if not torch.isfinite(slider).all():
             kinds.append("none")
             continue
-        box, alpha, kind = cut_piece(source, tuple(slider.tolist()))
-        found = two_stage_gap(source, box, alpha, prob[k], scale, pad, stride, weight)
+        sx, sy = slider.tolist()
+        box, alpha, kind = cut_piece(source, (sx, sy))
+        # a square kept inside the image need not be centred on the slider point: anchor the match there
+        anchor = None if kind == "ring" else (sx - box[0], sy - box[1])
+        found = two_stage_gap(source, box, alpha, prob[k], scale, pad, stride, weight, anchor)
         if found is None:
             kinds.append("none")
             continue

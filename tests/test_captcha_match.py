@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from data.captcha import generate_captcha, letterbox, to_input_tensor
-from models.captcha_match import (FALLBACK_BOX, SEARCH_MARGIN, _peak_offset, centroid, cut_piece, find_slider, match_gap,
-                                  two_stage, two_stage_gap)
+from models.captcha_match import (FALLBACK_BOX, SEARCH_MARGIN, _peak_offset, centroid, cut_piece, find_slider,
+                                  match_gap, two_stage, two_stage_gap)
 
 STRIDE = 8  # the preset's --input_scale 2 heads: 32 x 64 cells on the 512 x 256 canvas
 
@@ -51,6 +51,30 @@ def test_cut_piece_falls_back_to_a_square_inside_the_image(samples):
         box, alpha, kind = cut_piece(flat, point)
         assert kind == "box" and box[:2] == want and box[2] - box[0] == box[3] - box[1] == FALLBACK_BOX
         assert alpha.shape == (FALLBACK_BOX, FALLBACK_BOX) and (alpha == 255).all()
+
+
+def test_centroid_uses_pixel_centres():
+    alpha = np.zeros((20, 30), np.uint8)
+    alpha[7, 12] = 255
+    assert centroid(alpha) == (12.5, 7.5)   # the generator's label convention
+    alpha[7, 13] = 255
+    assert centroid(alpha) == (13.0, 7.5)
+
+
+def test_an_off_centre_square_reports_its_anchor(samples):
+    """A square piece that is not centred on the slider point (pushed inside the image) reports the gap at
+    the anchor's matched position, not at the square's centre."""
+    hits = 0
+    for s in samples[:6]:
+        image, (sx, sy) = s["image"], s["slider"]
+        x0, y0 = int(sx) - 12, int(sy) - 12
+        box = (x0, y0, x0 + FALLBACK_BOX, y0 + FALLBACK_BOX)
+        alpha = np.full((FALLBACK_BOX, FALLBACK_BOX), 255, np.uint8)
+        _, _, scale, pad = letterbox(image)
+        (x, y), _ = two_stage_gap(image, box, alpha, np.zeros((32, 64), np.float32), scale, pad, STRIDE, 0.0,
+                                  anchor=(sx - x0, sy - y0))
+        hits += np.abs(np.subtract((x, y), s["gap"])).max() <= 2
+    assert hits >= 4, hits
 
 
 def test_peak_offset_is_the_parabolas_vertex():
