@@ -173,14 +173,15 @@ def all_points(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tenso
 
 @torch.no_grad()
 def two_stage_points(model, images: torch.Tensor, sources: list, geometry: list, batch_size: int = 32):
-    """(N, 2, 2) canvas px of the two-stage solver (predict_captcha.py's default) on the model's outputs."""
-    points = []
+    """(N, 2, 2) canvas px of the model's decode and of the two-stage solver (predict_captcha.py's default)
+    on the same outputs."""
+    plain, fused = [], []
     for i in range(0, len(images), batch_size):
         image = images[i:i + batch_size]
         outputs = model(image)
-        points.append(two_stage(outputs, image, decode_on(outputs, image)[0], sources[i:i + batch_size],
-                                geometry[i:i + batch_size])[0])
-    return torch.cat(points)
+        plain.append(decode_on(outputs, image)[0])
+        fused.append(two_stage(outputs, image, plain[-1], sources[i:i + batch_size], geometry[i:i + batch_size])[0])
+    return torch.cat(plain), torch.cat(fused)
 
 
 @torch.no_grad()
@@ -211,11 +212,11 @@ def accuracy_rows(model, onnx_model, int8_model, slide, n: int, seed: int) -> tu
     to_source = lambda p, box: ((p[0] - box[3][0]) / box[2], (p[1] - box[3][1]) / box[2])  # noqa: E731
     true = np.array([[to_canvas(s["gap"], b), to_canvas(s["slider"], b)] for s, b in zip(samples, boxes)])
     ours = all_points(model, images)
-    ours_onnx = all_points(onnx_model, images)
+    ours_onnx, two_stage_onnx = two_stage_points(onnx_model, images, [s["image"] for s in samples],
+                                                 [(b[2], b[3]) for b in boxes])
     preds = {"ours (PyTorch)": ours.numpy(), "ours (ONNX)": ours_onnx.numpy(),
              "ours (ONNX, dynamic int8)": all_points(int8_model, images).numpy(),
-             "ours, two-stage (ONNX)": two_stage_points(onnx_model, images, [s["image"] for s in samples],
-                                                        [(b[2], b[3]) for b in boxes]).numpy()}
+             "ours, two-stage (ONNX)": two_stage_onnx.numpy()}
     for name, slider in (("ddddocr, true piece (oracle)", None), ("ddddocr, piece at our slider", ours[:, 1])):
         gaps = []
         for i, (s, b) in enumerate(zip(samples, boxes)):
@@ -285,10 +286,11 @@ def main():
             rows.append(row("onnx", cpu, precision, b, seconds))
             print(f"  onnx {precision} batch {b}: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
     slide = ddddocr.DdddOcr(det=False, ocr=False, show_ad=False)
-    inputs = [SlideInputs(generate_captcha((args.val_seed, 0, i))) for i in range(largest)]
+    samples = [generate_captcha((args.val_seed, 0, i)) for i in range(largest)]
+    inputs = [SlideInputs(s) for s in samples]
     rows.append(row("ddddocr slide_match", cpu, "-", 1, time_ddddocr(slide, inputs, args.iters, args.warmup)))
     print(f"  ddddocr slide_match batch 1: {rows[-1]['ms_per_batch_median']:.1f} ms", flush=True)
-    sources = [generate_captcha((args.val_seed, 0, i))["image"] for i in range(largest)]
+    sources = [s["image"] for s in samples]
     geometry = [letterbox(source)[2:] for source in sources]
     rows.append(row("two-stage step (after the model)", cpu, "-", 1,
                     time_two_stage(onnx_model, images, sources, geometry, args.iters, args.warmup)))

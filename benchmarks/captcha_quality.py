@@ -198,14 +198,14 @@ def main():
     for batch in loader:
         image = batch["image"].to(device)
         outputs = model(image)
-        points, _ = decode_on(outputs, image)
-        collected["model"].append(points.cpu())
-        fused, kinds = two_stage(outputs, image, points.cpu(), batch["source"], batch["geometry"])
+        points = decode_on(outputs, image)[0].cpu()
+        collected["model"].append(points)
+        fused, kinds = two_stage(outputs, image, points, batch["source"], batch["geometry"])
         collected["two-stage"].append(fused)
         collected["box_piece"].append(torch.tensor([kind == "box" for kind in kinds]))
         collected["no_piece"].append(torch.tensor([kind == "none" for kind in kinds]))
         for w in args.match_weights:
-            collected[f"w{w}"].append(two_stage(outputs, image, points.cpu(), batch["source"], batch["geometry"], w)[0])
+            collected[f"w{w}"].append(two_stage(outputs, image, points, batch["source"], batch["geometry"], w)[0])
         collected["TM-oracle"].append(batch["tm_oracle"])
         collected["TM-blind"].append(batch["tm_blind"])
         collected["true"].append(torch.stack([batch["gap"], batch["slider"]], dim=1))
