@@ -25,6 +25,11 @@ CANNY_LOW, CANNY_HIGH = 100, 200  # ddddocr's Canny thresholds (grey levels)
 SEARCH_MARGIN = 10                # px right of the slider before the gap search starts, as in reference 10.1
 FALLBACK_BOX = 44                 # px: the square piece where no rim ring is found (pieces are 40-70 px)
 MATCH_WEIGHT = 0.5                # two_stage_gap's weight of the network's gap probability (docs/captcha.md)
+# The piece search's sizes (rings 15-100 px, the search radius, the square, the rim's width) are in source px
+# of the generator's images: 280-480 px wide, 40-70 px pieces. two_stage shrinks wider images (CAPTCHAs
+# served at 2x) to MATCH_WIDTH first: their scale is unknown, and the generator's mean width is the best single
+# guess. Narrower images are left alone: enlarging cannot restore a rim that a small image has blurred.
+MAX_MATCH_WIDTH, MATCH_WIDTH = 480, 380
 
 
 def centroid(alpha: np.ndarray) -> tuple[float, float]:
@@ -140,7 +145,8 @@ def _peak_offset(lo: float, mid: float, hi: float) -> float:
 
 
 def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndarray, gap_prob: np.ndarray,
-                  scale: float, pad: tuple[float, float], stride: int, weight: float = MATCH_WEIGHT,
+                  scale: float | tuple[float, float], pad: tuple[float, float], stride: int,
+                  weight: float = MATCH_WEIGHT,
                   anchor: tuple[float, float] | None = None) -> tuple[tuple[float, float], float] | None:
     """Gap centre (source px) where the piece's edge match plus ``weight`` x the network's gap probability
     is largest among the positions right of the slider plus SEARCH_MARGIN, refined to sub-pixel by a
@@ -148,8 +154,9 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
 
     image: (H, W, 3) uint8 source image; box, alpha: the piece (find_slider near the network's slider);
     gap_prob: (h, w) sigmoid of the network's padding-masked gap logits on the letterboxed canvas, cell
-    (i, j) centred at canvas ((j + 0.5) * stride, (i + 0.5) * stride); scale, pad: the letterbox map
-    canvas = source * scale + pad. anchor: the point of the template, relative to its top-left, whose
+    (i, j) centred at canvas ((j + 0.5) * stride, (i + 0.5) * stride); scale, pad: the map from ``image`` to
+    the canvas, canvas = image px * scale + pad (scale one number, or (x, y) for an image resized from the
+    letterboxed source by slightly different factors per axis). anchor: the point of the template, relative to its top-left, whose
     position is returned (default the piece's centroid; for a square cut around the slider point, that
     point). The probability is read, bilinearly, at the gap centre each template position implies
     (top-left + anchor).
@@ -159,8 +166,9 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
     if first >= score.shape[1]:
         return None
     cx, cy = centroid(alpha) if anchor is None else anchor
-    cols = (np.arange(score.shape[1], dtype=np.float32) + cx) * scale + pad[0]
-    rows = (np.arange(score.shape[0], dtype=np.float32) + cy) * scale + pad[1]
+    scale_x, scale_y = (scale, scale) if np.isscalar(scale) else scale
+    cols = (np.arange(score.shape[1], dtype=np.float32) + cx) * scale_x + pad[0]
+    rows = (np.arange(score.shape[0], dtype=np.float32) + cy) * scale_y + pad[1]
     map_x = np.broadcast_to(cols[None, :] / stride - 0.5, score.shape).astype(np.float32)
     map_y = np.broadcast_to(rows[:, None] / stride - 0.5, score.shape).astype(np.float32)
     prob = cv2.remap(np.ascontiguousarray(gap_prob, dtype=np.float32), map_x, map_y, cv2.INTER_LINEAR,
@@ -192,6 +200,17 @@ def cut_piece(image: np.ndarray, slider: tuple[float, float]):
     return (x0, y0, x0 + side, y0 + side), np.full((side, side), 255, np.uint8), "box"
 
 
+def match_resolution(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """``image`` at the scale the piece search is tuned for -> (image, (x, y) factors: matching px = source
+    px * factor, continuous-pixel convention). Images up to MAX_MATCH_WIDTH px wide are returned as they are,
+    with factors 1; wider ones are shrunk (aspect kept) to MATCH_WIDTH."""
+    h, w = image.shape[:2]
+    if w <= MAX_MATCH_WIDTH:
+        return image, (1.0, 1.0)
+    height = max(1, round(h * MATCH_WIDTH / w))
+    return cv2.resize(image, (MATCH_WIDTH, height), interpolation=cv2.INTER_AREA), (MATCH_WIDTH / w, height / h)
+
+
 @torch.no_grad()
 def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources: list[np.ndarray],
               geometry: list[tuple[float, tuple[float, float]]], weight: float = MATCH_WEIGHT):
@@ -204,29 +223,35 @@ def two_stage(outputs: dict, image: torch.Tensor, points: torch.Tensor, sources:
     decode (metrics.captcha.decode_on); sources: the (H, W, 3) uint8 source images; geometry: each one's
     letterbox (scale, (pad_x, pad_y)). Where a rim ring is found the slider moves to its centroid (the gap is
     that same centroid at the matched position, so the slide distance is the match's shift); elsewhere the
-    slider stays the network's.
+    slider stays the network's. The matching runs on each source as match_resolution gives it (a CAPTCHA
+    served at twice the generator's size is shrunk, so its rings fit the piece search); the points come back
+    in canvas px of the letterbox as given.
     """
     stride = image.shape[-1] // outputs["gap"].shape[-1]
     logits = outputs["gap"][:, 0].float().masked_fill(~valid_cells(image, stride), float("-inf"))
     prob = np.nan_to_num(torch.sigmoid(logits).cpu().numpy(), nan=0.0)  # a diverged network adds nothing
     points, kinds = points.detach().cpu().clone(), []
     for k, (source, (scale, pad)) in enumerate(zip(sources, geometry)):
-        slider = (points[k, 1] - torch.tensor(pad)) / scale
+        # matching px = source px * (rx, ry); canvas px = matching px * (sx, sy) + pad
+        matching, (rx, ry) = match_resolution(source)
+        to_canvas = (scale / rx, scale / ry)
+        slider = (points[k, 1] - torch.tensor(pad)) / torch.tensor(to_canvas)
         if not torch.isfinite(slider).all():
             kinds.append("none")
             continue
         sx, sy = slider.tolist()
-        box, alpha, kind = cut_piece(source, (sx, sy))
+        box, alpha, kind = cut_piece(matching, (sx, sy))
         # a square kept inside the image need not be centred on the slider point: anchor the match there
         anchor = None if kind == "ring" else (sx - box[0], sy - box[1])
-        found = two_stage_gap(source, box, alpha, prob[k], scale, pad, stride, weight, anchor)
+        found = two_stage_gap(matching, box, alpha, prob[k], to_canvas, pad, stride, weight, anchor)
         if found is None:
             kinds.append("none")
             continue
         (gx, gy), _ = found
-        points[k, 0] = torch.tensor([gx * scale + pad[0], gy * scale + pad[1]])
+        points[k, 0] = torch.tensor([gx * to_canvas[0] + pad[0], gy * to_canvas[1] + pad[1]])
         if kind == "ring":
             cx, cy = centroid(alpha)
-            points[k, 1] = torch.tensor([(box[0] + cx) * scale + pad[0], (box[1] + cy) * scale + pad[1]])
+            points[k, 1] = torch.tensor([(box[0] + cx) * to_canvas[0] + pad[0],
+                                         (box[1] + cy) * to_canvas[1] + pad[1]])
         kinds.append(kind)
     return points, kinds

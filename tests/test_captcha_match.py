@@ -152,3 +152,50 @@ def test_two_stage_batch_moves_gaps_where_a_piece_is_found(samples):
     points[1, 1] = float("nan")
     fused, kinds = two_stage(outputs, image, points, sources, geometry)
     assert kinds[1] == "none" and torch.equal(fused[1, 0], points[1, 0])
+
+
+def test_two_stage_shrinks_captchas_served_at_twice_the_size(samples, monkeypatch):
+    """A CAPTCHA served at 2x is matched after match_resolution shrinks it: the same pieces are found as at
+    the generator's size, and the points, in the letterbox of the image as given, land on its labels.
+    Without the shrink its rings exceed the piece search's sizes and squares stand in."""
+    import cv2
+    import models.captcha_match as cm
+
+    image = samples[0]["image"]
+    assert cm.match_resolution(image)[0] is image  # generator sizes: untouched
+    wide = cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC)
+    small, (rx, ry) = cm.match_resolution(wide)
+    assert small.shape[1] == cm.MATCH_WIDTH and abs(rx - ry) < 0.01
+    assert small.shape[0] == round(wide.shape[0] * cm.MATCH_WIDTH / wide.shape[1])
+
+    def solve(sources, gaps, sliders):
+        """two_stage on a weak probability at the true gap and a slider 2 px off -> canvas errors, kinds."""
+        boxes = [letterbox(src) for src in sources]
+        image = torch.stack([to_input_tensor(c, m) for c, m, _, _ in boxes])
+        geometry = [(scale, pad) for _, _, scale, pad in boxes]
+        to_canvas = lambda p, g: (p[0] * g[0] + g[1][0], p[1] * g[0] + g[1][1])
+        prob = np.clip(np.stack([0.3 * canvas_prob([to_canvas(gap, g)]) for gap, g in zip(gaps, geometry)]),
+                       1e-6, 1 - 1e-6)
+        outputs = {"gap": torch.from_numpy(np.log(prob / (1 - prob)))[:, None]}
+        points = torch.tensor([[to_canvas(gap, g), to_canvas((sx + 2, sy), g)]
+                               for gap, (sx, sy), g in zip(gaps, sliders, geometry)], dtype=torch.float32)
+        # the network's gap 20 px off, so only the matching can put it back
+        points[:, 0, 0] += 20
+        fused, kinds = cm.two_stage(outputs, image, points, sources, geometry)
+        truth = [[to_canvas(gap, g), to_canvas(sl, g)] for gap, sl, g in zip(gaps, sliders, geometry)]
+        return np.abs(fused.numpy() - np.array(truth)).max(axis=2), kinds
+
+    originals = samples[:6]
+    _, base_kinds = solve([s["image"] for s in originals], [s["gap"] for s in originals],
+                          [s["slider"] for s in originals])
+    doubled = ([cv2.resize(s["image"], None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC) for s in originals],
+               [(s["gap"][0] * 2, s["gap"][1] * 2) for s in originals],  # continuous px scale with the image
+               [(s["slider"][0] * 2, s["slider"][1] * 2) for s in originals])
+    errors, kinds = solve(*doubled)
+    assert kinds == base_kinds and kinds.count("ring") >= 4, (kinds, base_kinds)
+    for k, kind in enumerate(kinds):
+        if kind == "ring":  # the gap within the hit@5 radius, the slider on the ring's centroid
+            assert errors[k, 0] <= 5 and errors[k, 1] <= 2, (k, errors[k])
+    monkeypatch.setattr(cm, "MAX_MATCH_WIDTH", 10_000)  # no shrinking
+    _, unshrunk = solve(*doubled)
+    assert unshrunk.count("ring") < kinds.count("ring"), unshrunk
