@@ -23,6 +23,8 @@ the validation rendering of the same seed, before the held-out set was scored):
 
 Template matching works in source-image pixels; its predictions are mapped to the 512x256
 canvas (x * scale + pad) so every method is scored by metrics/captcha.py in the same canvas px.
+A second table keeps only the answers the model is most sure of (its gap heatmap peak, the gap_score of
+predict_captcha.py), as a caller that asks for a new CAPTCHA when unsure would.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ METHODS = ("model", "two-stage", "TM-oracle", "TM-blind")
 TUNING_SEED = 3_000_017  # --set train
 COLUMNS = ["method", "category", "n", "hit_le_1px", "hit_le_2px", "hit_le_5px", "mae_px", "gap_mae",
            "gap_hit_le_2px", "gap_hit_le_5px", "slide_mae_px"]
+COVERAGES = (1.0, 0.95, 0.9, 0.8)  # shares of the samples answered in the confidence table
 
 
 def parse_args():
@@ -174,6 +177,22 @@ def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, category: np.ndar
     return rows
 
 
+def confidence_rows(score: np.ndarray, gap_errors: dict[str, np.ndarray], coverages=COVERAGES) -> list[dict]:
+    """Refuse the least confident answers (a caller would ask for a new CAPTCHA): for each coverage c, the
+    ceil(c * N) samples of highest ``score`` (the network's gap peak) are kept -> one row per coverage with the
+    lowest kept score and each method's gap_hit_le_{2,5}px on the kept samples. gap_errors: method -> (N,)."""
+    order = np.argsort(-score, kind="stable")
+    rows = []
+    for c in coverages:
+        keep = order[:int(np.ceil(c * len(score) - 1e-9))]
+        row = {"coverage": 100 * c, "n": len(keep), "min_gap_score": float(score[keep].min())}
+        for method, err in gap_errors.items():
+            row[f"{method} gap_hit_le_2px"] = float(100 * (err[keep] <= 2).mean())
+            row[f"{method} gap_hit_le_5px"] = float(100 * (err[keep] <= 5).mean())
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def main():
     args = parse_args()
@@ -193,13 +212,15 @@ def main():
     check_same_samples(samples, seed)
     loader = DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False,
                         collate_fn=collate)
-    collected = {"true": [], "category": [], "blind_found": [], "box_piece": [], "no_piece": [],
+    collected = {"true": [], "category": [], "blind_found": [], "box_piece": [], "no_piece": [], "gap_score": [],
                  **{m: [] for m in METHODS}, **{f"w{w}": [] for w in args.match_weights}}
     for batch in loader:
         image = batch["image"].to(device)
         outputs = model(image)
-        points = decode_on(outputs, image)[0].cpu()
+        points, scores = decode_on(outputs, image)
+        points = points.cpu()
         collected["model"].append(points)
+        collected["gap_score"].append(scores[:, 0].cpu())
         fused, kinds = two_stage(outputs, image, points, batch["source"], batch["geometry"])
         collected["two-stage"].append(fused)
         collected["box_piece"].append(torch.tensor([kind == "box" for kind in kinds]))
@@ -236,6 +257,12 @@ def main():
                                              else f"rows within +-{args.row_window} px of the slider's top."),
     ]
     tables = [table(rows, COLUMNS)]
+    gap_errors = {m: point_errors(arrays[m], arrays["true"])["gap"] for m in ("model", "two-stage")}
+    confidence = confidence_rows(arrays["gap_score"], gap_errors)
+    tables.append(table(confidence, list(confidence[0])))
+    notes.append("Second table: only the answers whose gap_score (the model's gap heatmap peak, predict_captcha.py's "
+                 "column) is among the highest `coverage` % are kept, as a caller that asks for a new CAPTCHA "
+                 "when unsure would; gap-only columns on the kept samples.")
     if args.match_weights:
         sweep = []
         for w in args.match_weights:
@@ -243,7 +270,7 @@ def main():
             sweep.append({"match_weight": w, "n": len(gap), "gap_hit_le_2px": float(100 * (gap <= 2).mean()),
                           "gap_hit_le_5px": float(100 * (gap <= 5).mean()), "gap_mae": float(gap.mean())})
         tables.append(table(sweep, ["match_weight", "n", "gap_hit_le_2px", "gap_hit_le_5px", "gap_mae"]))
-        notes.append("Second table: the two-stage gap with each --match_weights value (0 = edge match only); the "
+        notes.append("Third table: the two-stage gap with each --match_weights value (0 = edge match only); the "
                      "model's gap is the first table's.")
     report("captcha_quality", "CAPTCHA quality per confusion category (model vs template matching)", info,
            tables, notes, args.out,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.captcha_quality import METHODS, QualitySamples
+from benchmarks.captcha_quality import COVERAGES, METHODS, QualitySamples, confidence_rows
 from conftest import run_python
 from data.captcha import CATEGORIES, RENDER_HELDOUT, SyntheticCaptchaDataset, generate_captcha
 from models.captcha_match import match_gap
@@ -54,16 +54,32 @@ def test_quality_table_on_each_set(tmp_path, tiny_export, which):
     report = json.loads((tmp_path / "captcha_quality.json").read_text())
     assert report["set"] == which
     assert report["seed"] == {"val": 1_000_003, "heldout": 2_000_003, "train": 3_000_017}[which]
-    assert len(report["tables"]) == (2 if sweep else 1)
+    assert len(report["tables"]) == (3 if sweep else 2)
     if sweep:
-        assert [(r["match_weight"], r["n"]) for r in report["tables"][1]["rows"]] == [(0.0, n), (0.5, n)]
+        assert [(r["match_weight"], r["n"]) for r in report["tables"][2]["rows"]] == [(0.0, n), (0.5, n)]
     rows = report["tables"][0]["rows"]
+    confidence = report["tables"][1]["rows"]
+    assert [(r["coverage"], r["n"]) for r in confidence] == [(100 * c, int(np.ceil(c * n))) for c in COVERAGES]
+    for method in ("model", "two-stage"):  # everything answered: the main table's gap column
+        assert confidence[0][f"{method} gap_hit_le_5px"] == rows[-len(METHODS) + METHODS.index(method)]["gap_hit_le_5px"]
     assert [(r["method"], r["category"]) for r in rows] == [(m, c) for c in (*CATEGORIES, "all") for m in METHODS]
     by = {(r["method"], r["category"]): r for r in rows}
     assert sum(by[("model", c)]["n"] for c in CATEGORIES) == by[("model", "all")]["n"] == n
     for method in METHODS:
         assert 0 <= by[(method, "all")]["gap_hit_le_5px"] <= 100
     assert ("held-out" in report["notes"][0]) == (which == "heldout")
+
+
+def test_confidence_rows_keep_the_most_confident_answers():
+    score = np.array([0.9, 0.1, 0.5, 0.8, 0.5])
+    errors = {"model": np.array([1.0, 30.0, 4.0, 3.0, 6.0]), "two-stage": np.array([0.5, 1.0, 9.0, 1.5, 2.5])}
+    rows = confidence_rows(score, errors, coverages=(1.0, 0.8, 0.6, 0.4))
+    assert [(r["coverage"], r["n"], r["min_gap_score"]) for r in rows] == [(100, 5, 0.1), (80, 4, 0.5), (60, 3, 0.5),
+                                                                           (40, 2, 0.8)]
+    # kept at 60 %: samples 0, 3 and the first of the tied 0.5s (index 2)
+    assert rows[2]["model gap_hit_le_5px"] == 100 and rows[2]["two-stage gap_hit_le_5px"] == pytest.approx(200 / 3)
+    assert rows[0]["model gap_hit_le_5px"] == 60 and rows[0]["two-stage gap_hit_le_2px"] == 60
+    assert rows[1]["model gap_hit_le_5px"] == 75 and rows[3]["model gap_hit_le_2px"] == 50
 
 
 @pytest.mark.parametrize("flags", [["--set", "test"], ["--match_weights", "0,x"], ["--match_weights", "-1"]])
