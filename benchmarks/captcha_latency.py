@@ -3,7 +3,7 @@ on the same validation images.
 
     python benchmarks/captcha_latency.py [--checkpoint runs/captcha/<run>] [--batch_sizes 1,32 --iters 20]
 
-"model" rows time model(image) + decode (argmax and offsets), eval mode under torch.no_grad,
+"model" rows time model(image) + decode (peak, centre of a flat top, offsets), eval mode under torch.no_grad,
 on real letterboxed validation samples: fp32 on the CPU, and on a GPU when one is present fp32
 and bf16 autocast too. "onnx" rows time the same network exported by export_captcha.py's route
 (models.onnx_io) and run by onnxruntime on the CPU, in fp32 and after onnxruntime's dynamic int8

@@ -11,7 +11,8 @@ val_heldout/* samples), or with --set train a tuning set in the training mix (ge
 RENDER_TRAIN): neither validation, held-out nor training samples; the two-stage weight was chosen on it and on
 the validation rendering of the same seed, before the held-out set was scored):
 
-- model:     the run's EMA weights (plain weights if the export has none), argmax decode.
+- model:     the run's EMA weights (plain weights if the export has none), decoded as in training
+             (the peak, the centre of a flat top, the offsets there).
 - two-stage: the model's slider, the piece found there (its rim, else a square) matched along the image,
              the gap where edge match + MATCH_WEIGHT x the model's gap probability peaks, and the slider
              at a found ring's centroid (models/captcha_match.two_stage; predict_captcha.py's default).
