@@ -1,8 +1,10 @@
-"""Localisation quality per confusion category: a trained run against classic template matching.
+"""Localisation quality per confusion category (or background): a trained run against classic template matching.
 
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> [--val_size 300] [--out bench_out]
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set heldout [--out bench_out]
     python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set train --match_weights 0,0.25,0.5,1,2,4
+    python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set heldout --train_factors gap_style
+    python benchmarks/captcha_quality.py --checkpoint runs/captcha/<run> --set heldout --by background
 
 All four methods see the fixed synthetic validation set of the run (sample i is
 generate_captcha((val_seed, 0, i)), exactly the samples train_captcha.py validated on), or with
@@ -24,6 +26,8 @@ the validation rendering of the same seed, before the held-out set was scored):
 
 Template matching works in source-image pixels; its predictions are mapped to the 512x256
 canvas (x * scale + pad) so every method is scored by metrics/captcha.py in the same canvas px.
+With --set heldout, --train_factors draws some of the ways the held-out rendering differs from the training
+mix (backgrounds, gap_style, compression) as in training instead, to see which of them costs the accuracy.
 A second table keeps only the answers the model is most sure of (its gap heatmap peak, the gap_score of
 predict_captcha.py), as a caller that asks for a new CAPTCHA when unsure would.
 """
@@ -36,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the Makefile runs benchmarks by path; the repo's modules live one level up
 
 import argparse
+import dataclasses
 
 import numpy as np
 import torch
@@ -44,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from benchmarks.common import float_list, positive, print_header, report, table
 from data.captcha import (CATEGORIES, RENDER_HELDOUT, RENDER_TRAIN, RenderConfig, SyntheticCaptchaDataset,
                           generate_captcha, letterbox, to_input_tensor)
+from data.captcha.render import PROCEDURAL
 from metrics.captcha import captcha_metrics, decode_on, point_errors
 from models.captcha_match import FALLBACK_BOX, MATCH_WEIGHT, SEARCH_MARGIN, centroid, find_slider, match_gap, two_stage
 from training.config import fail
@@ -51,9 +57,12 @@ from training.export import load_export_or_exit
 
 METHODS = ("model", "two-stage", "TM-oracle", "TM-blind")
 TUNING_SEED = 3_000_017  # --set train
-COLUMNS = ["method", "category", "n", "hit_le_1px", "hit_le_2px", "hit_le_5px", "mae_px", "gap_mae",
+COLUMNS = ["method", "group", "n", "hit_le_1px", "hit_le_2px", "hit_le_5px", "mae_px", "gap_mae",
            "gap_hit_le_2px", "gap_hit_le_5px", "slide_mae_px"]
 COVERAGES = (1.0, 0.95, 0.9, 0.8)  # shares of the samples answered in the confidence table
+# --train_factors: the RenderConfig fields of each way the held-out rendering differs from the training mix
+FACTORS = {"backgrounds": ("photos", "procedural_probs"), "gap_style": ("gap_style_probs",),
+           "compression": ("jpeg_prob", "jpeg_quality", "webp_prob", "webp_quality")}
 
 
 def parse_args():
@@ -72,6 +81,11 @@ def parse_args():
     p.add_argument("--match_weights", default=None,
                    help="comma-separated weights of the model's gap probability in the two-stage solver: an extra "
                         "table of the gap per weight (the main table uses MATCH_WEIGHT)")
+    p.add_argument("--train_factors", default=None,
+                   help="with --set heldout: comma-separated factors (" + ", ".join(FACTORS) + ") drawn as in the "
+                        "training mix instead, the others held out; which of them costs the accuracy")
+    p.add_argument("--by", default="category", choices=("category", "background"),
+                   help="rows per confusion category, or per background (photo name or procedural kind)")
     p.add_argument("--batch_size", type=int, default=16, help="model batch")
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader workers that generate samples and run template matching")
@@ -95,7 +109,21 @@ def parse_args():
     # each weight once: the sweep keys its predictions by weight
     weights = float_list(args.match_weights, "--match_weights") if args.match_weights else []
     args.match_weights = list(dict.fromkeys(weights))
+    factors = [f.strip() for f in args.train_factors.split(",")] if args.train_factors else []
+    unknown = [f for f in factors if f not in FACTORS]
+    if unknown or (factors and args.set != "heldout"):
+        fail(f"--train_factors takes a comma-separated subset of {', '.join(FACTORS)} with --set heldout, "
+             f"got {args.train_factors!r} with --set {args.set}")
+    args.train_factors = list(dict.fromkeys(factors))
     return args
+
+
+def heldout_with_train_factors(factors: list[str]) -> RenderConfig:
+    """RENDER_HELDOUT with the named factors' fields taken from RENDER_TRAIN. Gap style and compression are drawn
+    from child streams of their own, so swapping them keeps each sample's layout, labels and other factors;
+    the built-in backgrounds come from the sample's main stream, so swapping them keeps its category and image
+    size but draws a new layout."""
+    return dataclasses.replace(RENDER_HELDOUT, **{f: getattr(RENDER_TRAIN, f) for g in factors for f in FACTORS[g]})
 
 
 def newest_run(runs: Path) -> Path:
@@ -143,13 +171,18 @@ class QualitySamples(Dataset):
                 "category": torch.tensor(CATEGORIES.index(s["category"])),
                 "tm_oracle": torch.stack([point(oracle_gap), point(s["slider"])]),
                 "tm_blind": torch.stack([point(blind_gap), point(blind_slider)]),
-                "blind_found": torch.tensor(found is not None), "source": image, "geometry": (scale, (pad_x, pad_y))}
+                "blind_found": torch.tensor(found is not None), "source": image, "geometry": (scale, (pad_x, pad_y)),
+                "background": s["render"]["background"]}
+
+
+LISTS = ("source", "geometry", "background")  # collated as plain lists
 
 
 def collate(items: list[dict]) -> dict:
-    """default_collate, except source images (of any size) and their letterbox geometry stay lists."""
-    batch = default_collate([{k: v for k, v in item.items() if k not in ("source", "geometry")} for item in items])
-    return dict(batch, source=[item["source"] for item in items], geometry=[item["geometry"] for item in items])
+    """default_collate, except source images (of any size), their letterbox geometry and background names
+    stay lists."""
+    batch = default_collate([{k: v for k, v in item.items() if k not in LISTS} for item in items])
+    return dict(batch, **{k: [item[k] for item in items] for k in LISTS})
 
 
 def check_same_samples(ours: QualitySamples, seed: int) -> None:
@@ -162,12 +195,13 @@ def check_same_samples(ours: QualitySamples, seed: int) -> None:
                            "samples are packed; update QualitySamples.__getitem__ to match")
 
 
-def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, category: np.ndarray) -> list[dict]:
+def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, group: np.ndarray, names: list[str]) -> list[dict]:
+    """One row per method and group (each of ``names``, then "all"); group: (N,) the group name of each sample."""
     rows = []
-    groups = [(name, category == k) for k, name in enumerate(CATEGORIES)] + [("all", np.ones_like(category, bool))]
+    groups = [(name, group == name) for name in names] + [("all", np.ones(len(group), bool))]
     for name, sel in groups:
         for method in METHODS:
-            row = {"method": method, "category": name, "n": int(sel.sum())}
+            row = {"method": method, "group": name, "n": int(sel.sum())}
             if sel.any():
                 m = captcha_metrics(preds[method][sel], true[sel])
                 gap = point_errors(preds[method][sel], true[sel])["gap"]
@@ -206,14 +240,17 @@ def main():
     seed = args.val_seed if args.val_seed is not None else default_seed
     what = {"val": "validation samples", "heldout": "held-out rendering samples (RENDER_HELDOUT)",
             "train": "tuning samples in the training mix (RENDER_TRAIN)"}[args.set]
+    if args.train_factors:
+        what = what[:-1] + f", with {' and '.join(args.train_factors)} as in RENDER_TRAIN)"
     print(f"weights {weights}; {args.val_size} {what} of seed {seed}", flush=True)
 
-    render = {"val": RenderConfig(), "heldout": RENDER_HELDOUT, "train": RENDER_TRAIN}[args.set]
+    render = {"val": RenderConfig(), "heldout": heldout_with_train_factors(args.train_factors),
+              "train": RENDER_TRAIN}[args.set]
     samples = QualitySamples(args.val_size, seed, args, render)
     check_same_samples(samples, seed)
     loader = DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False,
                         collate_fn=collate)
-    collected = {"true": [], "category": [], "blind_found": [], "box_piece": [], "no_piece": [], "gap_score": [],
+    collected = {"true": [], "category": [], "background": [], "blind_found": [], "box_piece": [], "no_piece": [], "gap_score": [],
                  **{m: [] for m in METHODS}, **{f"w{w}": [] for w in args.match_weights}}
     for batch in loader:
         image = batch["image"].to(device)
@@ -232,11 +269,18 @@ def main():
         collected["TM-blind"].append(batch["tm_blind"])
         collected["true"].append(torch.stack([batch["gap"], batch["slider"]], dim=1))
         collected["category"].append(batch["category"])
+        collected["background"].append(batch["background"])
         collected["blind_found"].append(batch["blind_found"])
         print(f"  {sum(len(c) for c in collected['true'])}/{args.val_size} samples", end="\r", flush=True)
     print()
-    arrays = {k: torch.cat(v).numpy() for k, v in collected.items()}
-    rows = table_rows({m: arrays[m] for m in METHODS}, arrays["true"], arrays["category"])
+    arrays = {k: np.concatenate(v) if k == "background" else torch.cat(v).numpy() for k, v in collected.items()}
+    if args.by == "category":
+        group, names = np.array(CATEGORIES)[arrays["category"]], list(CATEGORIES)
+    else:
+        group = arrays["background"]
+        order = [*render.photos, *PROCEDURAL, "user"]
+        names = sorted(set(group), key=lambda b: (order.index(b) if b in order else len(order), b))
+    rows = table_rows({m: arrays[m] for m in METHODS}, arrays["true"], group, names)
 
     missed = int((~arrays["blind_found"]).sum())
     boxes, kept = int(arrays["box_piece"].sum()), int(arrays["no_piece"].sum())
@@ -273,9 +317,10 @@ def main():
         tables.append(table(sweep, ["match_weight", "n", "gap_hit_le_2px", "gap_hit_le_5px", "gap_mae"]))
         notes.append("Third table: the two-stage gap with each --match_weights value (0 = edge match only); the "
                      "model's gap is the first table's.")
-    report("captcha_quality", "CAPTCHA quality per confusion category (model vs template matching)", info,
+    report("captcha_quality", f"CAPTCHA quality per {args.by} (model vs template matching)", info,
            tables, notes, args.out,
-           extra={"checkpoint": str(weights), "set": args.set, "seed": seed, "val_size": args.val_size})
+           extra={"checkpoint": str(weights), "set": args.set, "seed": seed, "val_size": args.val_size,
+                  "train_factors": args.train_factors, "by": args.by})
 
 
 if __name__ == "__main__":
