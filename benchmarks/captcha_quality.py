@@ -58,7 +58,7 @@ from training.export import load_export_or_exit
 METHODS = ("model", "two-stage", "TM-oracle", "TM-blind")
 TUNING_SEED = 3_000_017  # --set train
 COLUMNS = ["method", "group", "n", "hit_le_1px", "hit_le_2px", "hit_le_5px", "mae_px", "gap_mae",
-           "gap_hit_le_2px", "gap_hit_le_5px", "slide_mae_px"]
+           "gap_hit_le_2px", "gap_hit_le_5px", "slide_mae_px", "square_pieces"]
 COVERAGES = (1.0, 0.95, 0.9, 0.8)  # shares of the samples answered in the confidence table
 # --train_factors: the RenderConfig fields of each way the held-out rendering differs from the training mix
 FACTORS = {"backgrounds": ("photos", "procedural_probs"), "gap_style": ("gap_style_probs",),
@@ -195,8 +195,10 @@ def check_same_samples(ours: QualitySamples, seed: int) -> None:
                            "samples are packed; update QualitySamples.__getitem__ to match")
 
 
-def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, group: np.ndarray, names: list[str]) -> list[dict]:
-    """One row per method and group (each of ``names``, then "all"); group: (N,) the group name of each sample."""
+def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, group: np.ndarray, names: list[str],
+               squares: np.ndarray) -> list[dict]:
+    """One row per method and group (each of ``names``, then "all"); group: (N,) the group name of each sample;
+    squares: (N,) bool, where the two-stage solver matched a square (no rim ring found), counted in its rows."""
     rows = []
     groups = [(name, group == name) for name in names] + [("all", np.ones(len(group), bool))]
     for name, sel in groups:
@@ -208,6 +210,8 @@ def table_rows(preds: dict[str, np.ndarray], true: np.ndarray, group: np.ndarray
                 row.update({k: m[k] for k in ("hit_le_1px", "hit_le_2px", "hit_le_5px", "mae_px", "gap_mae",
                                               "slide_mae_px")})
                 row.update(gap_hit_le_2px=float(100 * (gap <= 2).mean()), gap_hit_le_5px=float(100 * (gap <= 5).mean()))
+            if method == "two-stage":
+                row["square_pieces"] = int(squares[sel].sum())
             rows.append(row)
     return rows
 
@@ -280,7 +284,7 @@ def main():
         group = arrays["background"]
         order = [*render.photos, *PROCEDURAL, "user"]
         names = sorted(set(group), key=lambda b: (order.index(b) if b in order else len(order), b))
-    rows = table_rows({m: arrays[m] for m in METHODS}, arrays["true"], group, names)
+    rows = table_rows({m: arrays[m] for m in METHODS}, arrays["true"], group, names, arrays["box_piece"])
 
     missed = int((~arrays["blind_found"]).sum())
     boxes, kept = int(arrays["box_piece"].sum()), int(arrays["no_piece"].sum())

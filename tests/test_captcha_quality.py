@@ -96,6 +96,9 @@ def test_quality_table_on_each_set(tmp_path, tiny_export, which):
         assert report["by"] == "category" and groups == [*CATEGORIES, "all"]
     by = {(r["method"], r["group"]): r for r in rows}
     assert sum(by[("model", g)]["n"] for g in groups[:-1]) == by[("model", "all")]["n"] == n
+    assert sum(by[("two-stage", g)]["square_pieces"] for g in groups[:-1]) == by[("two-stage", "all")]["square_pieces"]
+    assert f"square matched instead) in {by[('two-stage', 'all')]['square_pieces']}," in " ".join(report["notes"])
+    assert all("square_pieces" not in r for r in rows if r["method"] != "two-stage")
     for method in METHODS:
         assert 0 <= by[(method, "all")]["gap_hit_le_5px"] <= 100
     assert ("held-out" in report["notes"][0]) == (which == "heldout")
