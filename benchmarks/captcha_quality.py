@@ -254,8 +254,8 @@ def main():
     check_same_samples(samples, seed)
     loader = DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False,
                         collate_fn=collate)
-    collected = {"true": [], "category": [], "background": [], "blind_found": [], "box_piece": [], "no_piece": [], "gap_score": [],
-                 **{m: [] for m in METHODS}, **{f"w{w}": [] for w in args.match_weights}}
+    collected = {"true": [], "category": [], "background": [], "blind_found": [], "box_piece": [], "no_piece": [],
+                 "gap_score": [], **{m: [] for m in METHODS}, **{f"w{w}": [] for w in args.match_weights}}
     for batch in loader:
         image = batch["image"].to(device)
         outputs = model(image)
