@@ -157,9 +157,9 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
     (i, j) centred at canvas ((j + 0.5) * stride, (i + 0.5) * stride); scale, pad: the map from ``image`` to
     the canvas, canvas = image px * scale + pad (scale one number, or (x, y) for an image resized from the
     letterboxed source by slightly different factors per axis). anchor: the point of the template, relative
-    to its top-left, whose position is returned (default the piece's centroid; for a square cut around the slider point, that
-    point). The probability is read, bilinearly, at the gap centre each template position implies
-    (top-left + anchor).
+    to its top-left, whose position is returned (default the piece's centroid; for a square cut around the
+    slider point, that point). The probability is read, bilinearly, at the gap centre each template position
+    implies (top-left + anchor).
     """
     score = match_scores(image, box, alpha)
     first = box[2] + SEARCH_MARGIN  # the leftmost allowed top-left column (match_scores' rule)
