@@ -113,7 +113,8 @@ def parse_args():
     unknown = [f for f in factors if f not in FACTORS]
     if unknown or (factors and args.set != "heldout"):
         fail(f"--train_factors takes a comma-separated subset of {', '.join(FACTORS)} with --set heldout, "
-             f"got {args.train_factors!r} with --set {args.set}")
+             f"got {args.train_factors!r} with --set {args.set}"
+             + (f" (unknown: {', '.join(repr(f) for f in unknown)})" if unknown else ""))
     args.train_factors = list(dict.fromkeys(factors))
     return args
 

@@ -10,8 +10,9 @@
   a gap is shaded (the network does: docs/captcha.md, held-out rendering), while the network's heatmap
   knows fake gaps and the gap's row; the sum keeps both.
 
-All coordinates are source-image px under the continuous-pixel convention of ``data.captcha`` (pixel
-(col, row) has its centre at (col + 0.5, row + 0.5)).
+All coordinates are px of the image the functions are given (two_stage hands them each source image as
+match_resolution returns it: shrunk if wider than MAX_MATCH_WIDTH) under the continuous-pixel convention of
+``data.captcha`` (pixel (col, row) has its centre at (col + 0.5, row + 0.5)).
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def two_stage_gap(image: np.ndarray, box: tuple[int, int, int, int], alpha: np.n
     if first >= score.shape[1]:
         return None
     cx, cy = centroid(alpha) if anchor is None else anchor
-    scale_x, scale_y = (scale, scale) if np.isscalar(scale) else scale
+    scale_x, scale_y = np.broadcast_to(np.asarray(scale, dtype=np.float64), (2,)).tolist()
     cols = (np.arange(score.shape[1], dtype=np.float32) + cx) * scale_x + pad[0]
     rows = (np.arange(score.shape[0], dtype=np.float32) + cy) * scale_y + pad[1]
     map_x = np.broadcast_to(cols[None, :] / stride - 0.5, score.shape).astype(np.float32)

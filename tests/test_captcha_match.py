@@ -104,6 +104,30 @@ def test_two_stage_gap_fuses_edge_match_and_network_probability(samples):
         assert np.abs(np.subtract(to_canvas((x, y)), target)).max() <= 1.0, (target, to_canvas((x, y)))
 
 
+def test_two_stage_gap_maps_each_axis_with_its_own_scale(samples):
+    """An image resized by different factors per axis (the matching image of match_resolution): the probability
+    is read through (x, y) scales of their own, so an overwhelming peak is found where it is on the canvas."""
+    import cv2
+
+    s = samples[0]
+    image = s["image"]
+    _, _, scale, pad = letterbox(image)
+    h, w = image.shape[:2]
+    matching = cv2.resize(image, (round(w * 1.25), round(h * 0.8)), interpolation=cv2.INTER_LINEAR)
+    rx, ry = matching.shape[1] / w, matching.shape[0] / h
+    to_canvas = (scale / rx, scale / ry)
+    side = FALLBACK_BOX
+    sx, sy = s["slider"][0] * rx, s["slider"][1] * ry
+    box = (int(sx - side / 2), int(sy - side / 2), int(sx - side / 2) + side, int(sy - side / 2) + side)
+    alpha = np.full((side, side), 255, np.uint8)
+    for gap in (s["gap"], (s["gap"][0] - 50, s["gap"][1] - 30)):
+        target = tuple((np.floor(np.array([gap[0] * scale + pad[0], gap[1] * scale + pad[1]]) / STRIDE) + 0.5) * STRIDE)
+        (x, y), _ = two_stage_gap(matching, box, alpha, canvas_prob([target]), to_canvas, pad, STRIDE, weight=100.0,
+                                  anchor=(sx - box[0], sy - box[1]))
+        got = (x * to_canvas[0] + pad[0], y * to_canvas[1] + pad[1])
+        assert np.abs(np.subtract(got, target)).max() <= 1.0, (target, got)
+
+
 def test_the_gap_never_lands_on_or_left_of_the_slider(samples):
     """However heavily the network's probability is weighted, positions left of the slider's right edge plus
     the search margin stay excluded; a piece without room to its right gives no answer."""
@@ -179,8 +203,6 @@ def test_two_stage_shrinks_captchas_served_at_twice_the_size(samples, monkeypatc
         outputs = {"gap": torch.from_numpy(np.log(prob / (1 - prob)))[:, None]}
         points = torch.tensor([[to_canvas(gap, g), to_canvas((sx + 2, sy), g)]
                                for gap, (sx, sy), g in zip(gaps, sliders, geometry)], dtype=torch.float32)
-        # the network's gap 20 px off, so only the matching can put it back
-        points[:, 0, 0] += 20
         fused, kinds = cm.two_stage(outputs, image, points, sources, geometry)
         truth = [[to_canvas(gap, g), to_canvas(sl, g)] for gap, sl, g in zip(gaps, sliders, geometry)]
         return np.abs(fused.numpy() - np.array(truth)).max(axis=2), kinds
@@ -194,8 +216,9 @@ def test_two_stage_shrinks_captchas_served_at_twice_the_size(samples, monkeypatc
     errors, kinds = solve(*doubled)
     assert kinds == base_kinds and kinds.count("ring") >= 4, (kinds, base_kinds)
     for k, kind in enumerate(kinds):
-        if kind == "ring":  # the gap within the hit@5 radius, the slider on the ring's centroid
-            assert errors[k, 0] <= 5 and errors[k, 1] <= 2, (k, errors[k])
+        assert errors[k, 0] <= 5, (k, kind, errors[k])  # the gap within the hit@5 radius
+        if kind == "ring":  # the slider on the ring's centroid
+            assert errors[k, 1] <= 2, (k, errors[k])
     monkeypatch.setattr(cm, "MAX_MATCH_WIDTH", 10_000)  # no shrinking
     _, unshrunk = solve(*doubled)
     assert unshrunk.count("ring") < kinds.count("ring"), unshrunk
