@@ -243,10 +243,12 @@ def main():
     default_seed = {"val": int(train_args.get("val_seed", 1_000_003)),
                     "heldout": int(train_args.get("heldout_seed", 2_000_003)), "train": TUNING_SEED}[args.set]
     seed = args.val_seed if args.val_seed is not None else default_seed
-    what = {"val": "validation samples", "heldout": "held-out rendering samples (RENDER_HELDOUT)",
-            "train": "tuning samples in the training mix (RENDER_TRAIN)"}[args.set]
+    what, rendering = {"val": ("validation samples", ""), "heldout": ("held-out rendering samples", "RENDER_HELDOUT"),
+                       "train": ("tuning samples in the training mix", "RENDER_TRAIN")}[args.set]
     if args.train_factors:
-        what = what[:-1] + f", with {' and '.join(args.train_factors)} as in RENDER_TRAIN)"
+        rendering += f", with {' and '.join(args.train_factors)} as in RENDER_TRAIN"
+    if rendering:
+        what += f" ({rendering})"
     print(f"weights {weights}; {args.val_size} {what} of seed {seed}", flush=True)
 
     render = {"val": RenderConfig(), "heldout": heldout_with_train_factors(args.train_factors),

@@ -103,6 +103,9 @@ def test_quality_table_on_each_set(tmp_path, tiny_export, which):
     for method in METHODS:
         assert 0 <= by[(method, "all")]["gap_hit_le_5px"] <= 100
     assert ("held-out" in report["notes"][0]) == (which == "heldout")
+    rendering = {"val": "validation samples (seed", "train": "training mix (RENDER_TRAIN) (seed",
+                 "heldout": "samples (RENDER_HELDOUT, with gap_style as in RENDER_TRAIN) (seed"}[which]
+    assert rendering in report["notes"][0]
 
 
 def test_confidence_rows_keep_the_most_confident_answers():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -183,6 +184,27 @@ def three_runs(pair_seeds, pair_data, tmp_path_factory):
                                  "--max_steps", "4", "--eval_every_steps", "2"])
     seeds_out = pair_seeds[0]
     return [seeds_out / "grp_s11", seeds_out / "grp_s12", out / "lr3"]
+
+
+def test_monitor_table_matches_every_train_script():
+    """compare's per-task table gives each train_<task>.py the monitor and mode it passes to its Checkpointer,
+    so that a run without a checkpoint (or a new task) is not shown without them."""
+    tasks = {}
+    for script in sorted(ROOT.glob("train_*.py")):
+        source = script.read_text()
+        task = re.search(r'start_run\(args, task="(\w+)"', source).group(1)
+        tasks[task] = re.search(r"^    monitor = (.+)$", source, re.M).group(1)
+        assert re.search(r"Checkpointer\(accelerator, run, monitor=monitor, mode=\"max\"", source), script.name
+    assert set(runs.MONITOR) == set(tasks)
+    for task, line in tasks.items():
+        monitor, mode = runs.MONITOR[task]
+        assert mode == "max", task
+        if "select_metric" in line:  # f"val/{args.select_metric}"
+            assert monitor({"select_metric": "jaccard"}) == "val/jaccard" and monitor({}) == "val/effcy_lat", task
+        elif " if ema is not None else " in line:  # captcha: the EMA's metric when there is an EMA
+            assert [monitor({"ema_decay": 0.998}), monitor({"ema_decay": 0})] == re.findall(r'"([^"]+)"', line)
+        else:
+            assert monitor({}) == re.fullmatch(r'"([^"]+)"', line).group(1), task
 
 
 def test_compare_table_has_exactly_the_differing_flags(three_runs, capsys):

@@ -360,6 +360,9 @@ MONITOR = {
     "captcha": (lambda a: "val_ema/hit_le_5px" if (a.get("ema_decay") or 0) > 0 else "val/hit_le_5px", "max"),
     "pair": (lambda a: "val/accuracy", "max"),
     "smlm": (lambda a: f"val/{a.get('select_metric') or 'effcy_lat'}", "max"),
+    "smlm_colour": (lambda a: f"val/{a.get('select_metric') or 'effcy_lat'}", "max"),
+    "vqa": (lambda a: "val/accuracy", "max"),
+    "anomaly": (lambda a: "val/aupro", "max"),
 }
 # One line of TrainMeter.write in train.log: "HH:MM:SS INFO update N  loss X  lr X  grad X  X samples/s  data X%"
 LOG_UPDATE = re.compile(r"^\d\d:\d\d:\d\d INFO update (\d+)  loss (\S+)  lr \S+  grad (\S+)  (\S+) samples/s")
